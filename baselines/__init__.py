@@ -1,0 +1,1 @@
+"""Reference Stage-4 decoder and the decoupled four-stage runner."""

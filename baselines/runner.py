@@ -1,0 +1,264 @@
+"""The decoupled four-stage runner behind `run` and `compare`.
+
+Per sample: Stages 1–3 run once (timed, features cached); then every strategy decodes from the
+same cache, in an order that alternates between samples so drift (clocks, thermals, caches) hits
+all strategies alike. Warm-up samples run the same path and are dropped from every statistic.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from egpt_speed import metrics
+from egpt_speed.datasets import SampleSpec, discover_samples, synthetic_dataset
+from egpt_speed.decoding import GenerationSettings, eos_ids
+from egpt_speed.errors import EgptError
+from egpt_speed.events import SyntheticClipConfig
+from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
+from egpt_speed.stages import (EncodedSample, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
+from egpt_speed.timing import Clock, TimedRegion, measure_copy_bandwidth
+from strategies import registry
+from strategies.registry import RunContext, Strategy
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; the CLI fills it, tests build it directly."""
+
+    strategies: list[str]
+    model: str = "tiny"
+    draft: str | None = None
+    data: str = "synthetic"
+    samples: int = 8
+    max_new_tokens: int = 64
+    dtype: str = "float32"
+    device: str = "auto"
+    warmup: int = 2
+    frames: int = 5
+    gamma: int = 4
+    batch_size: int = 1
+    seed: int = 0
+    source: str = "npy"
+    vision_tower: Path | None = None
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    synthetic_events: int = 200_000
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StrategyState:
+    strategy: Strategy
+    model: EventGPT
+    records: list[dict] = field(default_factory=list)
+
+
+def validate(config: RunConfig) -> None:
+    """Check every user input that can be checked before loading weights."""
+    if config.frames not in (1, 5):
+        raise EgptError(f"--frames {config.frames} is not supported; use 5 (official pooled path) or 1.")
+    if config.source not in ("npy", "png"):
+        raise EgptError(f"--source {config.source!r} is not supported; use npy or png.")
+    if config.samples < 1:
+        raise EgptError("--samples must be at least 1.")
+    if config.warmup < 0:
+        raise EgptError("--warmup cannot be negative.")
+    if config.max_new_tokens < 1:
+        raise EgptError("--max-new-tokens must be at least 1.")
+    if config.gamma < 1:
+        raise EgptError("--gamma must be at least 1.")
+    if config.batch_size < 1:
+        raise EgptError("--batch-size must be at least 1.")
+    resolve_dtype(config.dtype)
+    resolve_device(config.device)
+    check_model_spec(config.model)
+    if not config.strategies:
+        raise EgptError("name at least one strategy, e.g. `egpt-speed run baseline`.")
+
+
+def context_for(config: RunConfig) -> RunContext:
+    return RunContext(device=resolve_device(config.device), dtype=resolve_dtype(config.dtype), model_spec=config.model,
+                      draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=config.options)
+
+
+def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:
+    built = [registry.build(name, ctx) for name in config.strategies]
+    for strategy in built:
+        reason = strategy.unavailable_reason()
+        if reason:
+            raise EgptError(f"strategy {strategy.name!r} cannot run here: {reason}")
+    return built
+
+
+def resolve_samples(config: RunConfig) -> list[SampleSpec]:
+    if config.data == "synthetic":
+        clip = SyntheticClipConfig(num_events=config.synthetic_events)
+        root = synthetic_dataset(config.samples + config.warmup, config.seed, clip, cache_root() / "synthetic")
+        specs = discover_samples(root)
+    else:
+        specs = discover_samples(Path(config.data))
+    return specs
+
+
+def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:
+    """Warm-up samples first (not counted), then `samples` counted ones; reuse clips if data is short."""
+    if warmup and len(specs) > samples:
+        warm = specs[samples:samples + warmup]
+    else:
+        warm = [specs[i % len(specs)] for i in range(warmup)]
+    counted = [specs[i % len(specs)] for i in range(samples)] if len(specs) < samples else specs[:samples]
+    return [(s, False) for s in warm] + [(s, True) for s in counted]
+
+
+def interleaved_order(count: int, index: int) -> list[int]:
+    """Strategy order for sample `index`: rotate by one each sample (A,B then B,A for two)."""
+    shift = index % count
+    return [(shift + k) % count for k in range(count)]
+
+
+def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy],
+                   load: Callable[[], EventGPT]) -> tuple[EventGPT, list[StrategyState]]:
+    """One base model for Stages 1–3 and unmodified strategies; a fresh copy for each that modifies it."""
+    base = load()
+    states = []
+    for strategy in strategies:
+        model = load() if strategy.modifies_model else base
+        strategy.prepare(model)
+        states.append(StrategyState(strategy, model))
+    return base, states
+
+
+def weight_bytes(model: EventGPT) -> int:
+    return sum(p.numel() * p.element_size() for p in model.llm.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.llm.buffers())
+
+
+def bytes_per_decoded_token(model: EventGPT, context_len: float) -> float:
+    """Weights read per token (the embedding table only one row of it) + the KV cache read."""
+    config = model.llm.config
+    total = weight_bytes(model)
+    embed = model.llm.get_input_embeddings().weight
+    if not config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.finfo(model.llm.dtype).bits // 8
+    kv_per_position = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    return total + kv_per_position * context_len
+
+
+def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
+                settings: GenerationSettings, progress: Callable[[int], None] | None = None) -> None:
+    """The measured loop. Appends one record per counted sample to each state's `records`."""
+    device = base.device
+    for index, (spec, counted) in enumerate(plan):
+        with TimedRegion(device) as r1:
+            loaded = stage1_load(spec, config.source, config.frames)
+        with TimedRegion(device) as r2:
+            pre = stage2_preprocess(loaded, base, config.frames)
+        with TimedRegion(device) as r3:
+            encoded = stage3_vision(pre, base)
+        del loaded, pre
+        stage_common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
+                        "stage3_peak_bytes": r3.peak_bytes, "event_tokens": int(encoded.event_features.shape[0]),
+                        "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + int(encoded.event_features.shape[0])}
+        for position in interleaved_order(len(states), index):
+            state = states[position]
+            record = decode_one(state, encoded, settings, device)
+            if counted:
+                record.update(stage_common)
+                record["order"] = list(interleaved_order(len(states), index)).index(position)
+                record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
+                state.records.append(record)
+        if progress:
+            progress(1)
+
+
+def decode_one(state: StrategyState, encoded: EncodedSample, settings: GenerationSettings, device: torch.device) -> dict:
+    clock = Clock(device)
+    peak = TimedRegion(device)
+    with peak as region:
+        clock.begin()
+        result = stage4_decode(encoded, state.model, state.strategy, settings, clock)
+        prefill_ms, decode_ms = clock.end()
+    tokens = result.token_ids
+    record = {"stage4_ms": prefill_ms + decode_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms,
+              "num_tokens": len(tokens), "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
+              "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes,
+              "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
+              "ended_with_eos": bool(tokens) and tokens[-1] in eos_ids(state.model)}
+    for name, ms in clock.phases_ms.items():
+        record[f"{name}_ms"] = ms
+    record.update(result.metrics)
+    return record
+
+
+def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
+    def load() -> EventGPT:
+        return load_model(config.model, ctx.dtype, ctx.device, config.vision_tower)
+    return load
+
+
+def free(model: EventGPT | None) -> None:
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+            name: str | None = None) -> tuple[dict, Path]:
+    """Validate, load, run, and write `<out>/<name>_<stamp>.json` + `.md` (+ `.png`). Returns (document, json path)."""
+    from datetime import datetime
+
+    from egpt_speed import report, results
+
+    validate(config)
+    ctx = context_for(config)
+    strategies = build_strategies(config, ctx)
+    specs = resolve_samples(config)
+    plan = warmup_then_counted(specs, config.samples, config.warmup)
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
+                                  temperature=config.temperature, top_p=config.top_p, seed=config.seed)
+    torch.manual_seed(config.seed)
+    base, states = prepare_states(config, ctx, strategies, load_for(config, ctx))
+    bandwidth = measure_copy_bandwidth(ctx.device, megabytes=1024 if ctx.device.type == "cuda" else 128)
+    progress = progress_factory(len(plan)) if progress_factory else None
+    run_samples(config, base, states, plan, settings, progress)
+
+    runs: dict[str, Any] = {}
+    for state in states:
+        summary = results.summarize(state.records)
+        summary["weight_bytes"] = weight_bytes(state.model)
+        context = (summary.get("distributions", {}).get("num_tokens", {}).get("mean", 0) / 2
+                   + (state.records[0]["prompt_tokens"] if state.records else 0))
+        summary["bytes_per_token"] = bytes_per_decoded_token(state.model, context)
+        summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
+        runs[state.strategy.name] = {"description": state.strategy.summary, "lossless": state.strategy.lossless,
+                                     "settings": state.strategy.settings(), "summary": summary, "samples": state.records}
+    reference = states[0].strategy.name
+    comparisons = [results.compare(reference, s.strategy.name, states[0].records, s.records) for s in states[1:]]
+    first = states[0].records[0] if states[0].records else {}
+    document = {
+        "schema": results.SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
+        "env": results.capture_env(ctx.device, bandwidth),
+        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
+                   "reference": reference, "attn_implementation": base.llm.config._attn_implementation,
+                   "event_tokens": first.get("event_tokens"), "prompt_tokens": first.get("prompt_tokens"),
+                   "random_weights": base.random_weights, "vision_dtype": str(next(base.vision_tower.parameters()).dtype),
+                   "image_processor": type(base.image_processor).__name__},
+        "runs": runs, "comparisons": comparisons,
+    }
+    stem = results.timestamped_name(name or "_".join(config.strategies))
+    json_path = out / f"{stem}.json"
+    results.write_json_atomic(document, json_path)
+    results.write_text_atomic(report.render_markdown(document), json_path.with_suffix(".md"))
+    report.write_plots(document, json_path.with_suffix(".png"))
+    return document, json_path

@@ -1,0 +1,175 @@
+"""Finding samples: EventGPT's DSEC-derived dataset layout, plain npy folders, single clips, synthetic data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from egpt_speed.errors import EgptError
+from egpt_speed.events import INSTRUCTION_JSON, OFFICIAL_FRAMES, SyntheticClipConfig, write_synthetic_dataset
+
+DEFAULT_QUERY = "What are the key elements in this scene?"
+QUESTIONS_RESOURCE = "resources/dsec_top50_questions.json"
+# Bump when the synthetic generator or layout changes, so stale caches are not reused.
+SYNTHETIC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    id: str
+    event_path: Path | None  # the npy clip (None only for png-only data)
+    image_paths: tuple[Path, ...]  # pre-rendered 5-frame PNGs (may be empty)
+    image_1f_paths: tuple[Path, ...]  # pre-rendered 1-frame PNG (may be empty)
+    query: str  # the user question, '<event>' removed and stripped
+
+
+# ---------------------------------------------------------------- questions
+
+
+def load_questions(path: Path | None = None) -> list[str]:
+    """Questions of a [{question, count}] JSON, most frequent first (default: the packaged DSEC top 50)."""
+    if path is None:
+        source = resources.files("egpt_speed").joinpath(QUESTIONS_RESOURCE)
+        where = f"packaged {QUESTIONS_RESOURCE}"
+    else:
+        source, where = Path(path), str(path)
+    try:
+        entries = json.loads(source.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise EgptError(f"Question file {where} does not exist; check the path.") from exc
+    except (OSError, ValueError) as exc:
+        raise EgptError(f"Question file {where} is not valid JSON ({exc}); fix or replace it.") from exc
+    if not isinstance(entries, list) or not entries or not all(_is_question(e) for e in entries):
+        raise EgptError(f"Question file {where} must be a non-empty list of {{\"question\", \"count\"}} entries.")
+    ranked = sorted(entries, key=lambda e: -int(e.get("count", 0)))  # stable: ties keep file order
+    return [e["question"] for e in ranked]
+
+
+def _is_question(entry: object) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("question"), str)
+        and isinstance(entry.get("count", 0), int)
+    )
+
+
+# ---------------------------------------------------------------- discovery
+
+
+def discover_samples(data: Path, limit: int | None = None) -> list[SampleSpec]:
+    """Samples from a dataset dir (instruction JSON), a folder of .npy clips, or one .npy clip."""
+    data = Path(data)
+    if limit is not None and limit < 1:
+        raise EgptError(f"Sample limit {limit} is invalid; use a positive number or no limit.")
+    if not data.exists():
+        raise EgptError(f"Data path {data} does not exist; pass a dataset dir, a folder of .npy clips or one .npy.")
+    if data.is_file():
+        if data.suffix != ".npy":
+            raise EgptError(f"Data path {data} is not an .npy clip; pass a dataset dir, a folder of .npy or one .npy.")
+        return [_npy_sample(data.stem, data)]
+    if (data / INSTRUCTION_JSON).is_file():
+        return _from_instruction_json(data, limit)
+    clips = sorted(data.rglob("*.npy"))[:limit]
+    if not clips:
+        raise EgptError(
+            f"Data dir {data} has neither {INSTRUCTION_JSON} nor any .npy clips; "
+            "pass an EventGPT dataset dir or a folder of .npy event clips."
+        )
+    return [_npy_sample(clip.relative_to(data).with_suffix("").as_posix(), clip) for clip in clips]
+
+
+def _npy_sample(sample_id: str, path: Path) -> SampleSpec:
+    return SampleSpec(id=sample_id, event_path=path, image_paths=(), image_1f_paths=(), query=DEFAULT_QUERY)
+
+
+def _from_instruction_json(data: Path, limit: int | None) -> list[SampleSpec]:
+    json_path = data / INSTRUCTION_JSON
+    try:
+        entries = json.loads(json_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise EgptError(f"Instruction file {json_path} does not parse as JSON ({exc}); fix or regenerate it.") from exc
+    if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
+        raise EgptError(
+            f"Instruction file {json_path} must be a list of entries each with string 'id' and 'event_data'."
+        )
+    if not entries:
+        raise EgptError(f"Instruction file {json_path} lists no samples; point at a dataset with entries.")
+    samples = [_entry_sample(data, e) for e in entries[:limit]]
+    for sample in samples:
+        if not sample.event_path.is_file():
+            raise EgptError(
+                f"Event clip {sample.event_path} (sample {sample.id} of {json_path}) does not exist; "
+                "check the event_npy folder."
+            )
+    return samples
+
+
+def _is_entry(entry: object) -> bool:
+    return isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("event_data"), str)
+
+
+def _entry_sample(data: Path, entry: dict) -> SampleSpec:
+    return SampleSpec(
+        id=entry["id"],
+        event_path=data / "event_npy" / entry["event_data"],
+        image_paths=_relative_paths(data / "event_image", entry.get("event_image")),
+        image_1f_paths=_relative_paths(data / "event_image_1f", entry.get("event_image_1f")),
+        query=_query(entry.get("conversations")),
+    )
+
+
+def _relative_paths(folder: Path, value: object) -> tuple[Path, ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        return ()
+    return tuple(folder / v for v in value if isinstance(v, str) and v)
+
+
+def _query(conversations: object) -> str:
+    if not isinstance(conversations, list):
+        return DEFAULT_QUERY
+    for turn in conversations:
+        if isinstance(turn, dict) and turn.get("from") == "human":
+            text = str(turn.get("value") or "").replace("<event>", "").strip()
+            return text or DEFAULT_QUERY
+    return DEFAULT_QUERY
+
+
+# ---------------------------------------------------------------- synthetic data
+
+
+def synthetic_dataset(num_clips: int, seed: int, config: SyntheticClipConfig, cache_dir: Path) -> Path:
+    """A cached synthetic dataset in the real layout, so '--data synthetic' goes through the normal loader."""
+    root = Path(cache_dir) / _synthetic_name(num_clips, seed, config)
+    if _is_complete(root, num_clips):
+        return root
+    if root.exists():
+        shutil.rmtree(root)  # our own cache entry, left unusable by an edit or a crash: rebuild it
+    root.parent.mkdir(parents=True, exist_ok=True)
+    return write_synthetic_dataset(root, num_clips, seed, config, load_questions())
+
+
+def _synthetic_name(num_clips: int, seed: int, config: SyntheticClipConfig) -> str:
+    return (
+        f"synthetic_v{SYNTHETIC_VERSION}_n{num_clips}_s{seed}_{config.width}x{config.height}"
+        f"_d{config.duration_us}_e{config.num_events}_o{config.num_objects}_z{config.noise_fraction:g}"
+    )
+
+
+def _is_complete(root: Path, num_clips: int) -> bool:
+    if not (root / INSTRUCTION_JSON).is_file():
+        return False
+    try:
+        samples = discover_samples(root)
+    except EgptError:
+        return False
+    return len(samples) == num_clips and all(
+        len(s.image_paths) == OFFICIAL_FRAMES
+        and len(s.image_1f_paths) == 1
+        and all(p.is_file() for p in (*s.image_paths, *s.image_1f_paths))
+        for s in samples
+    )

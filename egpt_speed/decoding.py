@@ -1,0 +1,79 @@
+"""What Stage 4 hands a strategy and what it gets back, plus the small helpers every decoder shares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from egpt_speed.prompt import text_only_ids
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class DecodeRequest:
+    """One prompt for Stage 4: the cached Stage-3 features and the tokenised prompt."""
+
+    id: str
+    prompt_ids: torch.Tensor  # [L] with one −200 placeholder, on the device
+    event_features: torch.Tensor  # [N_ev, H] from Stage 3, on the device
+    settings: GenerationSettings
+
+    @property
+    def text_ids(self) -> torch.Tensor:
+        """[L-1] the prompt without the placeholder (what a text-only draft sees)."""
+        return text_only_ids(self.prompt_ids)
+
+
+@dataclass
+class DecodeResult:
+    token_ids: list[int]  # new tokens only, EOS included when generated
+    metrics: dict[str, Any] = field(default_factory=dict)  # strategy counters (drafted, accepted, ...)
+
+
+def eos_ids(model) -> set[int]:
+    """The ids that end generation, from the LLM's generation config (may be an int or a list)."""
+    configured = model.llm.generation_config.eos_token_id
+    if configured is None:
+        configured = model.tokenizer.eos_token_id
+    if configured is None:
+        return set()
+    return set(configured) if isinstance(configured, (list, tuple)) else {int(configured)}
+
+
+def truncate_at_eos(tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> list[int]:
+    """Cut after the first EOS (kept, as generate keeps it) and at max_new_tokens."""
+    for index, token in enumerate(tokens[:max_new_tokens]):
+        if token in stop_ids:
+            return tokens[: index + 1]
+    return tokens[:max_new_tokens]
+
+
+def make_generator(settings: GenerationSettings, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(settings.seed)
+
+
+def sampling_probs(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
+    """Temperature + top-p probabilities, the distribution a sampled decoder draws from.
+
+    logits: [..., V] → probs [..., V] (float32).
+    """
+    logits = logits.float() / max(settings.temperature, 1e-5)
+    probs = torch.softmax(logits, dim=-1)
+    if settings.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        cumulative = sorted_probs.cumsum(dim=-1)
+        drop = cumulative - sorted_probs > settings.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs

@@ -1,0 +1,135 @@
+"""Every formula the reports use, defined once."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def per_token_ms(decode_ms: float, num_tokens: int) -> float | None:
+    """Decode time per token after the first: the first token belongs to prefill (TTFT).
+
+    The seed divided by the wrong quantity ("0.6 ms/token"); here it is decode_ms / (n − 1).
+    """
+    if num_tokens < 2:
+        return None
+    return decode_ms / (num_tokens - 1)
+
+
+def tokens_per_s(decode_ms: float, num_tokens: int) -> float | None:
+    ms = per_token_ms(decode_ms, num_tokens)
+    return None if not ms else 1e3 / ms
+
+
+def quantiles(values: Sequence[float]) -> dict[str, float]:
+    """mean, median, p10, p90, q1, q3, min, max, std of a sample (empty → {})."""
+    data = sorted(v for v in values if v is not None)
+    if not data:
+        return {}
+
+    def q(fraction: float) -> float:
+        position = fraction * (len(data) - 1)
+        low = int(position)
+        high = min(low + 1, len(data) - 1)
+        return data[low] + (data[high] - data[low]) * (position - low)
+
+    return {"mean": statistics.fmean(data), "median": q(0.5), "p10": q(0.1), "p90": q(0.9), "q1": q(0.25),
+            "q3": q(0.75), "min": data[0], "max": data[-1], "std": statistics.pstdev(data) if len(data) > 1 else 0.0}
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """Candidate vs reference token ids for one sample (greedy)."""
+
+    exact_match: bool
+    token_match_rate: float  # position-wise equal ids / reference length
+    first_divergence: int | None  # first index where they differ (None when identical)
+    common_prefix_len: int
+
+
+def agreement(reference: Sequence[int], candidate: Sequence[int]) -> Agreement:
+    matches = sum(1 for r, c in zip(reference, candidate) if r == c)
+    prefix = 0
+    for r, c in zip(reference, candidate):
+        if r != c:
+            break
+        prefix += 1
+    identical = list(reference) == list(candidate)
+    rate = matches / len(reference) if reference else float(not candidate)
+    return Agreement(identical, rate, None if identical else prefix, prefix)
+
+
+def accept_rate(accepted: int, drafted: int) -> float | None:
+    """α: accepted draft tokens / drafted tokens."""
+    return accepted / drafted if drafted else None
+
+
+def mean_accepted_tokens(num_tokens: int, target_forwards: int) -> float | None:
+    """New tokens per target forward, the bonus token included (Spec-Bench / vLLM convention)."""
+    return num_tokens / target_forwards if target_forwards else None
+
+
+def expected_tokens_per_step(alpha: float, gamma: int) -> float:
+    """E = (1 − α^(γ+1)) / (1 − α): expected tokens per verify step (Leviathan et al. 2023)."""
+    if alpha >= 1.0:
+        return gamma + 1.0
+    return (1 - alpha ** (gamma + 1)) / (1 - alpha)
+
+
+def predicted_speedup(alpha: float, gamma: int, cost_ratio: float) -> float:
+    """Leviathan et al.: E / (γ·c + 1), c = draft step cost / target step cost."""
+    return expected_tokens_per_step(alpha, gamma) / (gamma * cost_ratio + 1)
+
+
+def mbu(bytes_per_token: float, per_token_ms_value: float | None, bandwidth_bytes_per_s: float | None) -> float | None:
+    """Memory-bandwidth utilisation: bytes read per decoded token / per-token time / measured bandwidth.
+
+    The bandwidth is a copy's read+write rate, so a decode step that only reads is compared with
+    the same bytes-moved figure.
+    """
+    if not per_token_ms_value or not bandwidth_bytes_per_s:
+        return None
+    return bytes_per_token / (per_token_ms_value / 1e3) / bandwidth_bytes_per_s
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def aggregate_per_token_ms(decode_ms: Sequence[float], num_tokens: Sequence[int]) -> float | None:
+    """Token-weighted ms/token over many samples: Σ decode_ms / Σ (n − 1)."""
+    steps = sum(max(n - 1, 0) for n in num_tokens)
+    return sum(d for d, n in zip(decode_ms, num_tokens) if n > 1) / steps if steps else None
+
+
+def speculation_summary(samples: Sequence[dict]) -> dict:
+    """Run-level speculative metrics from per-sample counters (sums, not means of ratios)."""
+    drafted = sum(s.get("drafted", 0) for s in samples)
+    accepted = sum(s.get("accepted", 0) for s in samples)
+    forwards = sum(s.get("target_forwards", 0) for s in samples)
+    tokens = sum(s["num_tokens"] for s in samples)
+    by_position_accepted: list[int] = []
+    by_position_drafted: list[int] = []
+    for sample in samples:
+        for k, (a, d) in enumerate(zip(sample.get("accepted_by_position", []), sample.get("drafted_by_position", []))):
+            if k >= len(by_position_accepted):
+                by_position_accepted.append(0)
+                by_position_drafted.append(0)
+            by_position_accepted[k] += a
+            by_position_drafted[k] += d
+    summary = {"drafted": drafted, "accepted": accepted, "target_forwards": forwards,
+               "accept_rate": accept_rate(accepted, drafted),
+               # prefill's first token came from the prefill forward, which counts as a target forward
+               "mean_accepted_tokens": mean_accepted_tokens(tokens, forwards),
+               "acceptance_by_position": [accept_rate(a, d) for a, d in zip(by_position_accepted, by_position_drafted)]}
+    ratios = [s["cost_ratio"] for s in samples if s.get("cost_ratio") is not None]
+    gammas = [s["gamma"] for s in samples if s.get("gamma")]
+    if ratios and gammas and summary["accept_rate"] is not None:
+        c = statistics.median(ratios)
+        gamma = round(statistics.median(gammas))
+        summary["cost_ratio"] = c
+        summary["predicted_speedup"] = predicted_speedup(summary["accept_rate"], gamma, c)
+    return summary

@@ -1,0 +1,1 @@
+"""Stage-4 strategies: one module each, plus the registry (`strategies.registry`)."""
