@@ -49,3 +49,188 @@ def rejection_sample(draft_tokens: torch.Tensor, p_draft: torch.Tensor, p_target
         distribution = p_target[gamma]
     bonus = int(torch.multinomial(distribution, 1, generator=generator).item())
     return accepted, bonus
+
+
+# ----------------------------------------------------------------------------------------------
+# The draft–verify loop (hand-written: transformers' assisted generation cannot take a multimodal
+# `inputs_embeds` prefix for the target while a draft of another width sees only the text, and
+# it is batch-1 greedy/sampling only without per-position counters).
+# ----------------------------------------------------------------------------------------------
+
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Protocol  # noqa: E402
+
+from transformers import DynamicCache  # noqa: E402
+
+from egpt_speed.decoding import DecodeResult, GenerationSettings, make_generator, sampling_probs  # noqa: E402
+from egpt_speed.timing import Clock  # noqa: E402
+
+
+class Proposer(Protocol):
+    """A drafter: proposes up to γ tokens after the committed ones and follows rollbacks."""
+
+    def start(self) -> None:
+        """Prefill whatever the drafter conditions on (called once, after the target's prefill)."""
+
+    def propose(self, committed: list[int], gamma: int, settings: GenerationSettings,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """→ (draft tokens [k ≤ γ], p_draft [k, V] when sampling else None). k may be 0."""
+
+    def rollback(self, committed: list[int]) -> None:
+        """`committed` is final (its last token pending); forget anything drafted beyond it."""
+
+
+@dataclass
+class SpeculationCounters:
+    gamma: int
+    target_forwards: int = 0
+    draft_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        width = max(len(self.drafted_by_position), proposed)
+        self.drafted_by_position += [0] * (width - len(self.drafted_by_position))
+        self.accepted_by_position += [0] * (width - len(self.accepted_by_position))
+        for position in range(proposed):
+            self.drafted_by_position[position] += 1
+            self.accepted_by_position[position] += int(position < accepted)
+        self.drafted += proposed
+        self.accepted += accepted
+
+
+def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.Generator | None) -> int:
+    """logits: [V] → the next token (argmax, or a draw from the tempered/top-p distribution)."""
+    if not settings.do_sample:
+        return int(logits.argmax().item())
+    return int(torch.multinomial(sampling_probs(logits, settings), 1, generator=generator).item())
+
+
+@torch.inference_mode()
+def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
+                       gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False) -> DecodeResult:
+    """Draft → one target forward over [pending, d_1..d_k] → accept → roll both caches back.
+
+    prefix_embeds: [1, L, H] the target's spliced prompt. Greedy output equals the target's own
+    greedy decoding; sampled output follows the target's distribution (rejection sampling).
+    The target cache always holds prefix + committed[:-1]; the last committed token is pending.
+    """
+    device = prefix_embeds.device
+    generator = make_generator(settings, device) if settings.do_sample else None
+    counters = SpeculationCounters(gamma=gamma)
+    cache = DynamicCache(config=target_llm.config)
+    prefix_len = prefix_embeds.shape[1]
+
+    logits = target_llm(inputs_embeds=prefix_embeds, past_key_values=cache, use_cache=True).logits[0, -1]
+    counters.target_forwards += 1
+    committed = [_pick(logits, settings, generator)]
+    clock.mark_first_token()
+    with clock.phase("draft"):
+        proposer.start()
+
+    while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
+        budget = min(gamma, settings.max_new_tokens - len(committed) - 1)  # leave room for the bonus token
+        with clock.phase("draft"):
+            draft_tokens, p_draft = proposer.propose(committed, budget, settings, generator) if budget > 0 else (
+                torch.empty(0, dtype=torch.long, device=device), None)
+        k = int(draft_tokens.shape[0])
+        counters.draft_forwards += k if budget > 0 else 0
+        with clock.phase("verify"):
+            verify_ids = torch.cat([torch.tensor([committed[-1]], device=device), draft_tokens.to(device)]).unsqueeze(0)
+            logits = target_llm(input_ids=verify_ids, past_key_values=cache, use_cache=True).logits[0]  # [k+1, V]
+            counters.target_forwards += 1
+            if settings.do_sample:
+                p_target = sampling_probs(logits, settings)
+                accepted, bonus = rejection_sample(draft_tokens, p_draft, p_target, generator) if k else (
+                    0, int(torch.multinomial(p_target[0], 1, generator=generator).item()))
+            else:
+                accepted, bonus = greedy_accept(draft_tokens, logits.argmax(dim=-1)) if k else (
+                    0, int(logits[0].argmax().item()))
+        counters.record(k, accepted)
+        for token in draft_tokens[:accepted].tolist() + [bonus]:
+            committed.append(token)
+            if token in stop_ids or len(committed) >= settings.max_new_tokens:
+                break
+        cache.crop(prefix_len + len(committed) - 1)
+        proposer.rollback(committed)
+        if adaptive_gamma and k:
+            gamma = gamma + 2 if accepted == k else max(1, gamma - 1)
+    result_metrics = counters_to_metrics(counters, clock)
+    result_metrics["mean_accepted_tokens"] = len(committed) / counters.target_forwards
+    return DecodeResult(committed, result_metrics)
+
+
+def counters_to_metrics(counters: SpeculationCounters, clock: Clock) -> dict:
+    draft_ms = clock.phases_ms.get("draft", 0.0)
+    verify_ms = clock.phases_ms.get("verify", 0.0)
+    verify_steps = max(counters.target_forwards - 1, 0)
+    draft_step_ms = draft_ms / counters.draft_forwards if counters.draft_forwards else None
+    verify_step_ms = verify_ms / verify_steps if verify_steps else None
+    return {"gamma": counters.gamma, "target_forwards": counters.target_forwards, "draft_forwards": counters.draft_forwards,
+            "drafted": counters.drafted, "accepted": counters.accepted,
+            "accept_rate": counters.accepted / counters.drafted if counters.drafted else None,
+            "accepted_by_position": counters.accepted_by_position, "drafted_by_position": counters.drafted_by_position,
+            "cost_ratio": draft_step_ms / verify_step_ms if draft_step_ms and verify_step_ms else None}
+
+
+class CausalLMProposer:
+    """Drafts with any causal LM on its own KV cache.
+
+    The draft conditions on `prefix_ids` (a text-only draft: the prompt without the event
+    placeholder) or on `prefix_embeds` (a multimodal draft that shares the target's embedding
+    width, e.g. the target itself or its first layers).
+    """
+
+    def __init__(self, llm, prefix_ids: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None):
+        assert (prefix_ids is None) != (prefix_embeds is None), "give the draft ids or embeddings"
+        self.llm = llm
+        self.prefix_ids = prefix_ids  # [L_text]
+        self.prefix_embeds = prefix_embeds  # [1, L, H]
+        self.device = llm.get_input_embeddings().weight.device
+        self.cache = DynamicCache(config=llm.config)
+        self.prefix_len = 0
+        self.consumed = 0  # committed tokens already in the draft cache
+        self._in_cache: list[int] = []
+
+    def start(self) -> None:
+        if self.prefix_embeds is not None:
+            self.llm(inputs_embeds=self.prefix_embeds.to(self.llm.dtype), past_key_values=self.cache, use_cache=True)
+            self.prefix_len = self.prefix_embeds.shape[1]
+        else:
+            self.llm(input_ids=self.prefix_ids.to(self.device).unsqueeze(0), past_key_values=self.cache, use_cache=True)
+            self.prefix_len = self.prefix_ids.shape[0]
+
+    def propose(self, committed, gamma, settings, generator):
+        # feed the committed tokens the draft has not seen yet (at least the pending one)
+        fresh = torch.tensor(committed[self.consumed:], device=self.device).unsqueeze(0)
+        logits = self.llm(input_ids=fresh, past_key_values=self.cache, use_cache=True).logits[0, -1]
+        self.consumed = len(committed)
+        tokens, probs = [], []
+        for step in range(gamma):
+            if settings.do_sample:
+                p = sampling_probs(logits, settings)
+                token = torch.multinomial(p, 1, generator=generator)
+                probs.append(p)
+            else:
+                token = logits.argmax().reshape(1)
+            tokens.append(token)
+            if step + 1 < gamma:
+                logits = self.llm(input_ids=token.unsqueeze(0), past_key_values=self.cache, use_cache=True).logits[0, -1]
+        draft = torch.cat(tokens)
+        self._in_cache = draft[:-1].tolist()  # the last draft token was never fed
+        return draft, (torch.stack(probs) if probs else None)
+
+    def rollback(self, committed: list[int]) -> None:
+        # the cache holds prefix + committed[:consumed] + d_1..d_{k-1}; keep the drafted tokens
+        # that were accepted (they equal the committed ones), never the pending last token
+        final = committed[self.consumed:-1]
+        matched = 0
+        for drafted, kept in zip(self._in_cache, final):
+            if drafted != kept:
+                break
+            matched += 1
+        self.consumed += matched
+        self.cache.crop(self.prefix_len + self.consumed)
+        self._in_cache = []

@@ -1,0 +1,125 @@
+"""Draft models for speculative strategies: presets, paths, and the shared-tokenizer check."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from egpt_speed.errors import EgptError
+
+TINY_TRUNCATED_LAYERS = 8
+
+
+@dataclass
+class Draft:
+    """A loaded draft: its LM and whether it conditions on the multimodal prefix."""
+
+    llm: nn.Module
+    multimodal: bool  # True: sees the spliced event prefix (same width as the target)
+    name: str
+    eventgpt: object | None = None  # the draft's own EventGPT when it is one (its own vision stack)
+
+
+def layer_truncated_view(llm, num_layers: int):
+    """The first `num_layers` decoder layers + final norm + LM head of `llm`, sharing its weights.
+
+    No copy: the view's modules are the target's own, so it costs no memory; it keeps its own KV
+    cache because it is called with its own Cache object.
+    """
+    from transformers import AutoModelForCausalLM
+
+    total = llm.config.num_hidden_layers
+    if not 1 <= num_layers < total:
+        raise EgptError(f"--exit-layer must be between 1 and {total - 1} for this model (got {num_layers}).")
+    config = llm.config.__class__.from_dict(llm.config.to_dict())
+    config.num_hidden_layers = num_layers
+    if hasattr(config, "layer_types") and config.layer_types:
+        config.layer_types = config.layer_types[:num_layers]
+    with torch.device("meta"):
+        view = AutoModelForCausalLM.from_config(config)
+    view.model.embed_tokens = llm.model.embed_tokens
+    view.model.layers = nn.ModuleList(llm.model.layers[:num_layers])
+    view.model.norm = llm.model.norm
+    view.model.rotary_emb = llm.model.rotary_emb
+    view.lm_head = llm.lm_head
+    view.config._attn_implementation = llm.config._attn_implementation
+    return view.eval()
+
+
+def random_draft_68m(device: torch.device, dtype: torch.dtype, vocab_size: int = 32000):
+    """vicuna-68m's shape (2 layers, hidden 768, 12 heads), random weights: for cost ratios only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_hidden_layers=2,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(1)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def check_shared_tokenizer(target, draft_llm, draft_tokenizer, draft_name: str) -> None:
+    """A draft must speak the target's token ids: same vocab size and same BOS/EOS ids."""
+    target_vocab = target.llm.get_output_embeddings().weight.shape[0]
+    draft_vocab = draft_llm.get_output_embeddings().weight.shape[0]
+    if target_vocab != draft_vocab:
+        raise EgptError(f"draft {draft_name} has a vocabulary of {draft_vocab} ids but the target has {target_vocab}; "
+                        "a draft must share the target's tokenizer.")
+    if draft_tokenizer is not None:
+        for attribute in ("bos_token_id", "eos_token_id"):
+            ours, theirs = getattr(target.tokenizer, attribute), getattr(draft_tokenizer, attribute)
+            if ours is not None and theirs is not None and ours != theirs:
+                raise EgptError(f"draft {draft_name} has {attribute} {theirs} but the target has {ours}; "
+                                "a draft must share the target's tokenizer.")
+
+
+def default_draft_for(model_spec: str) -> str:
+    if model_spec == "tiny":
+        return "tiny-truncated"
+    if model_spec == "synthetic-7b":
+        return "synthetic-68m"
+    raise EgptError("speculative strategies on a checkpoint need --draft PATH (a causal LM sharing the target's "
+                    "tokenizer, or an EventGPT checkpoint), or --draft target to check the loop.")
+
+
+def load_draft(spec: str | None, target, model_spec: str, device: torch.device, dtype: torch.dtype) -> Draft:
+    """`target`, a preset (tiny-truncated, synthetic-68m), an EventGPT checkpoint, or a HF causal-LM dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from egpt_speed.models import load_eventgpt_checkpoint, tiny_llm_dir
+
+    spec = spec or default_draft_for(model_spec)
+    if spec in ("target", model_spec):
+        return Draft(target.llm, multimodal=True, name="target")
+    if spec == "tiny-truncated":
+        llm = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir()), num_hidden_layers=TINY_TRUNCATED_LAYERS,
+                                                   dtype=dtype).to(device).eval()
+        check_shared_tokenizer(target, llm, None, spec)
+        return Draft(llm, multimodal=False, name=spec)
+    if spec == "synthetic-68m":
+        vocab = target.llm.get_output_embeddings().weight.shape[0]
+        return Draft(random_draft_68m(device, dtype, vocab), multimodal=False, name=spec)
+    path = Path(spec)
+    if not (path / "config.json").exists():
+        raise EgptError(f"draft {spec!r} is neither a preset (target, tiny-truncated, synthetic-68m) nor a model dir with config.json.")
+    import json
+
+    if json.loads((path / "config.json").read_text()).get("model_type") == "EventChat_llama":
+        draft_model = load_eventgpt_checkpoint(path, dtype, device)
+        check_shared_tokenizer(target, draft_model.llm, draft_model.tokenizer, spec)
+        return Draft(draft_model.llm, multimodal=True, name=spec, eventgpt=draft_model)
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path)) if any(path.glob("tokenizer*")) else None
+    except (OSError, ValueError) as error:
+        raise EgptError(f"could not load draft {path} ({type(error).__name__}: {error}).") from None
+    check_shared_tokenizer(target, llm, tokenizer, spec)
+    return Draft(llm, multimodal=False, name=spec)

@@ -1,0 +1,37 @@
+"""`speculative`: a draft model proposes γ tokens, the multimodal target verifies them in one forward."""
+
+from __future__ import annotations
+
+from egpt_speed.decoding import eos_ids
+from egpt_speed.drafts import Draft, load_draft
+from egpt_speed.speculation import CausalLMProposer, speculative_decode
+from strategies.registry import Strategy, register
+
+
+@register
+class Speculative(Strategy):
+    name = "speculative"
+    summary = "draft model (--draft, text-only by default) + one target forward per γ drafts; greedy lossless"
+
+    def prepare(self, model) -> None:
+        self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
+
+    def proposer_for(self, model, request, prefix_embeds):
+        if not self.draft.multimodal:
+            return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
+        if self.draft.eventgpt is not None:
+            # an EventGPT draft of the same width reuses the target's Stage-3 features
+            prefix_embeds = self.draft.eventgpt.splice(request.prompt_ids, request.event_features)
+        return CausalLMProposer(self.draft.llm, prefix_embeds=prefix_embeds)
+
+    def decode(self, model, request, clock):
+        prefix_embeds = model.splice(request.prompt_ids, request.event_features)
+        proposer = self.proposer_for(model, request, prefix_embeds)
+        return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
+                                  eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")))
+
+    def settings(self) -> dict:
+        draft = getattr(self, "draft", None)
+        return {"gamma": self.ctx.gamma, "draft": draft.name if draft else self.ctx.draft_spec,
+                "draft_sees_events": draft.multimodal if draft else None,
+                "adaptive_gamma": bool(self.ctx.options.get("adaptive_gamma"))}
