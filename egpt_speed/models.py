@@ -207,6 +207,15 @@ def _clip_config_from_weights(weights: dict[str, torch.Tensor]):
                             num_attention_heads=max(1, hidden // 64), image_size=grid * patch_size, patch_size=patch_size)
 
 
+def _clip_config_from_dir(tower_dir: Path):
+    from transformers import CLIPVisionConfig
+
+    try:
+        return CLIPVisionConfig.from_pretrained(str(tower_dir))
+    except Exception as error:  # transformers raises OSError/ValueError for broken configs
+        raise EgptError(f"could not read the CLIP config in {tower_dir} ({type(error).__name__}: {error}).") from None
+
+
 def make_image_processor(image_size: int, tower_dir: Path | None = None):
     """The CLIP processor: shortest edge → S, centre crop S×S, rescale, CLIP mean/std."""
     from transformers import CLIPImageProcessor
@@ -237,13 +246,14 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
 
     tower_weights = _take(tensors, TOWER_PREFIX)
     if tower_weights:
-        tower = CLIPVisionModel(_clip_config_from_weights(tower_weights))
-        _load_strict(tower, tower_weights, f"{checkpoint} ({TOWER_PREFIX}*)")
         tower_dir = None
         try:
             tower_dir = find_vision_tower(config.get("mm_visual_tower", ""), checkpoint, vision_tower)
         except EgptError:
-            pass  # the tower is in the checkpoint; its dir would only supply the processor config
+            pass  # the tower is in the checkpoint; its dir would only supply the configs
+        # The head count is not in the weights: take the tower dir's config when there is one.
+        tower = CLIPVisionModel(_clip_config_from_dir(tower_dir) if tower_dir else _clip_config_from_weights(tower_weights))
+        _load_strict(tower, tower_weights, f"{checkpoint} ({TOWER_PREFIX}*)")
     else:
         tower_dir = find_vision_tower(config.get("mm_visual_tower", ""), checkpoint, vision_tower)
         try:
@@ -269,7 +279,10 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
     llm.model.rotary_emb = type(llm.model.rotary_emb)(config=llm.config)  # buffers were on meta
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        if _needs_sentencepiece_reader(checkpoint):
+            tokenizer = sentencepiece_llama_tokenizer(checkpoint)
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
     except Exception as error:  # missing/broken tokenizer files raise assorted errors
         raise EgptError(f"could not load the tokenizer from {checkpoint} ({type(error).__name__}); the dir needs tokenizer.model or tokenizer.json.") from None
     image_size = tower.config.image_size
@@ -277,6 +290,40 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
                      PromptTemplate("eventgpt_v1"), name=str(checkpoint))
     model.llm.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return model.to(device=device, dtype=dtype).eval()
+
+
+def _needs_sentencepiece_reader(checkpoint: Path) -> bool:
+    """True when only tokenizer.model is there and transformers could not convert it (that needs protobuf)."""
+    return ((checkpoint / "tokenizer.model").exists() and not (checkpoint / "tokenizer.json").exists()
+            and importlib.util.find_spec("google.protobuf") is None)
+
+
+def sentencepiece_llama_tokenizer(checkpoint: Path):
+    """The Llama tokenizer of a dir holding only `tokenizer.model` (EventGPT/Vicuna ship no tokenizer.json).
+
+    transformers 5 converts the sentencepiece model through protobuf; without it, this reads the
+    pieces with sentencepiece and builds the same tokenizer (vocab by id, merges from the vocab).
+    """
+    import sentencepiece
+    from transformers import LlamaTokenizer
+    from transformers.tokenization_utils_base import generate_merges
+
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    vocab = {processor.id_to_piece(i): i for i in range(processor.get_piece_size())}
+    settings: dict = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if (checkpoint / name).exists():
+            settings.update(json.loads((checkpoint / name).read_text()))
+
+    def content(value):
+        return value.get("content") if isinstance(value, dict) else value
+
+    defaults = {"unk_token": processor.unk_id(), "bos_token": processor.bos_id(), "eos_token": processor.eos_id()}
+    kwargs = {k: processor.id_to_piece(i) for k, i in defaults.items() if i >= 0}
+    kwargs.update({k: content(settings[k]) for k in ("unk_token", "bos_token", "eos_token", "pad_token") if settings.get(k)})
+    kwargs.update({k: settings[k] for k in ("legacy", "add_bos_token", "add_eos_token", "model_max_length", "padding_side",
+                                            "clean_up_tokenization_spaces") if k in settings})
+    return LlamaTokenizer(vocab=vocab, merges=generate_merges(vocab), **kwargs)
 
 
 def _load_strict(module: nn.Module, weights: dict[str, torch.Tensor], where: str, assign: bool = False) -> None:
