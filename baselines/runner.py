@@ -37,7 +37,7 @@ class RunConfig:
     data: str = "synthetic"
     samples: int = 8
     max_new_tokens: int = 64
-    dtype: str = "float32"
+    dtype: str = "auto"
     device: str = "auto"
     warmup: int = 2
     frames: int = 5
@@ -84,7 +84,8 @@ def validate(config: RunConfig) -> None:
 
 
 def context_for(config: RunConfig) -> RunContext:
-    return RunContext(device=resolve_device(config.device), dtype=resolve_dtype(config.dtype), model_spec=config.model,
+    device = resolve_device(config.device)
+    return RunContext(device=device, dtype=resolve_dtype(config.dtype, device), model_spec=config.model,
                       draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=config.options)
 
 
@@ -250,7 +251,7 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
         "schema": results.SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
         "env": results.capture_env(ctx.device, bandwidth),
         "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
-                   "reference": reference, "attn_implementation": base.llm.config._attn_implementation,
+                   "reference": reference, "dtype_resolved": str(ctx.dtype).replace("torch.", ""), "attn_implementation": base.llm.config._attn_implementation,
                    "event_tokens": first.get("event_tokens"), "prompt_tokens": first.get("prompt_tokens"),
                    "random_weights": base.random_weights, "vision_dtype": str(next(base.vision_tower.parameters()).dtype),
                    "image_processor": type(base.image_processor).__name__},

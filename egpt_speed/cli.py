@@ -88,7 +88,7 @@ DRAFT = typer.Option(None, "--draft", help="Draft model for speculative strategi
 DATA = typer.Option("synthetic", "--data", help="Dataset dir (with EventGPT_Instruction_Subset.json), a dir of npy files, one npy, or 'synthetic'.")
 SAMPLES = typer.Option(8, "-n", "--samples", help="Counted samples.")
 MAX_NEW = typer.Option(64, "--max-new-tokens", help="Tokens to generate per sample at most.")
-DTYPE = typer.Option("float32", "--dtype", help="bfloat16 | float16 | float32 (bfloat16 is EventGPT's own; float32 is exact).")
+DTYPE = typer.Option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32.")
 DEVICE = typer.Option("auto", "--device", help="auto | cuda | cpu.")
 WARMUP = typer.Option(2, "--warmup", help="Warm-up samples run first and not counted.")
 FRAMES = typer.Option(5, "--frames", help="5: official 5-frame pooled path (582 tokens); 1: one frame (578).")

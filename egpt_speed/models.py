@@ -197,12 +197,12 @@ def find_vision_tower(value: str, checkpoint: Path, override: Path | None) -> Pa
 def _clip_config_from_weights(weights: dict[str, torch.Tensor]):
     from transformers import CLIPVisionConfig
 
-    patch = weights["vision_model.embeddings.patch_embedding.weight"]  # [hidden, 3, p, p]
-    positions = weights["vision_model.embeddings.position_embedding.weight"].shape[0]
+    patch = weights["embeddings.patch_embedding.weight"]  # [hidden, 3, p, p]
+    positions = weights["embeddings.position_embedding.weight"].shape[0]
     hidden, patch_size = patch.shape[0], patch.shape[-1]
     grid = int(round((positions - 1) ** 0.5))
-    layers = len({k.split(".")[3] for k in weights if k.startswith("vision_model.encoder.layers.")})
-    intermediate = weights["vision_model.encoder.layers.0.mlp.fc1.weight"].shape[0]
+    layers = len({k.split(".")[2] for k in weights if k.startswith("encoder.layers.")})
+    intermediate = weights["encoder.layers.0.mlp.fc1.weight"].shape[0]
     return CLIPVisionConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
                             num_attention_heads=max(1, hidden // 64), image_size=grid * patch_size, patch_size=patch_size)
 
@@ -244,7 +244,8 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
     config = _read_config(checkpoint)
     tensors = read_state_dict(checkpoint)
 
-    tower_weights = _take(tensors, TOWER_PREFIX)
+    # EventGPT saved CLIPVisionModel's keys as vision_model.*; transformers 5 names them without that prefix.
+    tower_weights = {k.removeprefix("vision_model."): v for k, v in _take(tensors, TOWER_PREFIX).items()}
     if tower_weights:
         tower_dir = None
         try:
@@ -481,10 +482,13 @@ def build_synthetic_7b(dtype: torch.dtype, device: torch.device) -> EventGPT:
     return model.eval()
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """`auto` is bfloat16 (EventGPT's own dtype) on CUDA and float32 (exact, fast) on the CPU."""
     table = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if name not in table:
-        raise EgptError(f"--dtype {name!r} is not supported; use one of {', '.join(table)}.")
+        raise EgptError(f"--dtype {name!r} is not supported; use auto or one of {', '.join(table)}.")
     return table[name]
 
 

@@ -84,7 +84,7 @@ def render_markdown(document: dict) -> str:
              f"- command: `{env.get('command')}`",
              f"- device: {env.get('device_name')} ({env.get('device')}), driver {env.get('driver') or '–'}, "
              f"torch {env.get('torch')}, transformers {env.get('transformers')}, bitsandbytes {env.get('bitsandbytes') or '–'}",
-             f"- model {config['model']} · dtype {config['dtype']} · attention {config.get('attn_implementation')} · "
+             f"- model {config['model']} · dtype {config.get('dtype_resolved', config['dtype'])} · attention {config.get('attn_implementation')} · "
              f"frames {config['frames']} ({config.get('event_tokens')} event tokens) · source {config['source']} · "
              f"data {config['data']} · {config['samples']} samples + {config['warmup']} warm-up (not counted) · "
              f"max_new_tokens {config['max_new_tokens']} · {'sampling' if config.get('do_sample') else 'greedy'}",
