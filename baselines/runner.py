@@ -111,7 +111,8 @@ def resolve_samples(config: RunConfig) -> list[SampleSpec]:
 def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:
     """Warm-up samples first (not counted), then `samples` counted ones; reuse clips if data is short."""
     if warmup and len(specs) > samples:
-        warm = specs[samples:samples + warmup]
+        spare = specs[samples:]  # clips no counted sample uses, cycled when there are fewer than `warmup`
+        warm = [spare[i % len(spare)] for i in range(warmup)]
     else:
         warm = [specs[i % len(specs)] for i in range(warmup)]
     counted = [specs[i % len(specs)] for i in range(samples)] if len(specs) < samples else specs[:samples]

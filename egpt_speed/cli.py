@@ -35,20 +35,27 @@ def _execute(strategies: list[str], out: Path, name: str, **kwargs) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from transformers.utils import logging as hf_logging
+
     from baselines.runner import RunConfig, execute
     from egpt_speed import report
 
+    hf_logging.disable_progress_bar()  # our bar shows progress; transformers' loading bars would add stderr lines
     console = Console(stderr=True)
     config = RunConfig(strategies=strategies, **kwargs)
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as progress:
+                  console=console, transient=False, disable=not console.is_terminal) as progress:
         holder = {}
 
         def factory(total: int):
             holder["task"] = progress.add_task(f"{name} (incl. {config.warmup} warm-up)", total=total)
             return lambda step: progress.advance(holder["task"], step)
 
-        document, path = execute(config, out, factory, name=name)
+        try:
+            document, path = execute(config, out, factory, name=name)
+        except BaseException:
+            progress.live.transient = True  # a failed run leaves its one error line, not a stale bar
+            raise
     _print_summary(document)
     typer.echo(f"wrote {path} and {path.with_suffix('.md').name}")
 

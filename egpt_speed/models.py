@@ -218,8 +218,11 @@ def _clip_config_from_dir(tower_dir: Path):
 
 def make_image_processor(image_size: int, tower_dir: Path | None = None):
     """The CLIP processor: shortest edge → S, centre crop S×S, rescale, CLIP mean/std."""
-    from transformers import CLIPImageProcessor
+    import transformers
 
+    # Without torchvision transformers falls back to the PIL processor anyway, but warns on stderr each run.
+    has_torchvision = importlib.util.find_spec("torchvision") is not None
+    CLIPImageProcessor = getattr(transformers, "CLIPImageProcessor" if has_torchvision else "CLIPImageProcessorPil")
     if tower_dir is not None and (tower_dir / "preprocessor_config.json").exists():
         return CLIPImageProcessor.from_pretrained(str(tower_dir))
     return CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
@@ -295,8 +298,10 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
 
 def _needs_sentencepiece_reader(checkpoint: Path) -> bool:
     """True when only tokenizer.model is there and transformers could not convert it (that needs protobuf)."""
+    from transformers.utils import is_protobuf_available
+
     return ((checkpoint / "tokenizer.model").exists() and not (checkpoint / "tokenizer.json").exists()
-            and importlib.util.find_spec("google.protobuf") is None)
+            and not is_protobuf_available())
 
 
 def sentencepiece_llama_tokenizer(checkpoint: Path):

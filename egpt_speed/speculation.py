@@ -108,6 +108,17 @@ def _pick(logits: torch.Tensor, settings: GenerationSettings, generator: torch.G
     return int(torch.multinomial(sampling_probs(logits, settings), 1, generator=generator).item())
 
 
+def target_forward(target_llm, cache, last_only: bool = False, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One target forward returning (logits [T, V], post-norm last hidden states [1, T, H]).
+
+    The hidden states are what an EAGLE-style head drafts from; `last_only` keeps the LM head to
+    the final position (prefill), as generate does.
+    """
+    hidden = target_llm.model(past_key_values=cache, use_cache=True, **inputs).last_hidden_state
+    logits = target_llm.lm_head(hidden[:, -1:] if last_only else hidden)
+    return logits[0], hidden
+
+
 @torch.inference_mode()
 def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
                        gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False) -> DecodeResult:
@@ -123,10 +134,14 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
     cache = DynamicCache(config=target_llm.config)
     prefix_len = prefix_embeds.shape[1]
 
-    logits = target_llm(inputs_embeds=prefix_embeds, past_key_values=cache, use_cache=True).logits[0, -1]
+    wants_hidden = getattr(proposer, "wants_hidden", False)
+    logits, hidden = target_forward(target_llm, cache, last_only=True, inputs_embeds=prefix_embeds)
+    logits = logits[-1]
     counters.target_forwards += 1
     committed = [_pick(logits, settings, generator)]
     clock.mark_first_token()
+    if wants_hidden:
+        proposer.observe(hidden)  # features of every prefix position
     with clock.phase("draft"):
         proposer.start()
 
@@ -139,7 +154,7 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
         counters.draft_forwards += k if budget > 0 else 0
         with clock.phase("verify"):
             verify_ids = torch.cat([torch.tensor([committed[-1]], device=device), draft_tokens.to(device)]).unsqueeze(0)
-            logits = target_llm(input_ids=verify_ids, past_key_values=cache, use_cache=True).logits[0]  # [k+1, V]
+            logits, hidden = target_forward(target_llm, cache, input_ids=verify_ids)  # [k+1, V], [1, k+1, H]
             counters.target_forwards += 1
             if settings.do_sample:
                 p_target = sampling_probs(logits, settings)
@@ -154,6 +169,8 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
             if token in stop_ids or len(committed) >= settings.max_new_tokens:
                 break
         cache.crop(prefix_len + len(committed) - 1)
+        if wants_hidden:
+            proposer.observe(hidden[:, : accepted + 1])  # features of the pending token + accepted drafts
         proposer.rollback(committed)
         if adaptive_gamma and k:
             gamma = gamma + 2 if accepted == k else max(1, gamma - 1)
