@@ -231,6 +231,66 @@ def strategies(device: str = DEVICE) -> None:
     _guarded(body)
 
 
+@app.command(name="train-draft")
+def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., "--out", help="Directory for the trained head (safetensors + config)."),
+                samples: int = typer.Option(120, "-n", "--samples", help="Training (clip, question) pairs."),
+                max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length of the target's answers used as training text."),
+                epochs: int = typer.Option(6, "--epochs"), lr: float = typer.Option(1e-3, "--lr"),
+                holdout: float = typer.Option(0.2, "--holdout", help="Fraction of clips and of questions held out."),
+                device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
+                resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run.")) -> None:
+    """Train an EAGLE draft head for --model on its own greedy answers (float32), report held-out agreement."""
+
+    def body() -> None:
+        import time
+
+        import torch
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from transformers.utils import logging as hf_logging
+
+        from baselines.decoder import generate_baseline
+        from baselines.runner import RunConfig, resolve_samples, validate
+        from egpt_speed import train_draft as td
+        from egpt_speed.decoding import GenerationSettings
+        from egpt_speed.models import load_model, resolve_device
+
+        hf_logging.disable_progress_bar()
+        validate(RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, device=device, frames=frames))
+        target_device = resolve_device(device)
+        config = RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, warmup=0, seed=seed,
+                           synthetic_events=synthetic_events)
+        specs = resolve_samples(config)
+        train_pairs, heldout_pairs = td.pairs_for(specs, td.default_questions(), samples, holdout, seed)
+        target = load_model(model, torch.float32, target_device)
+        settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        cache_file = out / "collected.pt"
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+            started = time.perf_counter()
+            if resume and cache_file.exists():
+                train_seqs, heldout_seqs = torch.load(cache_file, weights_only=False)
+            else:
+                task = progress.add_task("target answers", total=len(train_pairs) + len(heldout_pairs))
+                collected = []
+                for spec, question in train_pairs + heldout_pairs:
+                    collected.append(td.collect_sequence(target, spec, question, settings, frames, generate_baseline))
+                    progress.advance(task)
+                train_seqs, heldout_seqs = collected[:len(train_pairs)], collected[len(train_pairs):]
+                out.mkdir(parents=True, exist_ok=True)
+                torch.save((train_seqs, heldout_seqs), cache_file)
+            collect_s = time.perf_counter() - started
+            task = progress.add_task("training head", total=epochs * len(train_seqs))
+            started = time.perf_counter()
+            head, loss, train_top1, heldout_top1 = td.train_head(target, train_seqs, heldout_seqs, epochs, lr, seed,
+                                                                 lambda step: progress.advance(task, step))
+            train_s = time.perf_counter() - started
+        report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s, train_s)
+        td.save_head(head, out, report, model)
+        typer.echo(f"trained head → {out}: held-out top-1 agreement {heldout_top1:.3f} (train {train_top1:.3f}), "
+                   f"loss {loss:.4f}, collect {collect_s:.0f} s, train {train_s:.0f} s")
+
+    _guarded(body)
+
+
 def entrypoint() -> None:
     app()
 

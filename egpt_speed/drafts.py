@@ -21,6 +21,7 @@ class Draft:
     multimodal: bool  # True: sees the spliced event prefix (same width as the target)
     name: str
     eventgpt: object | None = None  # the draft's own EventGPT when it is one (its own vision stack)
+    head: object | None = None  # an EAGLE head drafting from the target's features (llm is then the target's)
 
 
 def layer_truncated_view(llm, num_layers: int):
@@ -81,9 +82,14 @@ def check_shared_tokenizer(target, draft_llm, draft_tokenizer, draft_name: str) 
                                 "a draft must share the target's tokenizer.")
 
 
+def shipped_head_dir(name: str) -> Path:
+    """Draft heads shipped inside the package (egpt_speed/resources/<name>)."""
+    return Path(__file__).parent / "resources" / name
+
+
 def default_draft_for(model_spec: str) -> str:
     if model_spec == "tiny":
-        return "tiny-truncated"
+        return "tiny-eagle" if (shipped_head_dir("tiny-eagle") / "eagle_config.json").exists() else "tiny-truncated"
     if model_spec == "synthetic-7b":
         return "synthetic-68m"
     raise EgptError("speculative strategies on a checkpoint need --draft PATH (a causal LM sharing the target's "
@@ -96,7 +102,19 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
 
     from egpt_speed.models import load_eventgpt_checkpoint, tiny_llm_dir
 
+    from egpt_speed.eagle import EagleHead, is_head_dir, read_head_meta
+
     spec = spec or default_draft_for(model_spec)
+    head_dir = shipped_head_dir(spec) if spec == "tiny-eagle" else Path(spec)
+    if is_head_dir(head_dir):
+        meta = read_head_meta(head_dir)
+        width = meta["llama_config"]["hidden_size"]
+        if width != target.hidden_size:
+            raise EgptError(f"draft head {head_dir} was trained for hidden size {width} but the target has {target.hidden_size}; "
+                            "train one for this target with `egpt-speed train-draft`.")
+        return Draft(target.llm, multimodal=True, name=spec, head=EagleHead.load(head_dir, device, dtype))
+    if spec == "tiny-eagle":
+        raise EgptError("the tiny-eagle head is not shipped in this install; train one with `egpt-speed train-draft --model tiny`.")
     if spec in ("target", model_spec):
         return Draft(target.llm, multimodal=True, name="target")
     if spec == "tiny-truncated":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
+from egpt_speed.eagle import EagleProposer
 from egpt_speed.speculation import CausalLMProposer, speculative_decode
 from strategies.registry import Strategy, register
 
@@ -11,12 +12,14 @@ from strategies.registry import Strategy, register
 @register
 class Speculative(Strategy):
     name = "speculative"
-    summary = "draft model (--draft, text-only by default) + one target forward per γ drafts; greedy lossless"
+    summary = "draft (--draft: EAGLE head dir, causal LM, EventGPT, or target) proposes γ tokens, one target forward verifies; greedy lossless"
 
     def prepare(self, model) -> None:
         self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
 
     def proposer_for(self, model, request, prefix_embeds):
+        if self.draft.head is not None:
+            return EagleProposer(self.draft.head, model.llm, prefix_embeds)
         if not self.draft.multimodal:
             return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
         if self.draft.eventgpt is not None:
@@ -33,5 +36,6 @@ class Speculative(Strategy):
     def settings(self) -> dict:
         draft = getattr(self, "draft", None)
         return {"gamma": self.ctx.gamma, "draft": draft.name if draft else self.ctx.draft_spec,
+                "draft_kind": ("eagle-head" if draft.head is not None else "lm") if draft else None,
                 "draft_sees_events": draft.multimodal if draft else None,
                 "adaptive_gamma": bool(self.ctx.options.get("adaptive_gamma"))}

@@ -1,0 +1,167 @@
+"""An EAGLE-style draft head: one decoder layer over [target feature ; next token embedding].
+
+The head predicts the target's next post-norm last hidden state ("feature"); the target's own LM
+head turns it into a draft token, and the target's embedding table embeds tokens for it, so the
+head owns only `fc` (2H → H) and one Llama decoder layer (Li et al., EAGLE, 2024).
+Position t of the head sees (f_t, e_{t+1}) — the target's feature after input t and the embedding
+of the input at t+1 (an event row inside the prefix, a token after it) — and predicts f_{t+1}.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache, LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from egpt_speed.decoding import sampling_probs
+from egpt_speed.errors import EgptError
+
+HEAD_CONFIG = "eagle_config.json"
+HEAD_WEIGHTS = "eagle_head.safetensors"
+
+
+def head_config_from_target(target_config) -> LlamaConfig:
+    """A one-layer Llama config with the target's width, heads and RoPE."""
+    config = LlamaConfig(**{k: v for k, v in target_config.to_dict().items() if k not in ("architectures", "model_type")})
+    config.num_hidden_layers = 1
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:1]
+    config._attn_implementation = "sdpa"
+    return config
+
+
+class EagleHead(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        hidden = config.hidden_size
+        self.fc = nn.Linear(2 * hidden, hidden, bias=True)
+        self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        self.rotary = LlamaRotaryEmbedding(config=config)
+
+    def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
+                cache: DynamicCache | None = None) -> torch.Tensor:
+        """features, next_embeds: [1, T, H]; positions: [T] absolute → predicted next features [1, T, H]."""
+        hidden = self.fc(torch.cat([features, next_embeds], dim=-1))
+        position_ids = positions.unsqueeze(0)
+        past = cache.get_seq_length() if cache is not None else 0
+        mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)
+        output = self.layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
+                            use_cache=cache is not None, position_embeddings=self.rotary(hidden, position_ids))
+        return output[0] if isinstance(output, tuple) else output
+
+    def save(self, directory: Path, extra: dict | None = None) -> None:
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        # bf16 on disk: a few MB for a small target; the run dtype is applied on load
+        state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("rotary.")}
+        save_file(state, str(directory / HEAD_WEIGHTS))
+        (directory / HEAD_CONFIG).write_text(json.dumps({"kind": "eagle", "llama_config": self.config.to_dict(), **(extra or {})},
+                                                        indent=1, default=str))
+
+    @classmethod
+    def load(cls, directory: Path, device: torch.device, dtype: torch.dtype) -> "EagleHead":
+        from safetensors.torch import load_file
+
+        meta = read_head_meta(directory)
+        config = LlamaConfig(**{k: v for k, v in meta["llama_config"].items() if k not in ("architectures", "model_type")})
+        config._attn_implementation = "sdpa"
+        head = cls(config)
+        try:
+            head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
+        except Exception as error:  # safetensors raises several types for damaged files
+            raise EgptError(f"draft head {directory / HEAD_WEIGHTS} could not be read ({type(error).__name__}); retrain it with train-draft.") from None
+        return head.to(device=device, dtype=dtype).eval()
+
+
+def read_head_meta(directory: Path) -> dict:
+    path = directory / HEAD_CONFIG
+    if not path.exists():
+        raise EgptError(f"{directory} is not a draft head dir (no {HEAD_CONFIG}); create one with `egpt-speed train-draft`.")
+    return json.loads(path.read_text())
+
+
+def is_head_dir(directory: Path) -> bool:
+    return (directory / HEAD_CONFIG).exists()
+
+
+def causal_mask(query_len: int, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, q, past + q] additive mask: query i may attend keys j ≤ past + i (SDPA's is_causal aligns
+    top-left, which is wrong once a cache holds earlier keys)."""
+    keys = torch.arange(past_len + query_len, device=device)
+    queries = torch.arange(query_len, device=device).unsqueeze(1) + past_len
+    allowed = keys.unsqueeze(0) <= queries
+    mask = torch.zeros(query_len, past_len + query_len, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+class EagleProposer:
+    """Chain drafting with an EAGLE head from the target's features (greedy or sampled)."""
+
+    wants_hidden = True
+
+    def __init__(self, head: EagleHead, target_llm, prefix_embeds: torch.Tensor):
+        self.head = head
+        self.embed = target_llm.get_input_embeddings()
+        self.lm_head = target_llm.lm_head
+        self.prefix_embeds = prefix_embeds  # [1, L, H] the spliced prompt (event rows included)
+        self.prefix_len = prefix_embeds.shape[1]
+        self.features: list[torch.Tensor] = []  # observed target features, [1, T_i, H] chunks
+        self.observed = 0  # target positions with a known feature
+        self.consumed = 0  # positions already in the head's cache
+        self.cache = DynamicCache(config=head.config)
+
+    def start(self) -> None:
+        pass
+
+    def observe(self, hidden: torch.Tensor) -> None:
+        self.features.append(hidden)
+        self.observed += hidden.shape[1]
+
+    def _next_embeds(self, start: int, stop: int, committed: list[int]) -> torch.Tensor:
+        """Embeddings of the inputs at positions start+1 .. stop (prefix rows, then committed tokens)."""
+        rows = []
+        prefix_part = self.prefix_embeds[:, start + 1:min(stop + 1, self.prefix_len)]
+        if prefix_part.shape[1]:
+            rows.append(prefix_part)
+        first_token = max(start + 1, self.prefix_len) - self.prefix_len
+        last_token = stop + 1 - self.prefix_len
+        if last_token > first_token:
+            ids = torch.tensor(committed[first_token:last_token], device=self.prefix_embeds.device)
+            rows.append(self.embed(ids).unsqueeze(0))
+        return torch.cat(rows, dim=1)
+
+    def propose(self, committed, gamma, settings, generator):
+        features = torch.cat(self.features, dim=1) if len(self.features) > 1 else self.features[0]
+        self.features = [features]
+        fresh = features[:, self.consumed:self.observed]
+        next_embeds = self._next_embeds(self.consumed, self.observed, committed).to(fresh.dtype)
+        positions = torch.arange(self.consumed, self.observed, device=fresh.device)
+        predicted = self.head(fresh, next_embeds, positions, self.cache)[:, -1:]  # f̂ for position `observed`
+        self.consumed = self.observed
+        tokens, probs = [], []
+        position = self.observed
+        for step in range(gamma):
+            logits = self.lm_head(predicted)[0, -1]
+            if settings.do_sample:
+                p = sampling_probs(logits, settings)
+                token = torch.multinomial(p, 1, generator=generator)
+                probs.append(p)
+            else:
+                token = logits.argmax().reshape(1)
+            tokens.append(token)
+            if step + 1 < gamma:
+                predicted = self.head(predicted, self.embed(token).unsqueeze(0).to(predicted.dtype),
+                                      torch.tensor([position], device=token.device), self.cache)
+                position += 1
+        return torch.cat(tokens), (torch.stack(probs) if probs else None)
+
+    def rollback(self, committed) -> None:
+        # drafted positions used predicted features; the target's real ones replace them next time
+        self.cache.crop(self.consumed)
