@@ -81,24 +81,40 @@ def collect_sequence(model, spec: SampleSpec, question: str, settings: Generatio
     return TrainingSequence(features.float().cpu(), inputs.float().cpu(), labels.cpu(), prefix.shape[1])
 
 
-def head_loss(head: EagleHead, lm_head, sequence: TrainingSequence, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, top-1 hits [answer positions]) of one sequence, teacher-forced."""
+def head_loss(head: EagleHead, lm_head, sequence: TrainingSequence, device: torch.device,
+              unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, first-step top-1 hits on answer positions) of one sequence.
+
+    Step 1 is teacher-forced on the target's features. Steps 2..`unroll` feed the head its own
+    predictions, as chain drafting does at positions 2..γ (without this, acceptance collapses
+    after the first draft position — "training-time test", as in HASS / EAGLE-3).
+    """
     features = sequence.features.to(device)
     inputs = sequence.input_embeds.to(device)
     T = features.shape[1]
-    positions = torch.arange(T - 1, device=device)
-    predicted = head(features[:, :-1], inputs[:, 1:T], positions)  # predicts features 1..T-1
     start = max(sequence.prefix_len - 2, 0)  # from the last prefix rows on: what drafting uses
-    target_features = features[:, start + 1:]
-    prediction = predicted[:, start:]
-    logits = lm_head(prediction)[0].float()
-    labels = sequence.labels[start + 1:].to(device)
-    loss = F.smooth_l1_loss(prediction.float(), target_features.float()) + 0.1 * F.cross_entropy(logits, labels)
-    return loss, (logits.argmax(-1) == labels)
+    current = features[:, :-1]
+    total = torch.zeros((), device=device)
+    first_hits = None
+    for step in range(1, unroll + 1):
+        length = T - step  # predictions for positions step..T-1
+        if length <= start:
+            break
+        positions = torch.arange(step - 1, step - 1 + length, device=device)
+        predicted = head(current[:, :length], inputs[:, step:step + length], positions)  # ≈ features[step:]
+        prediction = predicted[:, start:]
+        logits = lm_head(prediction)[0].float()
+        labels = sequence.labels[start + step:].to(device)
+        total = total + (F.smooth_l1_loss(prediction.float(), features[:, start + step:].float())
+                         + 0.1 * F.cross_entropy(logits, labels)) / step
+        if first_hits is None:
+            first_hits = logits.argmax(-1) == labels
+        current = predicted
+    return total, first_hits
 
 
 def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
-               seed: int, progress: Callable[[int], None] | None = None) -> tuple[EagleHead, float, float, float]:
+               seed: int, progress: Callable[[int], None] | None = None, unroll: int = 3) -> tuple[EagleHead, float, float, float]:
     torch.manual_seed(seed)
     device = model.device
     head = EagleHead(head_config_from_target(model.llm.config)).to(device=device, dtype=torch.float32)
@@ -120,7 +136,7 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
         order = list(range(len(train)))
         rng.shuffle(order)
         for index in order:
-            loss, _ = head_loss(head, lm_head, train[index], device)
+            loss, _ = head_loss(head, lm_head, train[index], device, unroll)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
