@@ -21,7 +21,7 @@ from egpt_speed.decoding import GenerationSettings, eos_ids
 from egpt_speed.errors import EgptError
 from egpt_speed.events import SyntheticClipConfig
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
-from egpt_speed.stages import (EncodedSample, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
+from egpt_speed.stages import (EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
 from egpt_speed.timing import Clock, TimedRegion, measure_copy_bandwidth
 from strategies import registry
 from strategies.registry import RunContext, Strategy
@@ -58,6 +58,7 @@ class StrategyState:
     strategy: Strategy
     model: EventGPT
     records: list[dict] = field(default_factory=list)
+    batches: int = 0  # counted batches decoded so far (batched strategies only)
 
 
 def validate(config: RunConfig) -> None:
@@ -158,8 +159,13 @@ def bytes_per_decoded_token(model: EventGPT, context_len: float) -> float:
 
 def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                 settings: GenerationSettings, progress: Callable[[int], None] | None = None) -> None:
-    """The measured loop. Appends one record per counted sample to each state's `records`."""
+    """The measured loop. Appends one record per counted sample to each state's `records`.
+
+    A batched strategy (`strategy.batched`) queues encoded samples and decodes `--batch-size` of
+    them in one call; its records follow the same sample order as everyone else's.
+    """
     device = base.device
+    pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
     for index, (spec, counted) in enumerate(plan):
         with TimedRegion(device) as r1:
             loaded = stage1_load(spec, config.source, config.frames)
@@ -173,14 +179,22 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
                         "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + int(encoded.event_features.shape[0])}
         for position in interleaved_order(len(states), index):
             state = states[position]
+            order = list(interleaved_order(len(states), index)).index(position)
+            if state.strategy.batched:
+                queue_for_batch(state, pending.setdefault(position, []), PendingSample(encoded, stage_common, counted, order),
+                                settings, device)
+                continue
             record = decode_one(state, encoded, settings, device)
             if counted:
                 record.update(stage_common)
-                record["order"] = list(interleaved_order(len(states), index)).index(position)
+                record["order"] = order
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
                 state.records.append(record)
         if progress:
             progress(1)
+    for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy
+        if queue:
+            decode_pending_batch(states[position], queue, settings, device)
 
 
 def decode_one(state: StrategyState, encoded: EncodedSample, settings: GenerationSettings, device: torch.device) -> dict:
@@ -200,6 +214,103 @@ def decode_one(state: StrategyState, encoded: EncodedSample, settings: Generatio
         record[f"{name}_ms"] = ms
     record.update(result.metrics)
     return record
+
+
+# ---- batched strategies -------------------------------------------------------------------------
+
+@dataclass
+class PendingSample:
+    """An encoded sample waiting for its batch, with what its record needs from the sample loop."""
+
+    encoded: EncodedSample
+    common: dict  # id, query, stage 1-3 times, token counts
+    counted: bool
+    order: int
+
+
+def queue_for_batch(state: StrategyState, queue: list[PendingSample], item: PendingSample, settings: GenerationSettings,
+                    device: torch.device) -> None:
+    """Add a sample to a batched strategy's queue; decode the queue once it holds a full batch.
+
+    Warm-up and counted samples never share a batch: a counted sample arriving after warm-up ones
+    first sends the warm-up batch off.
+    """
+    if queue and queue[-1].counted != item.counted:
+        decode_pending_batch(state, queue, settings, device)
+    queue.append(item)
+    if len(queue) >= state.strategy.ctx.batch_size:
+        decode_pending_batch(state, queue, settings, device)
+
+
+def decode_pending_batch(state: StrategyState, queue: list[PendingSample], settings: GenerationSettings,
+                         device: torch.device) -> None:
+    """Decode the queued samples as one batch and record each counted one; empties the queue.
+
+    A warm-up batch shorter than --batch-size is filled by repeating its samples, so the first timed
+    batch finds the kernels for its shape already warm; its results are dropped.
+    """
+    items = list(queue)
+    queue.clear()
+    requests = [make_request(item.encoded, settings) for item in items]
+    counted = items[0].counted
+    if not counted:
+        size = state.strategy.ctx.batch_size
+        requests += [requests[k % len(requests)] for k in range(size - len(requests))]
+    records = decode_batch_records(state, requests, device)
+    if not counted:
+        return
+    for item, record in zip(items, records):
+        record.update(item.common)
+        record["order"] = item.order
+        record["batch_index"] = state.batches
+        record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
+        state.records.append(record)
+    state.batches += 1
+
+
+def batch_tokens_per_s(new_tokens: int, stage4_ms: float) -> float | None:
+    """Batch throughput: all new tokens of a batch over its Stage-4 time (prefill included)."""
+    return new_tokens / (stage4_ms / 1e3) if stage4_ms > 0 else None
+
+
+def decode_batch_records(state: StrategyState, requests: list, device: torch.device) -> list[dict]:
+    """One `decode_batch` call, timed like `decode_one`; one record per request, each with the batch's times."""
+    clock = Clock(device)
+    with TimedRegion(device) as region:
+        clock.begin()
+        results = state.strategy.decode_batch(state.model, requests, clock)
+        prefill_ms, decode_ms = clock.end()
+    stage4_ms = prefill_ms + decode_ms
+    new_tokens = sum(len(result.token_ids) for result in results)
+    stop = eos_ids(state.model)
+    records = []
+    for result in results:
+        tokens = result.token_ids
+        record = {"stage4_ms": stage4_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms, "num_tokens": len(tokens),
+                  "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
+                  "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes,
+                  "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
+                  "ended_with_eos": bool(tokens) and tokens[-1] in stop,
+                  "batch_size": len(requests), "batch_tokens": new_tokens,
+                  "batch_tokens_per_s": batch_tokens_per_s(new_tokens, stage4_ms)}
+        for name, ms in clock.phases_ms.items():
+            record[f"{name}_ms"] = ms
+        record.update(result.metrics)
+        records.append(record)
+    return records
+
+
+def batch_summary(records: list[dict]) -> dict:
+    """Run-level batch figures: throughput over all counted batches (Σ tokens / Σ batch time) and per batch."""
+    batches: dict[int, dict] = {}
+    for record in records:
+        batches.setdefault(record["batch_index"], record)
+    tokens = sum(r["batch_tokens"] for r in batches.values())
+    seconds_ms = sum(r["stage4_ms"] for r in batches.values())
+    per_batch = metrics.quantiles([r["batch_tokens_per_s"] for r in batches.values()])
+    return {"batches": len(batches), "batch_tokens_per_s": batch_tokens_per_s(tokens, seconds_ms),
+            "batch_tokens_per_s_median": per_batch.get("median"),
+            "batch_size_mean": metrics.quantiles([r["batch_size"] for r in batches.values()]).get("mean")}
 
 
 def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
@@ -243,6 +354,8 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
                    + (state.records[0]["prompt_tokens"] if state.records else 0))
         summary["bytes_per_token"] = bytes_per_decoded_token(state.model, context)
         summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
+        if state.strategy.batched and state.records:
+            summary.update(batch_summary(state.records))
         runs[state.strategy.name] = {"description": state.strategy.summary, "lossless": state.strategy.lossless,
                                      "settings": state.strategy.settings(), "summary": summary, "samples": state.records}
     reference = states[0].strategy.name

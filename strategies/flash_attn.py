@@ -1,0 +1,36 @@
+"""`flash-attn`: the LLM's attention as `attn_implementation="flash_attention_2"` (the flash-attn package).
+
+Needs the `flash_attn` package, which has no PyPI wheel (it builds from source against the local
+CUDA); without it this refuses — `sdpa-flash` runs PyTorch's own FlashAttention-2 kernel instead.
+transformers' fallback to the `kernels` hub package is not used: it downloads at run time.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+from egpt_speed.attention import attention_settings, check_flash_head_dim, half_precision_cuda_reason, set_llm_attention
+from egpt_speed.quantize import package_version
+from strategies.registry import Strategy, register
+
+
+@register
+class FlashAttn(Strategy):
+    name = "flash-attn"
+    summary = "LLM attention = flash_attention_2 from the flash-attn package; fp16/bf16 CUDA; CLIP tower unchanged"
+    decodes = False
+    modifies_model = True
+
+    def unavailable_reason(self) -> str | None:
+        if importlib.util.find_spec("flash_attn") is None:
+            return ("needs the flash_attn package (pip install flash-attn, a source build); "
+                    "sdpa-flash runs PyTorch's own FlashAttention kernel without it.")
+        return half_precision_cuda_reason(self.ctx.device, self.ctx.dtype, "flash_attention_2")
+
+    def prepare(self, model) -> None:
+        check_flash_head_dim(model.llm.config)
+        set_llm_attention(model.llm, "flash_attention_2")
+        self.recorded = {**attention_settings(model), "flash_attn": package_version("flash-attn")}
+
+    def settings(self) -> dict:
+        return getattr(self, "recorded", {"attn_implementation": "flash_attention_2"})
