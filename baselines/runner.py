@@ -17,7 +17,7 @@ import torch
 
 from egpt_speed import metrics
 from egpt_speed.datasets import SampleSpec, discover_samples, synthetic_dataset
-from egpt_speed.decoding import GenerationSettings, eos_ids
+from egpt_speed.decoding import GenerationSettings, eos_ids, teacher_forced_top1
 from egpt_speed.errors import EgptError
 from egpt_speed.events import SyntheticClipConfig
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
@@ -190,11 +190,24 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
                 record["order"] = order
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
                 state.records.append(record)
+        if counted:
+            add_teacher_forced_top1(states, encoded, settings)
         if progress:
             progress(1)
     for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy
         if queue:
             decode_pending_batch(states[position], queue, settings, device)
+
+
+def add_teacher_forced_top1(states: list[StrategyState], encoded: EncodedSample, settings: GenerationSettings) -> None:
+    """For lossy candidates (quantisation), score the reference's tokens under the candidate's model (untimed)."""
+    reference = states[0]
+    if reference.strategy.batched or not reference.records:
+        return
+    for state in states[1:]:
+        if not state.strategy.lossless and not state.strategy.batched and state.records:
+            request = make_request(encoded, settings)
+            state.records[-1]["teacher_forced_top1"] = teacher_forced_top1(state.model, request, reference.records[-1]["token_ids"])
 
 
 def decode_one(state: StrategyState, encoded: EncodedSample, settings: GenerationSettings, device: torch.device) -> dict:

@@ -77,3 +77,19 @@ def sampling_probs(logits: torch.Tensor, settings: GenerationSettings) -> torch.
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
+
+
+@torch.inference_mode()
+def teacher_forced_top1(model, request: DecodeRequest, reference: list[int]) -> float | None:
+    """Share of reference positions where the model's argmax, fed the reference prefix, is the reference token.
+
+    One forward over [spliced prompt, reference[:-1]]; judges a lossy model (quantised) without
+    letting one early divergence decide every later position.
+    """
+    if not reference:
+        return None
+    prefix = model.splice(request.prompt_ids, request.event_features)  # [1, L, H]
+    tokens = torch.tensor(reference, device=prefix.device)
+    inputs = torch.cat([prefix, model.llm.get_input_embeddings()(tokens[:-1]).unsqueeze(0).to(prefix.dtype)], dim=1)
+    logits = model.llm(inputs_embeds=inputs, logits_to_keep=len(reference)).logits[0]  # [n, V]
+    return float((logits.argmax(-1) == tokens).float().mean())

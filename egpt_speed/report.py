@@ -57,14 +57,15 @@ def speculation_lines(spec: dict) -> list[str]:
 
 
 def comparison_table(comparisons: list[dict]) -> list[str]:
-    lines = ["| candidate vs reference | Stage-4 speedup median [IQR] | total speedup median [IQR] | exact match | token match | first divergence (mean) |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| candidate vs reference | Stage-4 speedup median [IQR] | total speedup median [IQR] | exact match | token match | first divergence (mean) | teacher-forced top-1 |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for c in comparisons:
         lines.append(
             f"| {c['candidate']} vs {c['reference']} | {_f(c['speedup_stage4_median'], 2, '×')} "
             f"[{_f(c['speedup_stage4_q1'], 2)}–{_f(c['speedup_stage4_q3'], 2)}] | {_f(c['speedup_total_median'], 2, '×')} "
             f"[{_f(c['speedup_total_q1'], 2)}–{_f(c['speedup_total_q3'], 2)}] | {_f(100 * c['exact_match_rate'] if c['exact_match_rate'] is not None else None, 0, ' %')} | "
-            f"{_f(100 * c['token_match_rate'] if c['token_match_rate'] is not None else None, 1, ' %')} | {_f(c['first_divergence_mean'], 1)} |")
+            f"{_f(100 * c['token_match_rate'] if c['token_match_rate'] is not None else None, 1, ' %')} | {_f(c['first_divergence_mean'], 1)} | "
+            f"{_f(100 * c['teacher_forced_top1'] if c.get('teacher_forced_top1') is not None else None, 1, ' %')} |")
     return lines
 
 

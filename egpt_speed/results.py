@@ -118,6 +118,7 @@ def compare(reference: str, candidate: str, ref_samples: list[dict], cand_sample
         "token_match_rate": metrics.quantiles([a.token_match_rate for a in agreements]).get("mean"),
         "first_divergence_mean": sum(divergences) / len(divergences) if divergences else None,
         "common_prefix_len_mean": metrics.quantiles([a.common_prefix_len for a in agreements]).get("mean"),
+        "teacher_forced_top1": metrics.quantiles([c.get("teacher_forced_top1") for _, c in pairs]).get("mean"),
         "per_sample": [{"id": r["id"], "speedup_stage4": x, "speedup_total": y, "exact_match": a.exact_match,
                         "token_match_rate": a.token_match_rate, "first_divergence": a.first_divergence,
                         "common_prefix_len": a.common_prefix_len} for (r, _), x, y, a in zip(pairs, stage4, total, agreements)],

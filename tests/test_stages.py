@@ -324,3 +324,22 @@ def test_compare_uses_per_sample_ratios_median_and_iqr():
     assert result["token_match_rate"] == pytest.approx((1 + 0.5 + 0 + 1) / 4)
     assert result["first_divergence_mean"] == pytest.approx((1 + 0) / 2)
     assert result["samples"] == 4
+
+
+def test_teacher_forced_top1_is_one_for_the_model_own_greedy_output_and_lower_for_another(sp_tokenizer):
+    import torch
+
+    from egpt_speed.decoding import DecodeRequest, GenerationSettings, teacher_forced_top1
+    from helpers import make_tiny_eventgpt
+
+    model = make_tiny_eventgpt(0, tokenizer=sp_tokenizer)
+    other = make_tiny_eventgpt(3, tokenizer=sp_tokenizer)
+    ids = torch.tensor([1, 5, 6, -200, 7, 8])
+    features = torch.randn(7, model.hidden_size)
+    request = DecodeRequest("x", ids, features, GenerationSettings(max_new_tokens=12))
+    embeds = model.splice(ids, features)
+    with torch.inference_mode():
+        greedy = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                    max_new_tokens=12, do_sample=False, eos_token_id=None)[0].tolist()
+    assert teacher_forced_top1(model, request, greedy) == 1.0
+    assert teacher_forced_top1(other, request, greedy) < 1.0
