@@ -237,6 +237,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
                 max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length of the target's answers used as training text."),
                 epochs: int = typer.Option(6, "--epochs"), lr: float = typer.Option(1e-3, "--lr"),
                 holdout: float = typer.Option(0.2, "--holdout", help="Fraction of clips and of questions held out."),
+                unroll: int = typer.Option(1, "--unroll", help="Training steps fed the head's own predictions (1 = teacher forcing only)."),
                 device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
                 resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run.")) -> None:
     """Train an EAGLE draft head for --model on its own greedy answers (float32), report held-out agreement."""
@@ -281,7 +282,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
             task = progress.add_task("training head", total=epochs * len(train_seqs))
             started = time.perf_counter()
             head, loss, train_top1, heldout_top1 = td.train_head(target, train_seqs, heldout_seqs, epochs, lr, seed,
-                                                                 lambda step: progress.advance(task, step))
+                                                                 lambda step: progress.advance(task, step), unroll)
             train_s = time.perf_counter() - started
         report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s, train_s)
         td.save_head(head, out, report, model)

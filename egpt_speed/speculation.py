@@ -119,24 +119,73 @@ def target_forward(target_llm, cache, last_only: bool = False, **inputs) -> tupl
     return logits[0], hidden
 
 
+class Target(Protocol):
+    """The verifying model and its KV cache: DynamicTarget (default) or static_decode.StaticTarget.
+
+    After prefill/verify, `last_hidden` [1, q, H] holds the final-norm hidden states of those q
+    positions (what an EAGLE-style drafter reads).
+    """
+
+    last_hidden: torch.Tensor | None
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        """embeds: [1, L, H] → logits [V] after the last prompt position; the cache holds the prompt."""
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens: [1, k+1] (pending, d_1..d_k) → logits [k+1, V]; their keys/values join the cache."""
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` cached positions."""
+
+
+class DynamicTarget:
+    """The target on transformers' DynamicCache (crop slices the cache tensors)."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.cache = DynamicCache(config=llm.config)
+        self.last_hidden: torch.Tensor | None = None
+
+    def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
+        logits, self.last_hidden = target_forward(self.llm, self.cache, last_only=True, inputs_embeds=embeds)
+        return logits[-1]
+
+    def verify(self, tokens: torch.Tensor) -> torch.Tensor:
+        logits, self.last_hidden = target_forward(self.llm, self.cache, input_ids=tokens)
+        return logits
+
+    def crop(self, length: int) -> None:
+        self.cache.crop(length)
+
+
+def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target | None:
+    """The target a composed `supplies_target` strategy lends (compile+speculative), else None (a DynamicTarget)."""
+    if strategy.target_supplier is None:
+        return None
+    return strategy.target_supplier.target_for(model, prefix_embeds.shape[1] + settings.max_new_tokens, strategy.ctx.gamma)
+
+
 @torch.inference_mode()
 def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
-                       gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False) -> DecodeResult:
+                       gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False,
+                       target: Target | None = None) -> DecodeResult:
     """Draft → one target forward over [pending, d_1..d_k] → accept → roll both caches back.
 
     prefix_embeds: [1, L, H] the target's spliced prompt. Greedy output equals the target's own
     greedy decoding; sampled output follows the target's distribution (rejection sampling).
     The target cache always holds prefix + committed[:-1]; the last committed token is pending.
+    `target` owns that cache: by default a DynamicTarget on target_llm; a static_decode.StaticTarget
+    (compile+speculative) verifies on a static cache with a captured forward and crops by position.
     """
     device = prefix_embeds.device
     generator = make_generator(settings, device) if settings.do_sample else None
     counters = SpeculationCounters(gamma=gamma)
-    cache = DynamicCache(config=target_llm.config)
+    target = target if target is not None else DynamicTarget(target_llm)
     prefix_len = prefix_embeds.shape[1]
 
     wants_hidden = getattr(proposer, "wants_hidden", False)
-    logits, hidden = target_forward(target_llm, cache, last_only=True, inputs_embeds=prefix_embeds)
-    logits = logits[-1]
+    logits = target.prefill(prefix_embeds)
+    hidden = target.last_hidden
     counters.target_forwards += 1
     committed = [_pick(logits, settings, generator)]
     clock.mark_first_token()
@@ -154,7 +203,8 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
         counters.draft_forwards += k if budget > 0 else 0
         with clock.phase("verify"):
             verify_ids = torch.cat([torch.tensor([committed[-1]], device=device), draft_tokens.to(device)]).unsqueeze(0)
-            logits, hidden = target_forward(target_llm, cache, input_ids=verify_ids)  # [k+1, V], [1, k+1, H]
+            logits = target.verify(verify_ids)  # [k+1, V]
+            hidden = target.last_hidden  # [1, k+1, H]
             counters.target_forwards += 1
             if settings.do_sample:
                 p_target = sampling_probs(logits, settings)
@@ -168,7 +218,7 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
             committed.append(token)
             if token in stop_ids or len(committed) >= settings.max_new_tokens:
                 break
-        cache.crop(prefix_len + len(committed) - 1)
+        target.crop(prefix_len + len(committed) - 1)
         if wants_hidden:
             proposer.observe(hidden[:, : accepted + 1])  # features of the pending token + accepted drafts
         proposer.rollback(committed)

@@ -114,7 +114,7 @@ def head_loss(head: EagleHead, lm_head, sequence: TrainingSequence, device: torc
 
 
 def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
-               seed: int, progress: Callable[[int], None] | None = None, unroll: int = 3) -> tuple[EagleHead, float, float, float]:
+               seed: int, progress: Callable[[int], None] | None = None, unroll: int = 1) -> tuple[EagleHead, float, float, float]:
     torch.manual_seed(seed)
     device = model.device
     head = EagleHead(head_config_from_target(model.llm.config)).to(device=device, dtype=torch.float32)

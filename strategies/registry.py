@@ -49,9 +49,18 @@ class Strategy:
     decodes: ClassVar[bool] = True
     modifies_model: ClassVar[bool] = False  # prepare changes the model: it needs its own copy in compare
     lossless: ClassVar[bool] = True
+    # Composed with another decoder, a `supplies_target` decoder (compile) does not decode: it lends
+    # a decoder that `accepts_target` (speculative, pld, early-exit) the target it verifies on.
+    supplies_target: ClassVar[bool] = False
+    accepts_target: ClassVar[bool] = False
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
+        self.target_supplier: Strategy | None = None  # set by `build` for e.g. compile+speculative
+
+    def target_for(self, model, max_seq: int, gamma: int):
+        """A speculative target (speculation.Target: prefill / verify / crop) with room for max_seq positions."""
+        raise NotImplementedError
 
     def unavailable_reason(self) -> str | None:
         """None when it can run here, else one sentence saying why not (missing package, no CUDA)."""
@@ -162,6 +171,11 @@ def build(expression: str, ctx: RunContext) -> Strategy:
     if len(parts) == 1 and parts[0].decodes:
         return parts[0]
     decoders = [p for p in parts if p.decodes]
+    suppliers = [p for p in decoders if p.supplies_target]
+    loops = [p for p in decoders if not p.supplies_target]
+    if len(decoders) == 2 and len(suppliers) == 1 and loops[0].accepts_target:
+        loops[0].target_supplier = suppliers[0]  # compile+speculative: the draft loop verifies on a static cache
+        return ComposedStrategy(ctx, parts, loops[0])
     if len(decoders) > 1:
         raise EgptError(f"{expression!r} combines two decoding loops ({decoders[0].name}, {decoders[1].name}); compose at most one with preparers.")
     decoder = decoders[0] if decoders else registry["baseline"](ctx)

@@ -5,13 +5,14 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.eagle import EagleProposer
-from egpt_speed.speculation import CausalLMProposer, speculative_decode
+from egpt_speed.speculation import CausalLMProposer, lent_target, speculative_decode
 from strategies.registry import Strategy, register
 
 
 @register
 class Speculative(Strategy):
     name = "speculative"
+    accepts_target = True
     summary = "draft (--draft: EAGLE head dir, causal LM, EventGPT, or target) proposes γ tokens, one target forward verifies; greedy lossless"
 
     def prepare(self, model) -> None:
@@ -31,7 +32,8 @@ class Speculative(Strategy):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
         return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
-                                  eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")))
+                                  eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
+                                  target=lent_target(self, prefix_embeds, request.settings, model))
 
     def settings(self) -> dict:
         draft = getattr(self, "draft", None)

@@ -1,0 +1,69 @@
+"""`compile`: gpt-fast-style greedy decoding — static KV cache, one prefill, a CUDA-graph-captured decode step.
+
+The engine is `egpt_speed.static_decode.StaticEngine`. On CUDA the one-token step is compiled by
+inductor (fused elementwise kernels, autotuned Triton GEMVs) and captured once as a CUDA graph
+(first sample, reported as `compile_ms`), then replayed per token; on the CPU the same
+static-cache path runs uncompiled and uncaptured (`cuda_graph: false` in settings and metrics).
+
+`--option compile_mode=` (H100, 7B bf16, 623-token prefix, measured 2026-11-24):
+  max-autotune-no-cudagraphs (CUDA default)  5.46–5.60 ms/token, ~100–115 s one-time compile
+  default                                    6.33–6.43 ms/token,  ~39–46 s
+  none (capture the eager step)              8.29 ms/token,  ~0.1 s
+  reduce-overhead                            torch.compile's own CUDA graphs instead of ours
+`--option eos_every=` tokens between EOS checks (default 1, see static_decode.DEFAULT_EOS_EVERY).
+"""
+
+from __future__ import annotations
+
+from egpt_speed.decoding import eos_ids
+from egpt_speed.errors import EgptError
+from egpt_speed.static_decode import DEFAULT_EOS_EVERY, StaticEngine
+from strategies.registry import Strategy, register
+
+
+@register
+class Compile(Strategy):
+    name = "compile"
+    summary = "static KV cache + CUDA-graph decode step (gpt-fast style), greedy argmax on the device; CPU: uncaptured"
+
+    def _compile_mode(self) -> str | None:
+        # CUDA: the fastest measured mode (see the module docstring); CPU: compilation costs more than it
+        # saves for test-sized models
+        default = "max-autotune-no-cudagraphs" if self.ctx.device.type == "cuda" else None
+        mode = self.ctx.options.get("compile_mode", default)
+        return None if mode in (None, "", "none") else str(mode)
+
+    def _eos_every(self) -> int:
+        value = int(self.ctx.options.get("eos_every") or DEFAULT_EOS_EVERY)
+        if value < 1:
+            raise EgptError("--option eos_every must be at least 1.")
+        return value
+
+    def prepare(self, model) -> None:
+        self.engine = StaticEngine(model.llm, compile_mode=self._compile_mode())
+
+    def decode(self, model, request, clock):
+        if request.settings.do_sample:
+            raise EgptError("the compile strategy decodes greedily only; drop --do-sample or use baseline for sampling.")
+        embeds = model.splice(request.prompt_ids, request.event_features)  # [1, L', H]
+        return self.engine.generate(embeds, request.settings.max_new_tokens, eos_ids(model), clock, self._eos_every())
+
+    def settings(self) -> dict:
+        cuda_graph = self.ctx.device.type == "cuda"
+        return {"cuda_graph": cuda_graph, "compile_mode": self._compile_mode(), "eos_every": self._eos_every(),
+                "static_cache": True,
+                "note": None if cuda_graph else "CPU: static-cache decode without graph capture (nothing to capture)"}
+
+    # ---- compile+speculative (needs the registry/speculation change in benchmarks/compile_speculative.patch) ----
+
+    supplies_target = True  # composed with a speculative decoder, compile lends it a StaticTarget instead of decoding
+
+    def target_for(self, model, max_seq: int, gamma: int):
+        """A StaticTarget on this strategy's engine with room for max_seq positions (reused across samples)."""
+        from egpt_speed.static_decode import StaticTarget
+
+        target = getattr(self, "_target", None)
+        if target is None or target.width != gamma + 1:
+            target = self._target = StaticTarget(self.engine, gamma)
+        target.setup(max_seq)
+        return target
