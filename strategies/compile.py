@@ -30,7 +30,7 @@ class Compile(Strategy):
         # CUDA: the fastest measured mode (see the module docstring); CPU: compilation costs more than it
         # saves for test-sized models
         default = "max-autotune-no-cudagraphs" if self.ctx.device.type == "cuda" else None
-        mode = self.ctx.options.get("compile_mode", default)
+        mode = self.ctx.options.get("compile_mode") or default
         return None if mode in (None, "", "none") else str(mode)
 
     def _eos_every(self) -> int:
