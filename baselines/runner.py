@@ -59,6 +59,8 @@ class StrategyState:
     model: EventGPT
     records: list[dict] = field(default_factory=list)
     batches: int = 0  # counted batches decoded so far (batched strategies only)
+    llm_bytes: int | None = None  # device bytes of this strategy's LLM (measured on CUDA)
+    extra_bytes: int | None = None  # device bytes its prepare added beside the model (draft model/head)
 
 
 def validate(config: RunConfig) -> None:
@@ -129,13 +131,36 @@ def interleaved_order(count: int, index: int) -> list[int]:
 def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy],
                    load: Callable[[], EventGPT]) -> tuple[EventGPT, list[StrategyState]]:
     """One base model for Stages 1–3 and unmodified strategies; a fresh copy for each that modifies it."""
+    before = allocated_bytes(ctx.device)
     base = load()
+    base_bytes = _minus(allocated_bytes(ctx.device), before)
     states = []
     for strategy in strategies:
+        before = allocated_bytes(ctx.device)
         model = load() if strategy.modifies_model else base
         strategy.prepare(model)
-        states.append(StrategyState(strategy, model))
+        grown = _minus(allocated_bytes(ctx.device), before)
+        state = StrategyState(strategy, model)
+        # on CUDA, measured: quantised tensor subclasses misreport numel × element_size
+        if grown is not None:
+            loaded = grown if strategy.modifies_model else base_bytes
+            state.llm_bytes = loaded - vision_bytes(model)
+            state.extra_bytes = 0 if strategy.modifies_model else grown  # a draft model or head
+        states.append(state)
     return base, states
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def _minus(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
+
+
+def vision_bytes(model: EventGPT) -> int:
+    modules = [model.vision_tower, model.projector] + ([model.adaptor] if model.adaptor is not None else [])
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
 
 
 def weight_bytes(model: EventGPT) -> int:
@@ -143,10 +168,10 @@ def weight_bytes(model: EventGPT) -> int:
         b.numel() * b.element_size() for b in model.llm.buffers())
 
 
-def bytes_per_decoded_token(model: EventGPT, context_len: float) -> float:
+def bytes_per_decoded_token(model: EventGPT, context_len: float, llm_bytes: int | None = None) -> float:
     """Weights read per token (the embedding table only one row of it) + the KV cache read."""
     config = model.llm.config
-    total = weight_bytes(model)
+    total = llm_bytes if llm_bytes is not None else weight_bytes(model)
     embed = model.llm.get_input_embeddings().weight
     if not config.tie_word_embeddings:
         total -= embed.numel() * embed.element_size()
@@ -220,7 +245,7 @@ def decode_one(state: StrategyState, encoded: EncodedSample, settings: Generatio
     tokens = result.token_ids
     record = {"stage4_ms": prefill_ms + decode_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms,
               "num_tokens": len(tokens), "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
-              "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes,
+              "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes, "stage4_working_bytes": region.working_bytes,
               "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
               "ended_with_eos": bool(tokens) and tokens[-1] in eos_ids(state.model)}
     for name, ms in clock.phases_ms.items():
@@ -301,7 +326,7 @@ def decode_batch_records(state: StrategyState, requests: list, device: torch.dev
         tokens = result.token_ids
         record = {"stage4_ms": stage4_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms, "num_tokens": len(tokens),
                   "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
-                  "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes,
+                  "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes, "stage4_working_bytes": region.working_bytes,
                   "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
                   "ended_with_eos": bool(tokens) and tokens[-1] in stop,
                   "batch_size": len(requests), "batch_tokens": new_tokens,
@@ -362,10 +387,15 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
     runs: dict[str, Any] = {}
     for state in states:
         summary = results.summarize(state.records)
-        summary["weight_bytes"] = weight_bytes(state.model)
+        summary["weight_bytes"] = state.llm_bytes if state.llm_bytes is not None else weight_bytes(state.model)
+        summary["weight_bytes_measured"] = state.llm_bytes is not None
+        summary["draft_bytes"] = state.extra_bytes
+        working = [r.get("stage4_working_bytes") for r in state.records if r.get("stage4_working_bytes") is not None]
+        summary["stage4_working_bytes"] = max(working) if working else None
+        summary["stage4_footprint_bytes"] = (summary["weight_bytes"] + (state.extra_bytes or 0) + max(working)) if working else None
         context = (summary.get("distributions", {}).get("num_tokens", {}).get("mean", 0) / 2
                    + (state.records[0]["prompt_tokens"] if state.records else 0))
-        summary["bytes_per_token"] = bytes_per_decoded_token(state.model, context)
+        summary["bytes_per_token"] = bytes_per_decoded_token(state.model, context, state.llm_bytes)
         summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
         if state.strategy.batched and state.records:
             summary.update(batch_summary(state.records))

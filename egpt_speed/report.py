@@ -40,7 +40,9 @@ def decode_lines(summary: dict) -> list[str]:
         f"max {_f(summary.get('num_tokens_max'))}, std {_f(summary.get('num_tokens_std'), 1)}",
         f"- **{_f(summary.get('per_token_ms'), 2)} ms/token** (decode_ms / (tokens − 1), token-weighted) · "
         f"{_f(summary.get('tokens_per_s'), 1)} tokens/s · {_f(summary.get('samples_per_s'), 2)} samples/s",
-        f"- Stage-4 peak memory {_gb(summary.get('stage4_peak_bytes'))} GB · LLM weights {_gb(summary.get('weight_bytes'))} GB · "
+        f"- LLM weights {_gb(summary.get('weight_bytes'))} GB{' (measured)' if summary.get('weight_bytes_measured') else ''} · "
+        f"draft {_gb(summary.get('draft_bytes'))} GB · Stage-4 working memory {_gb(summary.get('stage4_working_bytes'))} GB · "
+        f"device peak (all loaded models) {_gb(summary.get('stage4_peak_bytes'))} GB · "
         f"MBU {_f(100 * summary['mbu'] if summary.get('mbu') is not None else None, 1, ' %')}",
     ]
 
@@ -70,12 +72,12 @@ def comparison_table(comparisons: list[dict]) -> list[str]:
 
 
 def summary_table(runs: dict) -> list[str]:
-    lines = ["| strategy | Stage 4 ms | prefill ms | ms/token | tokens/s | tokens | total ms | peak GB |",
+    lines = ["| strategy | Stage 4 ms | prefill ms | ms/token | tokens/s | tokens | total ms | weights + working GB |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, run in runs.items():
         s = run["summary"]
         lines.append(f"| {name} | {_f(s.get('stage4_ms'), 1)} | {_f(s.get('prefill_ms'), 1)} | {_f(s.get('per_token_ms'), 2)} | "
-                     f"{_f(s.get('tokens_per_s'), 1)} | {_f(s.get('num_tokens'), 1)} | {_f(s.get('total_ms'), 1)} | {_gb(s.get('stage4_peak_bytes'))} |")
+                     f"{_f(s.get('tokens_per_s'), 1)} | {_f(s.get('num_tokens'), 1)} | {_f(s.get('total_ms'), 1)} | {_gb(s.get('stage4_footprint_bytes'))} |")
     return lines
 
 

@@ -29,6 +29,9 @@ def _package_version(name: str) -> str | None:
 
 
 def _git_commit() -> str | None:
+    """HEAD (+ "-dirty"); EGPT_SPEED_GIT_COMMIT where the tree was copied without .git (a GPU box)."""
+    if os.environ.get("EGPT_SPEED_GIT_COMMIT"):
+        return os.environ["EGPT_SPEED_GIT_COMMIT"]
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)

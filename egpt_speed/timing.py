@@ -22,7 +22,8 @@ class Region:
     """One timed region: wall ms between two synchronised clock reads, and its peak device memory."""
 
     ms: float = 0.0
-    peak_bytes: int | None = None
+    peak_bytes: int | None = None  # device-wide peak (every loaded model included)
+    working_bytes: int | None = None  # peak above what was allocated when the region began
 
 
 class TimedRegion:
@@ -37,6 +38,7 @@ class TimedRegion:
         synchronize(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
         self._start = time.perf_counter()
         return self.region
 
@@ -45,6 +47,7 @@ class TimedRegion:
         self.region.ms = (time.perf_counter() - self._start) * 1e3
         if self.device.type == "cuda":
             self.region.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+            self.region.working_bytes = self.region.peak_bytes - self._start_bytes
 
 
 @dataclass
