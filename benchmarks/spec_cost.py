@@ -21,6 +21,7 @@ from transformers import DynamicCache
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from egpt_speed import metrics  # noqa: E402
+from egpt_speed.decoding import crop_cache  # noqa: E402
 from egpt_speed.drafts import load_draft  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
@@ -72,7 +73,7 @@ def main() -> None:
 
         def run():
             model.llm(input_ids=tokens, past_key_values=cache, use_cache=True)
-            cache.crop(base_len)
+            crop_cache(cache, base_len)
         return run
 
     verify_ms = {k: median_ms(target_step(k), device, args.repeats) for k in range(1, args.max_gamma + 2)}
@@ -89,7 +90,7 @@ def main() -> None:
 
     def draft_step():
         draft.llm(input_ids=one, past_key_values=draft_cache, use_cache=True)
-        draft_cache.crop(draft_base)
+        crop_cache(draft_cache, draft_base)
 
     draft_ms = median_ms(draft_step, device, args.repeats)
     c = draft_ms / verify_ms[1]

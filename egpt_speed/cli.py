@@ -18,6 +18,14 @@ _state = {"debug": False}
 @app.callback()
 def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors.")) -> None:
     _state["debug"] = debug
+    if not debug:  # library advice (deprecations, config-type notices) is not the user's error line
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        import warnings
+
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
 def _options(model, draft, data, samples, max_new_tokens, dtype, device, warmup, frames, gamma, batch_size, seed,

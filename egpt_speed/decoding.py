@@ -40,6 +40,17 @@ class DecodeResult:
     metrics: dict[str, Any] = field(default_factory=dict)  # strategy counters (drafted, accepted, ...)
 
 
+def crop_cache(cache, length: int) -> None:
+    """Keep the first `length` positions of a transformers Cache.
+
+    Uses the negative "remove n tokens" form: transformers ≤ 5.17 also took an absolute length,
+    5.18+ refuses it; both accept the negative one (and `crop(0)` would empty a layer there).
+    """
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
 def eos_ids(model) -> set[int]:
     """The ids that end generation, from the LLM's generation config (may be an int or a list)."""
     configured = model.llm.generation_config.eos_token_id

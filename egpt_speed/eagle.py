@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from egpt_speed.decoding import sampling_probs
+from egpt_speed.decoding import crop_cache, sampling_probs
 from egpt_speed.errors import EgptError
 
 HEAD_CONFIG = "eagle_config.json"
@@ -164,4 +164,4 @@ class EagleProposer:
 
     def rollback(self, committed) -> None:
         # drafted positions used predicted features; the target's real ones replace them next time
-        self.cache.crop(self.consumed)
+        crop_cache(self.cache, self.consumed)

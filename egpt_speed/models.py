@@ -270,6 +270,8 @@ def load_eventgpt_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch
     adaptor = _adaptor_from_weights(_take(tensors, ADAPTOR_PREFIX)) if _take(tensors, ADAPTOR_PREFIX) else None
 
     llm_config = {k: v for k, v in config.items() if k not in EVENTGPT_EXTRA_KEYS and k not in ("model_type", "architectures", "auto_map")}
+    if llm_config.get("rope_scaling") is None:
+        llm_config.pop("rope_scaling", None)  # Vicuna configs carry an explicit null; newer transformers warn on it
     embed = tensors.get("model.embed_tokens.weight")
     if embed is None:
         raise EgptError(f"checkpoint {checkpoint} lacks model.embed_tokens.weight; the weights are incomplete.")

@@ -62,7 +62,7 @@ from typing import Protocol  # noqa: E402
 
 from transformers import DynamicCache  # noqa: E402
 
-from egpt_speed.decoding import DecodeResult, GenerationSettings, make_generator, sampling_probs  # noqa: E402
+from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, make_generator, sampling_probs  # noqa: E402
 from egpt_speed.timing import Clock  # noqa: E402
 
 
@@ -155,7 +155,7 @@ class DynamicTarget:
         return logits
 
     def crop(self, length: int) -> None:
-        self.cache.crop(length)
+        crop_cache(self.cache, length)
 
 
 def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target | None:
@@ -299,5 +299,5 @@ class CausalLMProposer:
                 break
             matched += 1
         self.consumed += matched
-        self.cache.crop(self.prefix_len + self.consumed)
+        crop_cache(self.cache, self.prefix_len + self.consumed)
         self._in_cache = []
