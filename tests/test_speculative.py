@@ -191,3 +191,16 @@ def test_draft_with_another_vocabulary_is_refused(target):
         check_shared_tokenizer(fake_target, tiny_llama(2, vocab=50), None, "other-draft")
     with pytest.raises(EgptError, match="eos_token_id"):
         check_shared_tokenizer(fake_target, tiny_llama(2), SimpleNamespace(bos_token_id=1, eos_token_id=5), "d")
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_hf_assisted_generation_agrees_with_our_loop_on_the_text_only_path(target, prefix, gamma):
+    from strategies.hf_assisted import assisted_generate
+
+    _, text_ids = prefix
+    draft = tiny_llama(1, hidden=32, layers=1)
+    theirs = assisted_generate(target, draft, text_ids, 24, gamma, eos_token_id=None, pad_token_id=0)
+    text_embeds = target.get_input_embeddings()(text_ids).unsqueeze(0).detach()
+    ours = run_spec(target, text_embeds, CausalLMProposer(draft, prefix_ids=text_ids), 24, gamma, set())
+    assert ours.token_ids == theirs
+    assert len(theirs) == 24
