@@ -73,6 +73,15 @@ def make_generator(settings: GenerationSettings, device: torch.device) -> torch.
     return torch.Generator(device=device).manual_seed(settings.seed)
 
 
+def draft_token(logits: torch.Tensor, settings: GenerationSettings,
+                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A drafter's next token from its logits [V]: (token [1], p_draft [V] when sampling else None)."""
+    if not settings.do_sample:
+        return logits.argmax().reshape(1), None
+    probs = sampling_probs(logits, settings)
+    return torch.multinomial(probs, 1, generator=generator), probs
+
+
 def sampling_probs(logits: torch.Tensor, settings: GenerationSettings) -> torch.Tensor:
     """Temperature + top-p probabilities, the distribution a sampled decoder draws from.
 

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from egpt_speed.decoding import crop_cache, sampling_probs
+from egpt_speed.decoding import crop_cache, draft_token
 from egpt_speed.errors import EgptError
 
 HEAD_CONFIG = "eagle_config.json"
@@ -148,14 +148,10 @@ class EagleProposer:
         tokens, probs = [], []
         position = self.observed
         for step in range(gamma):
-            logits = self.lm_head(predicted)[0, -1]
-            if settings.do_sample:
-                p = sampling_probs(logits, settings)
-                token = torch.multinomial(p, 1, generator=generator)
-                probs.append(p)
-            else:
-                token = logits.argmax().reshape(1)
+            token, p = draft_token(self.lm_head(predicted)[0, -1], settings, generator)
             tokens.append(token)
+            if p is not None:
+                probs.append(p)
             if step + 1 < gamma:
                 predicted = self.head(predicted, self.embed(token).unsqueeze(0).to(predicted.dtype),
                                       torch.tensor([position], device=token.device), self.cache)

@@ -172,3 +172,27 @@ def torchao_settings(kind: str) -> dict:
     else:
         settings.update(granularity="per output channel")
     return settings
+
+
+class BnbPreparer:
+    """Shared body of the bitsandbytes strategies (int8, nf4, fp4): each sets `scheme` and its names.
+
+    Mixed into a `strategies.registry.Strategy` subclass; kept here so the three modules stay one
+    class declaration each.
+    """
+
+    scheme: BnbScheme
+    kernel: str  # named in the "needs CUDA" refusal
+    decodes = False
+    modifies_model = True
+    lossless = False
+
+    def unavailable_reason(self) -> str | None:
+        return cuda_reason(self.ctx.device, self.kernel) or package_reason("bitsandbytes", "bitsandbytes")
+
+    def prepare(self, model) -> None:
+        self.converted = quantize_llm_bnb(model.llm, self.scheme, model.device)
+
+    def settings(self) -> dict:
+        return {**self.scheme.describe(), "bitsandbytes": package_version("bitsandbytes"),
+                "quantized_linears": getattr(self, "converted", None), "kept_in_run_dtype": KEPT_IN_RUN_DTYPE}

@@ -62,7 +62,7 @@ from typing import Protocol  # noqa: E402
 
 from transformers import DynamicCache  # noqa: E402
 
-from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, make_generator, sampling_probs  # noqa: E402
+from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, draft_token, make_generator, sampling_probs  # noqa: E402
 from egpt_speed.timing import Clock  # noqa: E402
 
 
@@ -276,13 +276,10 @@ class CausalLMProposer:
         self.consumed = len(committed)
         tokens, probs = [], []
         for step in range(gamma):
-            if settings.do_sample:
-                p = sampling_probs(logits, settings)
-                token = torch.multinomial(p, 1, generator=generator)
-                probs.append(p)
-            else:
-                token = logits.argmax().reshape(1)
+            token, p = draft_token(logits, settings, generator)
             tokens.append(token)
+            if p is not None:
+                probs.append(p)
             if step + 1 < gamma:
                 logits = self.llm(input_ids=token.unsqueeze(0), past_key_values=self.cache, use_cache=True).logits[0, -1]
         draft = torch.cat(tokens)

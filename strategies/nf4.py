@@ -7,25 +7,13 @@ weight memory ~3× but decodes slower than bf16 (dequantize per matmul): the res
 
 from __future__ import annotations
 
-from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, BnbScheme, cuda_reason, package_reason, package_version, quantize_llm_bnb
+from egpt_speed.quantize import BnbPreparer, BnbScheme
 from strategies.registry import Strategy, register
 
 
 @register
-class NF4(Strategy):
+class NF4(BnbPreparer, Strategy):
     name = "nf4"
     summary = "bitsandbytes NF4 4-bit weights for the LLM (double quant, bf16 compute); vision stack unchanged"
-    decodes = False
-    modifies_model = True
-    lossless = False
     scheme = BnbScheme("nf4")
-
-    def unavailable_reason(self) -> str | None:
-        return cuda_reason(self.ctx.device, "bitsandbytes 4-bit") or package_reason("bitsandbytes", "bitsandbytes")
-
-    def prepare(self, model) -> None:
-        self.converted = quantize_llm_bnb(model.llm, self.scheme, model.device)
-
-    def settings(self) -> dict:
-        return {**self.scheme.describe(), "bitsandbytes": package_version("bitsandbytes"),
-                "quantized_linears": getattr(self, "converted", None), "kept_in_run_dtype": KEPT_IN_RUN_DTYPE}
+    kernel = "bitsandbytes 4-bit"
