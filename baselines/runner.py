@@ -416,6 +416,10 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
     }
     stem = results.timestamped_name(name or "_".join(config.strategies))
     json_path = out / f"{stem}.json"
+    suffix = 2
+    while json_path.exists():  # two runs within one second never overwrite each other
+        json_path = out / f"{stem}_{suffix}.json"
+        suffix += 1
     results.write_json_atomic(document, json_path)
     results.write_text_atomic(report.render_markdown(document), json_path.with_suffix(".md"))
     report.write_plots(document, json_path.with_suffix(".png"))
