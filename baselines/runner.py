@@ -7,8 +7,6 @@ all strategies alike. Warm-up samples run the same path and are dropped from eve
 
 from __future__ import annotations
 
-import copy
-import gc
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -355,13 +353,6 @@ def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
     def load() -> EventGPT:
         return load_model(config.model, ctx.dtype, ctx.device, config.vision_tower)
     return load
-
-
-def free(model: EventGPT | None) -> None:
-    del model
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,

@@ -10,7 +10,6 @@ both as E/(γc+1) and with the measured verify cost E·t1/(γ·t_draft + t_verif
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path

@@ -31,8 +31,6 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 def _options(model, draft, data, samples, max_new_tokens, dtype, device, warmup, frames, gamma, batch_size, seed,
              source, vision_tower, sample, temperature, top_p, synthetic_events, exit_layer, pld_ngram, adaptive_gamma,
              compile_mode=None):
-    from baselines.runner import RunConfig
-
     return dict(model=model, draft=draft, data=data, samples=samples, max_new_tokens=max_new_tokens, dtype=dtype,
                 device=device, warmup=warmup, frames=frames, gamma=gamma, batch_size=batch_size, seed=seed,
                 source=source, vision_tower=vision_tower, do_sample=sample, temperature=temperature, top_p=top_p,
@@ -48,7 +46,6 @@ def _execute(strategies: list[str], out: Path, name: str, **kwargs) -> None:
     from transformers.utils import logging as hf_logging
 
     from baselines.runner import RunConfig, execute
-    from egpt_speed import report
 
     hf_logging.disable_progress_bar()  # our bar shows progress; transformers' loading bars would add stderr lines
     console = Console(stderr=True)
@@ -265,6 +262,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         from baselines.decoder import generate_baseline
         from baselines.runner import RunConfig, resolve_samples, validate
         from egpt_speed import train_draft as td
+        from egpt_speed.datasets import load_questions
         from egpt_speed.decoding import GenerationSettings
         from egpt_speed.models import load_model, resolve_device
 
@@ -274,7 +272,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         config = RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, warmup=0, seed=seed,
                            synthetic_events=synthetic_events)
         specs = resolve_samples(config)
-        train_pairs, heldout_pairs = td.pairs_for(specs, td.default_questions(), samples, holdout, seed)
+        train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), samples, holdout, seed)
         target = load_model(model, torch.float32, target_device)
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         cache_file = out / "collected.pt"

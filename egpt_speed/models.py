@@ -11,7 +11,6 @@ import contextlib
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 

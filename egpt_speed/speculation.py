@@ -9,7 +9,14 @@ where a draft token was rejected, or a free extra token when all γ were accepte
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Protocol
+
 import torch
+from transformers import DynamicCache
+
+from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, draft_token, make_generator, sampling_probs
+from egpt_speed.timing import Clock
 
 
 def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
@@ -56,15 +63,6 @@ def rejection_sample(draft_tokens: torch.Tensor, p_draft: torch.Tensor, p_target
 # `inputs_embeds` prefix for the target while a draft of another width sees only the text, and
 # it is batch-1 greedy/sampling only without per-position counters).
 # ----------------------------------------------------------------------------------------------
-
-from dataclasses import dataclass, field  # noqa: E402
-from typing import Protocol  # noqa: E402
-
-from transformers import DynamicCache  # noqa: E402
-
-from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, draft_token, make_generator, sampling_probs  # noqa: E402
-from egpt_speed.timing import Clock  # noqa: E402
-
 
 class Proposer(Protocol):
     """A drafter: proposes up to γ tokens after the committed ones and follows rollbacks."""

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from egpt_speed.datasets import SampleSpec, load_questions
+from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, head_config_from_target
 from egpt_speed.errors import EgptError
@@ -161,7 +161,3 @@ def top1(head: EagleHead, lm_head, sequences: list[TrainingSequence], device: to
 
 def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:
     head.save(out, extra={"target": model_spec, "report": report.__dict__})
-
-
-def default_questions() -> list[str]:
-    return load_questions()
