@@ -19,6 +19,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from egpt_speed.decoding import crop_cache, draft_token
 from egpt_speed.errors import EgptError
+from egpt_speed.tree import DraftTree
 
 HEAD_CONFIG = "eagle_config.json"
 HEAD_WEIGHTS = "eagle_head.safetensors"
@@ -44,12 +45,16 @@ class EagleHead(nn.Module):
         self.rotary = LlamaRotaryEmbedding(config=config)
 
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
-                cache: DynamicCache | None = None) -> torch.Tensor:
-        """features, next_embeds: [1, T, H]; positions: [T] absolute → predicted next features [1, T, H]."""
+                cache: DynamicCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """features, next_embeds: [B, T, H]; positions: [T] absolute → predicted next features [B, T, H].
+
+        mask: an additive [1, 1, T, past + T] mask (a draft tree's); causal when None.
+        """
         hidden = self.fc(torch.cat([features, next_embeds], dim=-1))
         position_ids = positions.unsqueeze(0)
-        past = cache.get_seq_length() if cache is not None else 0
-        mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)
+        if mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            mask = causal_mask(hidden.shape[1], past, hidden.dtype, hidden.device)
         output = self.layer(hidden, attention_mask=mask, position_ids=position_ids, past_key_values=cache,
                             use_cache=cache is not None, position_embeddings=self.rotary(hidden, position_ids))
         return output[0] if isinstance(output, tuple) else output
@@ -137,14 +142,19 @@ class EagleProposer:
             rows.append(self.embed(ids).unsqueeze(0))
         return torch.cat(rows, dim=1)
 
-    def propose(self, committed, gamma, settings, generator):
+    def _catch_up(self, committed: list[int]) -> torch.Tensor:
+        """Feed the head the target features it has not seen → f̂ [1, 1, H] for position `observed`."""
         features = torch.cat(self.features, dim=1) if len(self.features) > 1 else self.features[0]
         self.features = [features]
         fresh = features[:, self.consumed:self.observed]
         next_embeds = self._next_embeds(self.consumed, self.observed, committed).to(fresh.dtype)
         positions = torch.arange(self.consumed, self.observed, device=fresh.device)
-        predicted = self.head(fresh, next_embeds, positions, self.cache)[:, -1:]  # f̂ for position `observed`
+        predicted = self.head(fresh, next_embeds, positions, self.cache)[:, -1:]
         self.consumed = self.observed
+        return predicted
+
+    def propose(self, committed, gamma, settings, generator):
+        predicted = self._catch_up(committed)
         tokens, probs = [], []
         position = self.observed
         for step in range(gamma):
@@ -157,6 +167,73 @@ class EagleProposer:
                                       torch.tensor([position], device=token.device), self.cache)
                 position += 1
         return torch.cat(tokens), (torch.stack(probs) if probs else None)
+
+    def propose_tree(self, committed: list[int], depth: int, topk: int, max_nodes: int) -> DraftTree:
+        """EAGLE-2's dynamic tree: expand the `topk` most likely candidates per level (by the
+        product of draft probabilities along their path) for `depth` levels, then keep the
+        `max_nodes` most likely candidates overall. One head forward per level, the level's nodes
+        batched under a tree mask over the head's cache."""
+        predicted = self._catch_up(committed)  # [1, 1, H]
+        base = self.consumed  # head-cache length before the tree
+        log_probs = torch.log_softmax(self.lm_head(predicted)[0, -1].float(), dim=-1)
+        top = log_probs.topk(topk)
+        pool_tokens: list[int] = top.indices.tolist()
+        pool_scores: list[float] = top.values.tolist()
+        pool_parents: list[int] = [-1] * topk  # pool index of the parent, -1 = root
+        frontier = list(range(topk))  # candidates expanded at the next level
+        frontier_features = predicted.expand(1, topk, predicted.shape[-1])
+        slots: dict[int, int] = {}  # pool index → head-cache slot of an expanded candidate
+        for level in range(1, depth):
+            for index in frontier:
+                slots[index] = len(slots)
+            mask = self._tree_mask(frontier, pool_parents, slots, base, predicted.dtype, predicted.device)
+            tokens = torch.tensor([pool_tokens[i] for i in frontier], device=predicted.device)
+            positions = torch.full((len(frontier),), self.observed + level - 1, device=predicted.device)
+            out = self.head(frontier_features, self.embed(tokens).unsqueeze(0).to(predicted.dtype), positions,
+                            self.cache, mask)  # [1, m, H]
+            child_log_probs = torch.log_softmax(self.lm_head(out)[0].float(), dim=-1)  # [m, V]
+            child = child_log_probs.topk(topk, dim=-1)
+            parent_scores = torch.tensor([pool_scores[i] for i in frontier], device=predicted.device)
+            scores = (parent_scores[:, None] + child.values).flatten()  # [m * topk]
+            first = len(pool_tokens)
+            pool_tokens += child.indices.flatten().tolist()
+            pool_scores += scores.tolist()
+            pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(topk)]
+            chosen = scores.topk(min(topk, scores.numel())).indices
+            frontier = [first + i for i in chosen.tolist()]
+            frontier_features = out[:, chosen // topk]
+        return self._select(committed[-1], pool_tokens, pool_scores, pool_parents, max_nodes)
+
+    @staticmethod
+    def _tree_mask(frontier: list[int], parents: list[int], slots: dict[int, int], base: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """[1, 1, m, base + slots] additive: a frontier node sees the head's cache, its ancestors' slots and its own."""
+        allowed = torch.zeros(len(frontier), base + len(slots), dtype=torch.bool)
+        allowed[:, :base] = True
+        for row, node in enumerate(frontier):
+            while node != -1:
+                allowed[row, base + slots[node]] = True
+                node = parents[node]
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill(~allowed.to(device), torch.finfo(dtype).min)[None, None]
+
+    @staticmethod
+    def _select(root_token: int, tokens: list[int], scores: list[float], parents: list[int], max_nodes: int) -> DraftTree:
+        """The `max_nodes` best candidates whose parents are kept too, parents before children."""
+        order = sorted(range(len(tokens)), key=lambda i: -scores[i])  # stable: a parent precedes its tied children
+        kept: set[int] = set()
+        for index in order:
+            if len(kept) == max_nodes:
+                break
+            if parents[index] == -1 or parents[index] in kept:
+                kept.add(index)
+        node_of = {-1: 0}
+        tree_tokens, tree_parents = [root_token], [-1]
+        for index in sorted(kept):  # pool order lists parents first
+            node_of[index] = len(tree_tokens)
+            tree_tokens.append(tokens[index])
+            tree_parents.append(node_of[parents[index]])
+        return DraftTree(tree_tokens, tree_parents)
 
     def rollback(self, committed) -> None:
         # drafted positions used predicted features; the target's real ones replace them next time

@@ -17,6 +17,7 @@ from transformers import DynamicCache
 
 from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, draft_token, make_generator, sampling_probs
 from egpt_speed.timing import Clock
+from egpt_speed.tree import DraftTree, greedy_tree_accept, keep_cache_positions, tree_attention_mask, tree_position_ids
 
 
 def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
@@ -87,6 +88,7 @@ class SpeculationCounters:
     accepted: int = 0
     accepted_by_position: list[int] = field(default_factory=list)
     drafted_by_position: list[int] = field(default_factory=list)
+    tree_nodes: int = 0  # drafted tree nodes verified (tree drafting only)
 
     def record(self, proposed: int, accepted: int) -> None:
         width = max(len(self.drafted_by_position), proposed)
@@ -155,6 +157,22 @@ class DynamicTarget:
     def crop(self, length: int) -> None:
         crop_cache(self.cache, length)
 
+    def verify_tree(self, tree: DraftTree) -> torch.Tensor:
+        """All N+1 tree nodes in one forward under the tree mask → logits [N+1, V]; the cache then
+        holds every node until `keep_path`."""
+        base = self.cache.get_seq_length()
+        device = self.llm.lm_head.weight.device
+        inputs = torch.tensor(tree.tokens, device=device).unsqueeze(0)
+        mask = tree_attention_mask(tree, base, self.llm.dtype, device)
+        logits, self.last_hidden = target_forward(self.llm, self.cache, input_ids=inputs, attention_mask=mask,
+                                                  position_ids=tree_position_ids(tree, base, device))
+        self._tree_base = base
+        return logits
+
+    def keep_path(self, keep: list[int]) -> None:
+        """After verify_tree: keep the root and the accepted path (block offsets) in the cache."""
+        keep_cache_positions(self.cache, self._tree_base, keep)
+
 
 def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target | None:
     """The target a composed `supplies_target` strategy lends (compile+speculative), else None (a DynamicTarget)."""
@@ -163,10 +181,19 @@ def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSetti
     return strategy.target_supplier.target_for(model, prefix_embeds.shape[1] + settings.max_new_tokens, strategy.ctx.gamma)
 
 
+@dataclass(frozen=True)
+class TreeShape:
+    """EAGLE-2 dynamic tree: `topk` children per expanded node and `topk` nodes expanded per level,
+    γ levels deep, at most `max_nodes` drafted nodes verified."""
+
+    topk: int = 8
+    max_nodes: int = 32
+
+
 @torch.inference_mode()
 def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
                        gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False,
-                       target: Target | None = None) -> DecodeResult:
+                       target: Target | None = None, tree: TreeShape | None = None) -> DecodeResult:
     """Draft → one target forward over [pending, d_1..d_k] → accept → roll both caches back.
 
     prefix_embeds: [1, L, H] the target's spliced prompt. Greedy output equals the target's own
@@ -174,12 +201,15 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
     The target cache always holds prefix + committed[:-1]; the last committed token is pending.
     `target` owns that cache: by default a DynamicTarget on target_llm; a static_decode.StaticTarget
     (compile+speculative) verifies on a static cache with a captured forward and crops by position.
+    With `tree` (greedy, a proposer with `propose_tree`, a DynamicTarget) a γ-deep draft tree is
+    verified in one forward instead of a chain.
     """
     device = prefix_embeds.device
     generator = make_generator(settings, device) if settings.do_sample else None
     counters = SpeculationCounters(gamma=gamma)
     target = target if target is not None else DynamicTarget(target_llm)
     prefix_len = prefix_embeds.shape[1]
+    use_tree = tree is not None and not settings.do_sample
 
     wants_hidden = getattr(proposer, "wants_hidden", False)
     logits = target.prefill(prefix_embeds)
@@ -194,37 +224,71 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
 
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
         budget = min(gamma, settings.max_new_tokens - len(committed) - 1)  # leave room for the bonus token
-        with clock.phase("draft"):
-            draft_tokens, p_draft = proposer.propose(committed, budget, settings, generator) if budget > 0 else (
-                torch.empty(0, dtype=torch.long, device=device), None)
-        k = int(draft_tokens.shape[0])
-        counters.draft_forwards += k if budget > 0 else 0
-        with clock.phase("verify"):
-            verify_ids = torch.cat([torch.tensor([committed[-1]], device=device), draft_tokens.to(device)]).unsqueeze(0)
-            logits = target.verify(verify_ids)  # [k+1, V]
-            hidden = target.last_hidden  # [1, k+1, H]
-            counters.target_forwards += 1
-            if settings.do_sample:
-                p_target = sampling_probs(logits, settings)
-                accepted, bonus = rejection_sample(draft_tokens, p_draft, p_target, generator) if k else (
-                    0, int(torch.multinomial(p_target[0], 1, generator=generator).item()))
-            else:
-                accepted, bonus = greedy_accept(draft_tokens, logits.argmax(dim=-1)) if k else (
-                    0, int(logits[0].argmax().item()))
-        counters.record(k, accepted)
-        for token in draft_tokens[:accepted].tolist() + [bonus]:
+        if use_tree:
+            proposed, new_tokens, keep, hidden = _tree_step(target, proposer, committed, budget, tree, clock, counters)
+            accepted = len(new_tokens) - 1
+        else:
+            proposed, accepted, new_tokens, hidden = _chain_step(target, proposer, committed, budget, settings,
+                                                                 generator, clock, counters, device)
+            keep = None
+        counters.target_forwards += 1
+        counters.record(proposed, accepted)
+        for token in new_tokens:
             committed.append(token)
             if token in stop_ids or len(committed) >= settings.max_new_tokens:
                 break
+        if keep is not None:
+            target.keep_path(keep)
         target.crop(prefix_len + len(committed) - 1)
         if wants_hidden:
-            proposer.observe(hidden[:, : accepted + 1])  # features of the pending token + accepted drafts
+            # features of the pending token + accepted drafts
+            proposer.observe(hidden[:, keep] if keep is not None else hidden[:, : accepted + 1])
         proposer.rollback(committed)
-        if adaptive_gamma and k:
-            gamma = gamma + 2 if accepted == k else max(1, gamma - 1)
+        if adaptive_gamma and proposed:
+            gamma = gamma + 2 if accepted == proposed else max(1, gamma - 1)
     result_metrics = counters_to_metrics(counters, clock)
     result_metrics["mean_accepted_tokens"] = len(committed) / counters.target_forwards
+    if use_tree:
+        result_metrics["tree"] = {"topk": tree.topk, "max_nodes": tree.max_nodes, "depth": gamma,
+                                  "mean_nodes": counters.tree_nodes / max(counters.target_forwards - 1, 1)}
     return DecodeResult(committed, result_metrics)
+
+
+def _chain_step(target: Target, proposer: Proposer, committed: list[int], budget: int, settings: GenerationSettings,
+                generator, clock: Clock, counters: SpeculationCounters,
+                device: torch.device) -> tuple[int, int, list[int], torch.Tensor]:
+    """Draft ≤ budget tokens, verify [pending, d_1..d_k] → (k, accepted, accepted drafts + bonus, hidden [1, k+1, H])."""
+    with clock.phase("draft"):
+        draft_tokens, p_draft = proposer.propose(committed, budget, settings, generator) if budget > 0 else (
+            torch.empty(0, dtype=torch.long, device=device), None)
+    k = int(draft_tokens.shape[0])
+    counters.draft_forwards += k if budget > 0 else 0
+    with clock.phase("verify"):
+        verify_ids = torch.cat([torch.tensor([committed[-1]], device=device), draft_tokens.to(device)]).unsqueeze(0)
+        logits = target.verify(verify_ids)  # [k+1, V]
+        if settings.do_sample:
+            p_target = sampling_probs(logits, settings)
+            accepted, bonus = rejection_sample(draft_tokens, p_draft, p_target, generator) if k else (
+                0, int(torch.multinomial(p_target[0], 1, generator=generator).item()))
+        else:
+            accepted, bonus = greedy_accept(draft_tokens, logits.argmax(dim=-1)) if k else (0, int(logits[0].argmax().item()))
+    return k, accepted, draft_tokens[:accepted].tolist() + [bonus], target.last_hidden
+
+
+def _tree_step(target, proposer, committed: list[int], budget: int, shape: TreeShape, clock: Clock,
+               counters: SpeculationCounters) -> tuple[int, list[int], list[int], torch.Tensor]:
+    """Draft a ≤ budget-deep tree, verify it in one forward → (tree depth, accepted drafts + bonus,
+    kept block offsets [root, path...], hidden [1, N+1, H])."""
+    with clock.phase("draft"):
+        tree = proposer.propose_tree(committed, budget, shape.topk, shape.max_nodes) if budget > 0 else (
+            DraftTree([committed[-1]], [-1]))
+    counters.draft_forwards += budget
+    counters.tree_nodes += tree.size
+    with clock.phase("verify"):
+        logits = target.verify_tree(tree)  # [N+1, V]
+        path, bonus = greedy_tree_accept(tree, logits.argmax(dim=-1).tolist())
+    depth = max(tree.depths())
+    return depth, [tree.tokens[node] for node in path] + [bonus], [0] + path, target.last_hidden
 
 
 def counters_to_metrics(counters: SpeculationCounters, clock: Clock) -> dict:

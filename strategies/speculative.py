@@ -5,7 +5,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.eagle import EagleProposer
-from egpt_speed.speculation import CausalLMProposer, lent_target, speculative_decode
+from egpt_speed.speculation import CausalLMProposer, TreeShape, lent_target, speculative_decode
 from strategies.registry import Strategy, register
 
 
@@ -33,7 +33,12 @@ class Speculative(Strategy):
         proposer = self.proposer_for(model, request, prefix_embeds)
         return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
                                   eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
-                                  target=lent_target(self, prefix_embeds, request.settings, model))
+                                  target=lent_target(self, prefix_embeds, request.settings, model),
+                                  tree=self.tree_shape())
+
+    def tree_shape(self) -> TreeShape | None:
+        """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""
+        return None
 
     def settings(self) -> dict:
         draft = getattr(self, "draft", None)

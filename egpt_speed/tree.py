@@ -1,0 +1,92 @@
+"""A draft tree (EAGLE-2 style) and what verifying it in one target forward needs.
+
+Node 0 is the root: the pending token, whose keys/values are not cached yet. Nodes 1..N are drafted
+tokens; `parents[i]` is node i's parent (0 for depth 1). The target scores all N+1 in one forward
+where node i sees the cache, its ancestors and itself (`tree_attention_mask`) at position
+base + depth(i) (`tree_position_ids`); greedy acceptance walks from the root along the child that
+matches the target's argmax (`greedy_tree_accept`), and the cache keeps only that path
+(`keep_cache_positions`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class DraftTree:
+    tokens: list[int]  # [N + 1] node tokens, tokens[0] = the pending (root) token
+    parents: list[int]  # [N + 1] parents[0] = -1, else an earlier node index
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
+            raise ValueError("a draft tree needs a root (parent -1) and one parent per token")
+        if any(not 0 <= p < i for i, p in enumerate(self.parents) if i):
+            raise ValueError("each node's parent must be an earlier node")
+
+    @property
+    def size(self) -> int:
+        """Drafted nodes, root excluded."""
+        return len(self.tokens) - 1
+
+    def depths(self) -> list[int]:
+        depths = [0] * len(self.tokens)
+        for node in range(1, len(self.tokens)):
+            depths[node] = depths[self.parents[node]] + 1
+        return depths
+
+    def ancestry(self) -> torch.Tensor:
+        """[N+1, N+1] bool: [i, j] is True when j is i or one of i's ancestors."""
+        count = len(self.tokens)
+        allowed = torch.eye(count, dtype=torch.bool)
+        for node in range(1, count):
+            allowed[node] |= allowed[self.parents[node]]
+        return allowed
+
+
+def tree_attention_mask(tree: DraftTree, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, N+1, past_len + N+1] additive mask: every node sees the cache, its ancestors and itself."""
+    count = len(tree.tokens)
+    allowed = torch.cat([torch.ones(count, past_len, dtype=torch.bool), tree.ancestry()], dim=1).to(device)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
+def tree_position_ids(tree: DraftTree, base: int, device: torch.device) -> torch.Tensor:
+    """[1, N+1] absolute positions: the root at `base`, a depth-d node at base + d."""
+    return (torch.tensor(tree.depths(), device=device) + base).unsqueeze(0)
+
+
+def greedy_tree_accept(tree: DraftTree, target_argmax: list[int]) -> tuple[list[int], int]:
+    """Walk from the root while a child holds the target's greedy token.
+
+    target_argmax: [N+1] the target's argmax after each node. Returns (accepted node indices in
+    path order, root excluded; bonus token = the target's argmax after the last accepted node).
+    """
+    children: dict[int, dict[int, int]] = {}
+    for node in range(1, len(tree.tokens)):
+        children.setdefault(tree.parents[node], {}).setdefault(tree.tokens[node], node)
+    path, node = [], 0
+    while True:
+        wanted = target_argmax[node]
+        child = children.get(node, {}).get(wanted)
+        if child is None:
+            return path, wanted
+        path.append(child)
+        node = child
+
+
+def keep_cache_positions(cache, base: int, keep: list[int]) -> None:
+    """Compact a transformers DynamicCache after a tree verify: block offsets `keep` (root = 0, then
+    the accepted path) move to base, base+1, ...; everything after them is dropped."""
+    index = torch.tensor(keep, dtype=torch.long)
+    for layer in cache.layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name)
+            picked = tensor.index_select(-2, index.to(tensor.device) + base)
+            tensor[..., base:base + len(keep), :] = picked
+    excess = cache.get_seq_length() - (base + len(keep))
+    if excess > 0:
+        cache.crop(-excess)

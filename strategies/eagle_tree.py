@@ -1,0 +1,43 @@
+"""`eagle-tree`: the EAGLE head drafts a dynamic tree (EAGLE-2) that the target verifies in one forward.
+
+γ is the tree depth; each level expands the --tree-topk most likely candidates (by the product of
+the head's probabilities along their path) into --tree-topk children each, and the --tree-nodes
+most likely candidates overall are verified under a tree attention mask. Greedy acceptance walks
+the tree along the target's argmax, so output equals greedy decoding. Sampled runs draft a chain
+(rejection sampling over a tree is not implemented).
+"""
+
+from __future__ import annotations
+
+from egpt_speed.errors import EgptError
+from egpt_speed.speculation import TreeShape
+from strategies.eagle import Eagle
+from strategies.registry import register
+
+TREE_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4-D additive mask
+
+
+@register
+class EagleTree(Eagle):
+    name = "eagle-tree"
+    accepts_target = False  # the compiled static target verifies chains only
+    summary = "EAGLE head drafts a dynamic tree (γ deep, --tree-topk, --tree-nodes), verified in one forward under a tree mask; greedy lossless"
+
+    def prepare(self, model) -> None:
+        super().prepare(model)
+        attention = model.llm.config._attn_implementation
+        if attention not in TREE_ATTENTION:
+            raise EgptError(f"eagle-tree needs sdpa or eager attention for its tree mask, not {attention!r}; "
+                            "drop the attention strategy or use eagle.")
+
+    def tree_shape(self) -> TreeShape:
+        options = self.ctx.options
+        shape = TreeShape(topk=int(options.get("tree_topk") or TreeShape.topk),
+                          max_nodes=int(options.get("tree_nodes") or TreeShape.max_nodes))
+        if shape.topk < 1 or shape.max_nodes < 1:
+            raise EgptError("--tree-topk and --tree-nodes must be at least 1.")
+        return shape
+
+    def settings(self) -> dict:
+        shape = self.tree_shape()
+        return {**super().settings(), "tree_depth": self.ctx.gamma, "tree_topk": shape.topk, "tree_nodes": shape.max_nodes}

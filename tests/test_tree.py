@@ -1,0 +1,183 @@
+"""Tree drafting (eagle-tree): one tree-verify forward equals sequential forwards per branch, the cache
+keeps exactly the accepted path, and greedy tree speculation equals greedy decoding in float32."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from egpt_speed.decoding import GenerationSettings
+from egpt_speed.eagle import EagleHead, EagleProposer, head_config_from_target
+from egpt_speed.speculation import DynamicTarget, TreeShape, speculative_decode
+from egpt_speed.timing import Clock
+from egpt_speed.tree import DraftTree, greedy_tree_accept, tree_attention_mask, tree_position_ids
+
+CPU = torch.device("cpu")
+# root 0 → 1, 2 ; 1 → 3, 4 ; 2 → 5 ; 4 → 6   (tokens chosen so siblings differ)
+BRANCHY = DraftTree(tokens=[7, 11, 12, 21, 22, 23, 31], parents=[-1, 0, 0, 1, 1, 2, 4])
+
+
+def tiny_llm(seed: int = 0, layers: int = 2, vocab: int = 64) -> LlamaForCausalLM:
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         initializer_range=0.2, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def prefilled(llm, length: int = 9, seed: int = 1) -> tuple[DynamicTarget, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(1, length, llm.config.hidden_size, generator=generator) * 0.5
+    target = DynamicTarget(llm)
+    with torch.inference_mode():
+        target.prefill(embeds)
+    return target, embeds
+
+
+def path_to(tree: DraftTree, node: int) -> list[int]:
+    nodes = []
+    while node != -1:
+        nodes.append(node)
+        node = tree.parents[node]
+    return nodes[::-1]
+
+
+def test_tree_structure_and_validation():
+    assert BRANCHY.size == 6
+    assert BRANCHY.depths() == [0, 1, 1, 2, 2, 2, 3]
+    ancestry = BRANCHY.ancestry()
+    assert ancestry[6].nonzero().flatten().tolist() == [0, 1, 4, 6]
+    assert ancestry[5].nonzero().flatten().tolist() == [0, 2, 5]
+    with pytest.raises(ValueError):
+        DraftTree([1, 2], [-1, 1])  # a node cannot be its own parent
+    with pytest.raises(ValueError):
+        DraftTree([1, 2], [0, -1])  # node 0 must be the root
+
+
+def test_tree_mask_and_positions():
+    mask = tree_attention_mask(BRANCHY, 3, torch.float32, CPU)[0, 0]
+    assert mask.shape == (7, 10)
+    allowed = (mask == 0).int().tolist()
+    assert allowed[0] == [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert allowed[5] == [1, 1, 1, 1, 0, 1, 0, 0, 1, 0]
+    assert allowed[6] == [1, 1, 1, 1, 1, 0, 0, 1, 0, 1]
+    assert tree_position_ids(BRANCHY, 3, CPU).tolist() == [[3, 4, 4, 5, 5, 5, 6]]
+
+
+def test_one_tree_forward_equals_sequential_forwards_per_branch():
+    llm = tiny_llm()
+    target, _ = prefilled(llm)
+    reference_cache = copy.deepcopy(target.cache)
+    with torch.inference_mode():
+        tree_logits = target.verify_tree(BRANCHY)  # [7, V]
+        for node in range(len(BRANCHY.tokens)):
+            cache = copy.deepcopy(reference_cache)
+            ids = torch.tensor([[BRANCHY.tokens[n] for n in path_to(BRANCHY, node)]])
+            sequential = llm(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+            torch.testing.assert_close(tree_logits[node], sequential, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("path", [[], [2], [1, 4, 6], [2, 5]])
+def test_kept_cache_equals_the_cache_of_the_accepted_path(path):
+    llm = tiny_llm()
+    target, _ = prefilled(llm)
+    sequential_cache = copy.deepcopy(target.cache)
+    base = target.cache.get_seq_length()
+    with torch.inference_mode():
+        target.verify_tree(BRANCHY)
+        target.keep_path([0] + path)
+        ids = torch.tensor([[BRANCHY.tokens[n] for n in [0] + path]])
+        llm(input_ids=ids, past_key_values=sequential_cache, use_cache=True)
+    assert target.cache.get_seq_length() == base + 1 + len(path)
+    for kept, expected in zip(target.cache.layers, sequential_cache.layers):
+        torch.testing.assert_close(kept.keys, expected.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(kept.values, expected.values, atol=1e-5, rtol=1e-4)
+
+
+def test_greedy_tree_accept_walks_the_matching_branch():
+    # target argmax after each node: root→12 (node 2), node 2→23 (node 5), node 5→99 (no child: bonus)
+    argmax = [12, 0, 23, 0, 0, 99, 0]
+    assert greedy_tree_accept(BRANCHY, argmax) == ([2, 5], 99)
+    assert greedy_tree_accept(BRANCHY, [5, 0, 0, 0, 0, 0, 0]) == ([], 5)
+    assert greedy_tree_accept(BRANCHY, [11, 22, 0, 0, 31, 0, 8]) == ([1, 4, 6], 8)
+
+
+def test_selected_tree_is_ancestor_closed_and_bounded():
+    tokens = [5, 6, 7, 8, 9, 10]
+    scores = [-0.1, -0.5, -0.2, -0.3, -0.9, -0.25]
+    parents = [-1, -1, 0, 0, 1, 2]
+    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=4)
+    assert tree.size == 4
+    kept = set(tree.tokens[1:])
+    assert kept == {5, 7, 8, 10}  # 10's parent 7 kept; 6 (−0.5) loses to deeper but likelier nodes
+    for node in range(1, len(tree.tokens)):
+        assert tree.parents[node] < node
+
+
+def init_head(llm) -> EagleHead:
+    """An untrained head set up as train-draft starts it (target's last layer, fc = identity on features)."""
+    head = EagleHead(head_config_from_target(llm.config))
+    with torch.no_grad():
+        head.layer.load_state_dict(llm.model.layers[-1].state_dict())
+        hidden = llm.config.hidden_size
+        head.fc.weight.zero_()
+        head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+        head.fc.bias.zero_()
+    return head.eval()
+
+
+@pytest.mark.parametrize("depth,topk,nodes", [(1, 2, 2), (3, 4, 10), (5, 3, 24)])
+def test_eagle_tree_greedy_fp32_equals_greedy_decoding(depth, topk, nodes):
+    llm = tiny_llm(seed=3, vocab=32)  # a small vocabulary so the head's top-k often holds the target's token
+    _, embeds = prefilled(llm, length=12, seed=4)
+    with torch.inference_mode():
+        reference = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=40, do_sample=False, eos_token_id=None)[0].tolist()
+    clock = Clock(CPU)
+    clock.begin()
+    result = speculative_decode(llm, embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=40),
+                                depth, set(), clock, tree=TreeShape(topk=topk, max_nodes=nodes))
+    assert result.token_ids == reference
+    assert result.metrics["accepted"] > 0
+    assert 0 < result.metrics["tree"]["mean_nodes"] <= nodes
+    assert result.metrics["target_forwards"] < len(reference)
+
+
+def test_tree_beats_chain_on_tokens_per_forward():
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    head = init_head(llm)
+    settings = GenerationSettings(max_new_tokens=48)
+    runs = {}
+    for name, tree in {"chain": None, "tree": TreeShape(topk=4, max_nodes=16)}.items():
+        clock = Clock(CPU)
+        clock.begin()
+        runs[name] = speculative_decode(llm, embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock, tree=tree)
+    assert runs["tree"].token_ids == runs["chain"].token_ids
+    assert runs["tree"].metrics["mean_accepted_tokens"] > runs["chain"].metrics["mean_accepted_tokens"]
+
+
+def test_tree_cache_stays_consistent_with_eos_inside_an_accepted_path():
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    with torch.inference_mode():
+        reference = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=30, do_sample=False, eos_token_id=None)[0].tolist()
+    stop = reference[7]
+    expected = reference[:reference.index(stop) + 1]
+    clock = Clock(CPU)
+    clock.begin()
+    result = speculative_decode(llm, embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=30),
+                                4, {stop}, clock, tree=TreeShape(topk=4, max_nodes=16))
+    assert result.token_ids == expected
+
+
+def test_head_tree_mask_blocks_siblings():
+    parents = [-1, -1, 0, 1]
+    slots = {0: 0, 1: 1, 2: 2, 3: 3}
+    mask = EagleProposer._tree_mask([2, 3], parents, slots, 2, torch.float32, CPU)[0, 0]
+    assert (mask == 0).int().tolist() == [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
