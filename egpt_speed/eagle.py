@@ -17,12 +17,13 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from egpt_speed.decoding import crop_cache, draft_token
+from egpt_speed.decoding import GenerationSettings, crop_cache, draft_token
 from egpt_speed.errors import EgptError
 from egpt_speed.tree import DraftTree
 
 HEAD_CONFIG = "eagle_config.json"
 HEAD_WEIGHTS = "eagle_head.safetensors"
+DRAFT_VOCAB_KEY = "draft_vocab"
 
 
 def head_config_from_target(target_config) -> LlamaConfig:
@@ -43,6 +44,10 @@ class EagleHead(nn.Module):
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.layer = LlamaDecoderLayer(config, layer_idx=0)
         self.rotary = LlamaRotaryEmbedding(config=config)
+        # the token ids the head may draft (most frequent in the target's answers), None = all;
+        # drafting over K ids makes each draft step's LM-head product V/K times cheaper (FR-Spec)
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_rows: tuple[int, torch.Tensor] | None = None  # (LM-head weight id, its draft-vocab rows)
 
     def forward(self, features: torch.Tensor, next_embeds: torch.Tensor, positions: torch.Tensor,
                 cache: DynamicCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,6 +71,8 @@ class EagleHead(nn.Module):
         # bf16 on disk: a few MB for a small target; the run dtype is applied on load
         state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in self.state_dict().items()
                  if not k.startswith("rotary.")}
+        if self.draft_vocab is not None:
+            state[DRAFT_VOCAB_KEY] = self.draft_vocab.to(torch.int32).contiguous().cpu()
         save_file(state, str(directory / HEAD_WEIGHTS))
         (directory / HEAD_CONFIG).write_text(json.dumps({"kind": "eagle", "llama_config": self.config.to_dict(), **(extra or {})},
                                                         indent=1, default=str))
@@ -79,10 +86,34 @@ class EagleHead(nn.Module):
         config._attn_implementation = "sdpa"
         head = cls(config)
         try:
-            head.load_state_dict(load_file(str(directory / HEAD_WEIGHTS)), strict=False)
+            state = load_file(str(directory / HEAD_WEIGHTS))
+            vocab = state.pop(DRAFT_VOCAB_KEY, None)
+            head.load_state_dict(state, strict=False)
         except Exception as error:  # safetensors raises several types for damaged files
             raise EgptError(f"draft head {directory / HEAD_WEIGHTS} could not be read ({type(error).__name__}); retrain it with train-draft.") from None
-        return head.to(device=device, dtype=dtype).eval()
+        head = head.to(device=device, dtype=dtype).eval()
+        head.draft_vocab = vocab.to(device=device, dtype=torch.long) if vocab is not None else None
+        return head
+
+    def draft_logits(self, lm_head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
+        """Logits [..., K] over the draft vocabulary (all V ids when there is none)."""
+        if self.draft_vocab is None:
+            return lm_head(features)
+        if self._draft_rows is None or self._draft_rows[0] != id(lm_head.weight):
+            self._draft_rows = (id(lm_head.weight), lm_head.weight[self.draft_vocab].detach())
+        return torch.nn.functional.linear(features, self._draft_rows[1].to(features.dtype))
+
+    def token_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary indices → token ids."""
+        return draft_indices if self.draft_vocab is None else self.draft_vocab[draft_indices]
+
+
+def draft_vocabulary(label_sequences: list[torch.Tensor], size: int, always: list[int]) -> torch.Tensor:
+    """The `size` token ids the target emits most often in `label_sequences` (+ `always`, e.g. EOS), sorted."""
+    counts = torch.bincount(torch.cat([labels.flatten().long() for labels in label_sequences]))
+    ranked = counts.argsort(descending=True)[:size].tolist()
+    kept = [token for token in ranked if counts[token] > 0]
+    return torch.tensor(sorted(set(kept) | set(always)), dtype=torch.long)
 
 
 def read_head_meta(directory: Path) -> dict:
@@ -158,7 +189,7 @@ class EagleProposer:
         tokens, probs = [], []
         position = self.observed
         for step in range(gamma):
-            token, p = draft_token(self.lm_head(predicted)[0, -1], settings, generator)
+            token, p = self._draft_token(predicted[0, -1], settings, generator)
             tokens.append(token)
             if p is not None:
                 probs.append(p)
@@ -174,10 +205,12 @@ class EagleProposer:
         `max_nodes` most likely candidates overall. One head forward per level, the level's nodes
         batched under a tree mask over the head's cache."""
         predicted = self._catch_up(committed)  # [1, 1, H]
+        if self.head.draft_vocab is not None:
+            topk = min(topk, self.head.draft_vocab.numel())
         base = self.consumed  # head-cache length before the tree
-        log_probs = torch.log_softmax(self.lm_head(predicted)[0, -1].float(), dim=-1)
+        log_probs = torch.log_softmax(self.head.draft_logits(self.lm_head, predicted)[0, -1].float(), dim=-1)
         top = log_probs.topk(topk)
-        pool_tokens: list[int] = top.indices.tolist()
+        pool_tokens: list[int] = self.head.token_ids(top.indices).tolist()
         pool_scores: list[float] = top.values.tolist()
         pool_parents: list[int] = [-1] * topk  # pool index of the parent, -1 = root
         frontier = list(range(topk))  # candidates expanded at the next level
@@ -191,18 +224,28 @@ class EagleProposer:
             positions = torch.full((len(frontier),), self.observed + level - 1, device=predicted.device)
             out = self.head(frontier_features, self.embed(tokens).unsqueeze(0).to(predicted.dtype), positions,
                             self.cache, mask)  # [1, m, H]
-            child_log_probs = torch.log_softmax(self.lm_head(out)[0].float(), dim=-1)  # [m, V]
+            child_log_probs = torch.log_softmax(self.head.draft_logits(self.lm_head, out)[0].float(), dim=-1)  # [m, K]
             child = child_log_probs.topk(topk, dim=-1)
             parent_scores = torch.tensor([pool_scores[i] for i in frontier], device=predicted.device)
             scores = (parent_scores[:, None] + child.values).flatten()  # [m * topk]
             first = len(pool_tokens)
-            pool_tokens += child.indices.flatten().tolist()
+            pool_tokens += self.head.token_ids(child.indices.flatten()).tolist()
             pool_scores += scores.tolist()
             pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(topk)]
             chosen = scores.topk(min(topk, scores.numel())).indices
             frontier = [first + i for i in chosen.tolist()]
             frontier_features = out[:, chosen // topk]
         return self._select(committed[-1], pool_tokens, pool_scores, pool_parents, max_nodes)
+
+    def _draft_token(self, feature: torch.Tensor, settings: GenerationSettings,
+                     generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """feature [H] → (token [1], p_draft [V] when sampling: the draft distribution scattered to all ids)."""
+        index, p = draft_token(self.head.draft_logits(self.lm_head, feature), settings, generator)
+        token = self.head.token_ids(index)
+        if p is None or self.head.draft_vocab is None:
+            return token, p
+        full = torch.zeros(self.lm_head.weight.shape[0], dtype=p.dtype, device=p.device)
+        return token, full.index_copy(0, self.head.draft_vocab, p)
 
     @staticmethod
     def _tree_mask(frontier: list[int], parents: list[int], slots: dict[int, int], base: int,

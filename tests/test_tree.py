@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.eagle import EagleHead, EagleProposer, head_config_from_target
+from egpt_speed.eagle import EagleHead, EagleProposer, draft_vocabulary, head_config_from_target
 from egpt_speed.speculation import DynamicTarget, TreeShape, speculative_decode
 from egpt_speed.timing import Clock
 from egpt_speed.tree import DraftTree, greedy_tree_accept, tree_attention_mask, tree_position_ids
@@ -181,3 +181,50 @@ def test_head_tree_mask_blocks_siblings():
     slots = {0: 0, 1: 1, 2: 2, 3: 3}
     mask = EagleProposer._tree_mask([2, 3], parents, slots, 2, torch.float32, CPU)[0, 0]
     assert (mask == 0).int().tolist() == [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
+
+
+def test_draft_vocabulary_keeps_the_most_frequent_ids_and_the_forced_ones():
+    labels = [torch.tensor([5, 5, 5, 9, 9, 3]), torch.tensor([9, 1])]
+    assert draft_vocabulary(labels, 2, always=[0]).tolist() == [0, 5, 9]
+
+
+@pytest.mark.parametrize("tree", [None, TreeShape(topk=4, max_nodes=12)])
+def test_a_draft_vocabulary_keeps_speculation_lossless(tree, tmp_path):
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    with torch.inference_mode():
+        reference = llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=30, do_sample=False, eos_token_id=None)[0].tolist()
+    head = init_head(llm)
+    head.draft_vocab = draft_vocabulary([torch.tensor(reference)], 6, always=[])
+    head.save(tmp_path / "head")
+    loaded = EagleHead.load(tmp_path / "head", CPU, torch.float32)
+    assert loaded.draft_vocab.tolist() == head.draft_vocab.tolist()
+    clock = Clock(CPU)
+    clock.begin()
+    result = speculative_decode(llm, embeds, EagleProposer(loaded, llm, embeds), GenerationSettings(max_new_tokens=30),
+                                4, set(), clock, tree=tree)
+    assert result.token_ids == reference
+    assert result.metrics["accepted"] > 0
+
+
+def test_sampled_drafts_from_a_draft_vocabulary_carry_their_full_distribution():
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    head = init_head(llm)
+    head.draft_vocab = torch.tensor([2, 5, 7, 11])
+    proposer = EagleProposer(head, llm, embeds)
+    with torch.inference_mode():
+        target = DynamicTarget(llm)
+        target.prefill(embeds)
+        proposer.observe(target.last_hidden)
+        tokens, p_draft = proposer.propose([3], 3, GenerationSettings(do_sample=True, temperature=1.0),
+                                           torch.Generator().manual_seed(0))
+    assert set(tokens.tolist()) <= {2, 5, 7, 11}
+    assert p_draft.shape == (3, 32)
+    torch.testing.assert_close(p_draft.sum(-1), torch.ones(3))
+    outside = torch.ones(32, dtype=torch.bool)
+    outside[[2, 5, 7, 11]] = False
+    assert float(p_draft[:, outside].abs().sum()) == 0.0
+    for row, token in enumerate(tokens.tolist()):
+        assert p_draft[row, token] > 0
