@@ -81,12 +81,14 @@ def greedy_tree_accept(tree: DraftTree, target_argmax: list[int]) -> tuple[list[
 def keep_cache_positions(cache, base: int, keep: list[int]) -> None:
     """Compact a transformers DynamicCache after a tree verify: block offsets `keep` (root = 0, then
     the accepted path) move to base, base+1, ...; everything after them is dropped."""
-    index = torch.tensor(keep, dtype=torch.long)
-    for layer in cache.layers:
-        for name in ("keys", "values"):
-            tensor = getattr(layer, name)
-            picked = tensor.index_select(-2, index.to(tensor.device) + base)
-            tensor[..., base:base + len(keep), :] = picked
+    first_moved = next((i for i, offset in enumerate(keep) if offset != i), len(keep))  # a leading run stays put
+    if first_moved < len(keep):
+        index = torch.tensor(keep[first_moved:], dtype=torch.long) + base
+        stop = base + len(keep)
+        for layer in cache.layers:
+            for name in ("keys", "values"):
+                tensor = getattr(layer, name)
+                tensor[..., base + first_moved:stop, :] = tensor.index_select(-2, index.to(tensor.device))
     excess = cache.get_seq_length() - (base + len(keep))
     if excess > 0:
         cache.crop(-excess)
