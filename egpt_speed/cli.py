@@ -244,12 +244,16 @@ def strategies(device: str = DEVICE) -> None:
 @app.command(name="train-draft")
 def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(..., "--out", help="Directory for the trained head (safetensors + config)."),
                 samples: int = typer.Option(120, "-n", "--samples", help="Training (clip, question) pairs."),
+                clips: Optional[int] = typer.Option(None, "--clips", help="Distinct clips the pairs reuse: the first N of --data, or N synthetic clips from a seed run/compare never use (default: min(samples, 200))."),
                 max_new_tokens: int = typer.Option(64, "--max-new-tokens", help="Length of the target's answers used as training text."),
                 epochs: int = typer.Option(6, "--epochs"), lr: float = typer.Option(1e-3, "--lr"),
                 holdout: float = typer.Option(0.2, "--holdout", help="Fraction of clips and of questions held out."),
-                unroll: int = typer.Option(1, "--unroll", help="Training steps fed the head's own predictions (1 = teacher forcing only)."),
+                unroll: int = typer.Option(1, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only)."),
+                batch_size: int = typer.Option(16, "--batch-size", help="Prompts per target generate call while collecting answers."),
+                train_batch: int = typer.Option(8, "--train-batch", help="Sequences per optimizer step."),
+                store_dtype: str = typer.Option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
                 device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
-                resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run.")) -> None:
+                resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run with the same data settings.")) -> None:
     """Train an EAGLE draft head for --model on its own greedy answers (float32), report held-out agreement."""
 
     def body() -> None:
@@ -259,43 +263,49 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from transformers.utils import logging as hf_logging
 
-        from baselines.decoder import generate_baseline
-        from baselines.runner import RunConfig, resolve_samples, validate
+        from baselines.runner import RunConfig, load_model, validate
         from egpt_speed import train_draft as td
         from egpt_speed.datasets import load_questions
         from egpt_speed.decoding import GenerationSettings
-        from egpt_speed.models import load_model, resolve_device
+        from egpt_speed.models import resolve_device
 
         hf_logging.disable_progress_bar()
-        validate(RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, device=device, frames=frames))
+        validate(RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, device=device, frames=frames,
+                           max_new_tokens=max_new_tokens, batch_size=batch_size))
+        clip_count = min(samples, 200) if clips is None else clips
+        if clip_count < 2:
+            raise EgptError("--clips must be at least 2: some clips are held out.")
+        if train_batch < 1:
+            raise EgptError("--train-batch must be at least 1.")
         target_device = resolve_device(device)
-        config = RunConfig(strategies=["baseline"], model=model, data=data, samples=samples, warmup=0, seed=seed,
-                           synthetic_events=synthetic_events)
-        specs = resolve_samples(config)
+        storage = td.store_dtype_for(store_dtype, target_device)
+        specs, data_seed = td.training_clips(data, clip_count, seed, synthetic_events)
         train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), samples, holdout, seed)
+        collection = dict(model=model, data=data, synthetic_seed=data_seed, synthetic_events=synthetic_events,
+                          samples=samples, clips=clip_count, holdout=holdout, seed=seed, max_new_tokens=max_new_tokens,
+                          frames=frames)
         target = load_model(model, torch.float32, target_device)
         settings = GenerationSettings(max_new_tokens=max_new_tokens)
         cache_file = out / "collected.pt"
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
             started = time.perf_counter()
             if resume and cache_file.exists():
-                train_seqs, heldout_seqs = torch.load(cache_file, weights_only=False)
+                train_seqs, heldout_seqs = td.load_collected(cache_file, collection)
             else:
                 task = progress.add_task("target answers", total=len(train_pairs) + len(heldout_pairs))
-                collected = []
-                for spec, question in train_pairs + heldout_pairs:
-                    collected.append(td.collect_sequence(target, spec, question, settings, frames, generate_baseline))
-                    progress.advance(task)
+                collected = td.collect_batch(target, train_pairs + heldout_pairs, settings, frames, batch_size, storage,
+                                             lambda step: progress.advance(task, step))
                 train_seqs, heldout_seqs = collected[:len(train_pairs)], collected[len(train_pairs):]
-                out.mkdir(parents=True, exist_ok=True)
-                torch.save((train_seqs, heldout_seqs), cache_file)
+                td.save_collected(cache_file, collection, train_seqs, heldout_seqs)
             collect_s = time.perf_counter() - started
             task = progress.add_task("training head", total=epochs * len(train_seqs))
             started = time.perf_counter()
             head, loss, train_top1, heldout_top1 = td.train_head(target, train_seqs, heldout_seqs, epochs, lr, seed,
-                                                                 lambda step: progress.advance(task, step), unroll)
+                                                                 lambda step: progress.advance(task, step), unroll,
+                                                                 train_batch)
             train_s = time.perf_counter() - started
-        report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s, train_s)
+        report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s,
+                                train_s, td.clip_record(data, data_seed, train_pairs, heldout_pairs))
         td.save_head(head, out, report, model)
         typer.echo(f"trained head → {out}: held-out top-1 agreement {heldout_top1:.3f} (train {train_top1:.3f}), "
                    f"loss {loss:.4f}, collect {collect_s:.0f} s, train {train_s:.0f} s")

@@ -1,7 +1,8 @@
 """`egpt-speed train-draft`: fit an EAGLE head to a target on its own answers to event clips.
 
-1. collect — for (clip, question) pairs, run Stages 1–3 and the target's own greedy answer, then
-   one teacher-forced target forward over [prefix, answer] for its post-norm features.
+1. collect — for (clip, question) pairs, run Stages 1–3 once per clip, the target's greedy answers
+   for a batch of prompts in one `generate`, then one batched teacher-forced target forward over
+   [prefix, answer] for its post-norm features.
 2. train — the head maps (f_t, e_{t+1}) → f_{t+1}; loss = SmoothL1 on features + 0.1 × CE of the
    target's LM head on the prediction against the target's next token (EAGLE's recipe), on the
    answer positions only (the head still reads the prefix, as it does when drafting).
@@ -12,19 +13,30 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 
+from baselines.runner import RunConfig, resolve_samples
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, head_config_from_target
 from egpt_speed.errors import EgptError
-from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
+from egpt_speed.prompt import tokenize_with_event_placeholder
+from egpt_speed.stages import EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
+from strategies.batch import generate_batch
+
+# train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
+# clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).
+TRAIN_SEED_OFFSET = 7919
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+Progress = Callable[[int], None]
 
 
 @dataclass
@@ -33,6 +45,17 @@ class TrainingSequence:
     input_embeds: torch.Tensor  # [1, T + 1, H] inputs at positions 0..T (prefix rows, then answer tokens)
     labels: torch.Tensor  # [T] the target's greedy token after position t (argmax of its LM head)
     prefix_len: int
+    answer: list[int]  # the target's greedy answer, EOS included when generated
+
+
+@dataclass
+class ClipRecord:
+    """Which clips a head was trained and judged on, so a benchmark can be checked for leakage."""
+
+    data: str  # --data as given
+    synthetic_seed: int | None  # seed the synthetic clips were drawn from; None for a dataset dir
+    train_clips: list[str]  # clip ids
+    heldout_clips: list[str]
 
 
 @dataclass
@@ -45,6 +68,28 @@ class TrainReport:
     heldout_top1: float
     collect_s: float
     train_s: float
+    clips: ClipRecord
+
+
+def synthetic_seed(seed: int) -> int:
+    return seed + TRAIN_SEED_OFFSET
+
+
+def store_dtype_for(name: str, device: torch.device) -> torch.dtype:
+    """--store-dtype: bfloat16 halves the memory of thousands of sequences; training upcasts to float32."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in STORE_DTYPES:
+        raise EgptError(f"--store-dtype {name!r} is not supported; use auto, float32 or bfloat16.")
+    return STORE_DTYPES[name]
+
+
+def training_clips(data: str, clips: int, seed: int, synthetic_events: int) -> tuple[list[SampleSpec], int | None]:
+    """(the first `clips` clips of --data, the seed synthetic ones were drawn from or None)."""
+    drawn_from = synthetic_seed(seed) if data == "synthetic" else None
+    config = RunConfig(strategies=["baseline"], data=data, samples=clips, warmup=0, seed=synthetic_seed(seed),
+                       synthetic_events=synthetic_events)
+    return resolve_samples(config)[:clips], drawn_from
 
 
 def pairs_for(specs: list[SampleSpec], questions: list[str], count: int, holdout_fraction: float,
@@ -63,58 +108,170 @@ def pairs_for(specs: list[SampleSpec], questions: list[str], count: int, holdout
     return train, heldout
 
 
+def clip_record(data: str, seed: int | None, train: list[tuple[SampleSpec, str]],
+                heldout: list[tuple[SampleSpec, str]]) -> ClipRecord:
+    return ClipRecord(data, seed, sorted({spec.id for spec, _ in train}), sorted({spec.id for spec, _ in heldout}))
+
+
+# ------------------------------------------------------------------------------------------ collect
+
+
 @torch.no_grad()  # not inference_mode: the stored tensors feed autograd during training
 def collect_sequence(model, spec: SampleSpec, question: str, settings: GenerationSettings, frames: int,
-                     decode) -> TrainingSequence:
+                     decode, store_dtype: torch.dtype = torch.float32) -> TrainingSequence:
+    """One pair through Stages 1–3 and `decode` (batch 1): the reference `collect_batch` must match."""
     spec = SampleSpec(spec.id, spec.event_path, spec.image_paths, spec.image_1f_paths, question)
     encoded = stage3_vision(stage2_preprocess(stage1_load(spec, "npy", frames), model, frames), model)
     encoded.event_features = encoded.event_features.clone()  # out of inference mode
-    request = DecodeRequest(spec.id, encoded.prompt_ids, encoded.event_features, settings)
+    request = make_request(encoded, settings)
     clock = Clock(model.device, enabled=False)
     clock.begin()
     answer = decode(model, request, clock).token_ids
-    prefix = model.splice(encoded.prompt_ids, encoded.event_features)  # [1, L, H]
-    answer_embeds = model.llm.get_input_embeddings()(torch.tensor(answer, device=model.device)).unsqueeze(0)
-    inputs = torch.cat([prefix, answer_embeds], dim=1)  # [1, L + n, H]
-    features = model.llm.model(inputs_embeds=inputs[:, :-1]).last_hidden_state  # [1, L + n - 1, H]
-    labels = model.llm.lm_head(features)[0].argmax(-1)
-    return TrainingSequence(features.float().cpu(), inputs.float().cpu(), labels.cpu(), prefix.shape[1])
+    return teacher_forced(model, [request], [answer], store_dtype)[0]
 
 
-def head_loss(head: EagleHead, lm_head, sequence: TrainingSequence, device: torch.device,
-              unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, first-step top-1 hits on answer positions) of one sequence.
+@torch.no_grad()
+def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: GenerationSettings, frames: int,
+                  batch_size: int, store_dtype: torch.dtype = torch.float32,
+                  progress: Progress | None = None) -> list[TrainingSequence]:
+    """Training sequences for `pairs`, in order: Stage 3 once per clip, `batch_size` answers per `generate`.
 
-    Step 1 is teacher-forced on the target's features. Steps 2..`unroll` feed the head its own
-    predictions, as chain drafting does at positions 2..γ (without this, acceptance collapses
-    after the first draft position — "training-time test", as in HASS / EAGLE-3).
+    Left-padded batched greedy answers can differ from batch-1 ones at rare near-ties (padding changes
+    reduction order); that is fine for training data, whose labels are the target's own
+    teacher-forced argmax over whatever answer it gave.
     """
-    features = sequence.features.to(device)
-    inputs = sequence.input_embeds.to(device)
-    T = features.shape[1]
-    start = max(sequence.prefix_len - 2, 0)  # from the last prefix rows on: what drafting uses
-    current = features[:, :-1]
+    if batch_size < 1:
+        raise EgptError("--batch-size must be at least 1.")
+    event_features: dict[Path | None, torch.Tensor] = {}  # Stage 3 depends only on the clip (and frames)
+    clock = Clock(model.device, enabled=False)
+    sequences: list[TrainingSequence] = []
+    for first in range(0, len(pairs), batch_size):
+        requests = []
+        for spec, question in pairs[first:first + batch_size]:
+            if spec.event_path not in event_features:
+                event_features[spec.event_path] = clip_features(model, spec, frames)
+            encoded = EncodedSample(spec, event_features[spec.event_path], prompt_ids_for(model, question))
+            requests.append(make_request(encoded, settings))
+        clock.begin()
+        answers = [result.token_ids for result in generate_batch(model, requests, clock)]  # cut after EOS
+        sequences += teacher_forced(model, requests, answers, store_dtype)
+        if progress:
+            progress(len(requests))
+    return sequences
+
+
+def clip_features(model, spec: SampleSpec, frames: int) -> torch.Tensor:
+    """Stages 1–3 of one clip: its event features [N_ev, H] on the device."""
+    encoded = stage3_vision(stage2_preprocess(stage1_load(spec, "npy", frames), model, frames), model)
+    return encoded.event_features.clone()  # out of inference mode
+
+
+def prompt_ids_for(model, question: str) -> torch.Tensor:
+    """Stage 2's text half: the templated question, tokenised with its −200 event placeholder → [L]."""
+    ids = tokenize_with_event_placeholder(model.template.render(question, model.tokenizer), model.tokenizer,
+                                          model.fold_to_vocab)
+    return torch.tensor(ids, dtype=torch.long, device=model.device)
+
+
+def teacher_forced(model, requests: list[DecodeRequest], answers: list[list[int]],
+                   store_dtype: torch.dtype) -> list[TrainingSequence]:
+    """One target forward over the right-padded [prefix, answer] rows → a sequence per row.
+
+    Causal attention already keeps real positions blind to right padding; the mask says so too.
+    """
+    embed = model.llm.get_input_embeddings()
+    prefixes = [model.splice(r.prompt_ids, r.event_features)[0] for r in requests]  # B × [L_i, H]
+    rows = [torch.cat([prefix, embed(torch.tensor(answer, device=prefix.device)).to(prefix.dtype)])
+            for prefix, answer in zip(prefixes, answers)]  # B × [L_i + n_i, H]
+    lengths = torch.tensor([row.shape[0] - 1 for row in rows], device=prefixes[0].device)
+    inputs = pad_sequence([row[:-1] for row in rows], batch_first=True)  # [B, T_max, H]
+    attention = (torch.arange(inputs.shape[1], device=inputs.device) < lengths[:, None]).long()
+    features = model.llm.model(inputs_embeds=inputs, attention_mask=attention, use_cache=False).last_hidden_state
+    sequences = []
+    for index, (prefix, row, answer) in enumerate(zip(prefixes, rows, answers)):
+        own = features[index, :row.shape[0] - 1]  # [T, H]
+        labels = model.llm.lm_head(own).argmax(-1)  # real positions only: the vocab projection is the big one
+        sequences.append(TrainingSequence(_stored(own[None], store_dtype), _stored(row[None], store_dtype),
+                                          labels.cpu(), prefix.shape[0], answer))
+    return sequences
+
+
+def _stored(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return tensor.to(device="cpu", dtype=dtype, copy=True)  # a copy: a view would pin the whole padded batch
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+@dataclass
+class SequenceBatch:
+    """Sequences right-padded to one T on the device, float32."""
+
+    features: torch.Tensor  # [B, T, H]
+    inputs: torch.Tensor  # [B, T + 1, H]
+    labels: torch.Tensor  # [B, T]
+    lengths: torch.Tensor  # [B] each sequence's own T
+    starts: torch.Tensor  # [B] first counted prediction: the last prefix rows on, what drafting uses
+
+
+def make_batch(sequences: list[TrainingSequence], device: torch.device) -> SequenceBatch:
+    def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return pad_sequence(tensors, batch_first=True).to(device)
+
+    return SequenceBatch(padded([s.features[0] for s in sequences]).float(),
+                         padded([s.input_embeds[0] for s in sequences]).float(),
+                         padded([s.labels for s in sequences]),
+                         torch.tensor([s.features.shape[1] for s in sequences], device=device),
+                         torch.tensor([max(s.prefix_len - 2, 0) for s in sequences], device=device))
+
+
+def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, first-step top-1 hits on the counted positions of every sequence) of a padded batch.
+
+    The loss is the mean over sequences of each sequence's own loss (position means), so a batch of one
+    is one sequence's loss. Step 1 is teacher-forced on the target's features. Steps 2..`unroll` feed
+    the head its own predictions, as chain drafting does at positions 2..γ (without this, acceptance
+    collapses after the first draft position — "training-time test", as in HASS / EAGLE-3).
+    """
+    count, T = batch.labels.shape
+    device = batch.features.device
+    index = torch.arange(T, device=device)
+    current = batch.features[:, :-1]
     total = torch.zeros((), device=device)
-    first_hits = None
+    first_hits = torch.zeros(0, dtype=torch.bool, device=device)
     for step in range(1, unroll + 1):
         length = T - step  # predictions for positions step..T-1
-        if length <= start:
+        if length <= 0:
+            break
+        counted = (index[:length] >= batch.starts[:, None]) & (index[:length] < (batch.lengths - step)[:, None])
+        if not counted.any():
             break
         positions = torch.arange(step - 1, step - 1 + length, device=device)
-        predicted = head(current[:, :length], inputs[:, step:step + length], positions)  # ≈ features[step:]
-        prediction = predicted[:, start:]
-        logits = lm_head(prediction)[0].float()
-        labels = sequence.labels[start + step:].to(device)
-        total = total + (F.smooth_l1_loss(prediction.float(), features[:, start + step:].float())
-                         + 0.1 * F.cross_entropy(logits, labels)) / step
-        if first_hits is None:
+        predicted = head(current[:, :length], batch.inputs[:, step:step + length], positions)  # ≈ features[:, step:]
+        rows, columns = counted.nonzero(as_tuple=True)
+        prediction = predicted[rows, columns]  # [N, H]: the LM head runs on counted positions only
+        labels = batch.labels[rows, columns + step]
+        logits = lm_head(prediction).float()
+        feature_loss = F.smooth_l1_loss(prediction.float(), batch.features[rows, columns + step], reduction="none")
+        per_position = feature_loss.mean(-1) + 0.1 * F.cross_entropy(logits, labels, reduction="none")
+        per_sequence = torch.zeros(count, device=device).index_add(0, rows, per_position) / counted.sum(1).clamp(min=1)
+        total = total + per_sequence.sum() / step
+        if step == 1:
             first_hits = logits.argmax(-1) == labels
         current = predicted
-    return total, first_hits
+    return total / count, first_hits
+
+
+def chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
-               seed: int, progress: Callable[[int], None] | None = None, unroll: int = 1) -> tuple[EagleHead, float, float, float]:
+               seed: int, progress: Progress | None = None, unroll: int = 1,
+               batch_size: int = 1) -> tuple[EagleHead, float, float, float]:
+    """Head, last step's loss, train and held-out top-1; `batch_size` sequences per optimizer step."""
+    if batch_size < 1:
+        raise EgptError("--train-batch must be at least 1.")
     torch.manual_seed(seed)
     device = model.device
     head = EagleHead(head_config_from_target(model.llm.config)).to(device=device, dtype=torch.float32)
@@ -128,15 +285,15 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
     for parameter in lm_head.parameters():
         parameter.requires_grad_(False)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * len(train)
+    steps = epochs * math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
     last = float("nan")
     for _ in range(epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
-        for index in order:
-            loss, _ = head_loss(head, lm_head, train[index], device, unroll)
+        for indices in chunks(order, batch_size):
+            loss, _ = head_loss(head, lm_head, make_batch([train[i] for i in indices], device), unroll)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -144,20 +301,43 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
             scheduler.step()
             last = float(loss.detach())
             if progress:
-                progress(1)
+                progress(len(indices))
     head.eval()
-    return head, last, top1(head, lm_head, train, device), top1(head, lm_head, heldout, device)
+    return head, last, top1(head, lm_head, train, device, batch_size), top1(head, lm_head, heldout, device, batch_size)
 
 
 @torch.no_grad()
-def top1(head: EagleHead, lm_head, sequences: list[TrainingSequence], device: torch.device) -> float:
+def top1(head: EagleHead, lm_head, sequences: list[TrainingSequence], device: torch.device,
+         batch_size: int = 1) -> float:
+    """Share of answer positions where the teacher-forced head's token is the target's (all positions pooled)."""
     hits = total = 0
-    for sequence in sequences:
-        _, correct = head_loss(head, lm_head, sequence, device)
+    for chunk in chunks(sequences, batch_size):
+        _, correct = head_loss(head, lm_head, make_batch(chunk, device))
         hits += int(correct.sum())
         total += correct.numel()
     return hits / total if total else 0.0
 
 
+def save_collected(path: Path, collection: dict, train: list[TrainingSequence],
+                   heldout: list[TrainingSequence]) -> None:
+    """The sequences and the settings that made them, written atomically: --resume trusts a whole file only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"collection": collection, "train": train, "heldout": heldout}, partial)
+    partial.replace(path)
+
+
+def load_collected(path: Path, collection: dict) -> tuple[list[TrainingSequence], list[TrainingSequence]]:
+    saved = torch.load(path, weights_only=False)
+    previous = saved.get("collection") if isinstance(saved, dict) else None
+    if previous is None:
+        raise EgptError(f"--resume: {path} was written by an older train-draft; rerun without --resume.")
+    changed = sorted(k for k in collection.keys() | previous.keys() if collection.get(k) != previous.get(k))
+    if changed:
+        raise EgptError(f"--resume: {path} was collected with other settings ({', '.join(changed)}); "
+                        "rerun without --resume.")
+    return saved["train"], saved["heldout"]
+
+
 def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:
-    head.save(out, extra={"target": model_spec, "report": report.__dict__})
+    head.save(out, extra={"target": model_spec, "report": asdict(report)})

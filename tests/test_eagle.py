@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from baselines.decoder import generate_baseline
 from egpt_speed import train_draft as td
 from egpt_speed.datasets import discover_samples, load_questions
 from egpt_speed.decoding import GenerationSettings
@@ -24,9 +23,9 @@ def trained(sp_tokenizer, tiny_dataset):
     specs = discover_samples(tiny_dataset)
     train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), 16, 0.2, 0)
     settings = GenerationSettings(max_new_tokens=20)
-    sequences = [td.collect_sequence(model, s, q, settings, 5, generate_baseline) for s, q in train_pairs + heldout_pairs]
+    sequences = td.collect_batch(model, train_pairs + heldout_pairs, settings, 5, batch_size=8)
     train, heldout = sequences[:len(train_pairs)], sequences[len(train_pairs):]
-    head, loss, train_top1, heldout_top1 = td.train_head(model, train, heldout, 4, 1e-3, 0)
+    head, loss, train_top1, heldout_top1 = td.train_head(model, train, heldout, 8, 1e-3, 0, batch_size=2)
     return model, specs, head, train, train_top1
 
 

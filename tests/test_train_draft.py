@@ -1,0 +1,161 @@
+"""train-draft at scale: batched collection matches batch 1, batched training matches per-sequence, no leakage."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from baselines.decoder import generate_baseline
+from baselines.runner import RunConfig, resolve_samples
+from egpt_speed import train_draft as td
+from egpt_speed.cli import app
+from egpt_speed.datasets import discover_samples, load_questions
+from egpt_speed.decoding import GenerationSettings
+from egpt_speed.eagle import EagleHead, head_config_from_target
+from egpt_speed.events import load_event_npy
+from helpers import make_tiny_eventgpt
+
+CPU = torch.device("cpu")
+SETTINGS = GenerationSettings(max_new_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def collected(sp_tokenizer, tiny_dataset):
+    """(model, pairs, per-sample reference sequences, batched ones) of a tiny target whose EOS ends answers early."""
+    model = make_tiny_eventgpt(0, tokenizer=sp_tokenizer)
+    train, heldout = td.pairs_for(discover_samples(tiny_dataset), load_questions(), 10, 0.2, 0)
+    pairs = train + heldout
+    answers = [td.collect_sequence(model, s, q, SETTINGS, 5, generate_baseline).answer for s, q in pairs]
+    # a token the target often says after its first few, made EOS: answers end at varied lengths
+    model.llm.generation_config.eos_token_id = Counter(t for a in answers for t in set(a[3:])).most_common(1)[0][0]
+    reference = [td.collect_sequence(model, s, q, SETTINGS, 5, generate_baseline) for s, q in pairs]
+    batched = td.collect_batch(model, pairs, SETTINGS, 5, batch_size=4)
+    return model, pairs, reference, batched
+
+
+def test_batched_collection_equals_per_sample(collected):
+    _, _, reference, batched = collected
+    assert len({len(s.answer) for s in reference}) > 1, "EOS should end some answers early"
+    assert [s.answer for s in batched] == [s.answer for s in reference]
+    for ours, theirs in zip(batched, reference):
+        assert ours.prefix_len == theirs.prefix_len
+        assert torch.equal(ours.labels, theirs.labels)
+        torch.testing.assert_close(ours.features, theirs.features, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.input_embeds, theirs.input_embeds)
+        assert ours.features.shape[1] == ours.input_embeds.shape[1] - 1 == ours.labels.numel()
+        assert ours.input_embeds.shape[1] == ours.prefix_len + len(ours.answer)
+
+
+def test_bfloat16_storage_keeps_the_tokens_in_half_the_memory(collected):
+    model, pairs, reference, _ = collected
+    stored = td.collect_batch(model, pairs[:3], SETTINGS, 5, batch_size=3, store_dtype=torch.bfloat16)
+    for ours, theirs in zip(stored, reference):
+        assert ours.features.dtype == ours.input_embeds.dtype == torch.bfloat16
+        assert ours.answer == theirs.answer and torch.equal(ours.labels, theirs.labels)
+        assert ours.features.untyped_storage().nbytes() * 2 == theirs.features.untyped_storage().nbytes()
+
+
+def reference_loss(head, lm_head, sequence: td.TrainingSequence, unroll: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One unpadded sequence, written out plainly: the loss every batch must reproduce."""
+    features, inputs = sequence.features.float(), sequence.input_embeds.float()
+    T = features.shape[1]
+    start = max(sequence.prefix_len - 2, 0)
+    current, total, first_hits = features[:, :-1], torch.zeros(()), None
+    for step in range(1, unroll + 1):
+        length = T - step
+        if length <= start:
+            break
+        predicted = head(current[:, :length], inputs[:, step:step + length], torch.arange(step - 1, step - 1 + length))
+        prediction = predicted[:, start:]
+        logits = lm_head(prediction)[0]
+        labels = sequence.labels[start + step:]
+        total = total + (F.smooth_l1_loss(prediction, features[:, start + step:]) + 0.1 * F.cross_entropy(logits, labels)) / step
+        first_hits = logits.argmax(-1) == labels if first_hits is None else first_hits
+        current = predicted
+    return total, first_hits
+
+
+@pytest.fixture(scope="module")
+def random_head(collected):
+    model = collected[0]
+    torch.manual_seed(3)
+    return EagleHead(head_config_from_target(model.llm.config)).eval()
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_a_padded_batch_loss_is_the_mean_of_per_sequence_losses(collected, random_head, unroll):
+    model, _, _, sequences = collected
+    assert len({s.features.shape[1] for s in sequences}) > 1, "the batch must need padding"
+    lm_head = model.llm.lm_head
+    with torch.no_grad():
+        singles = [reference_loss(random_head, lm_head, s, unroll) for s in sequences]
+        for sequence, (loss, hits) in zip(sequences, singles):
+            one_loss, one_hits = td.head_loss(random_head, lm_head, td.make_batch([sequence], CPU), unroll)
+            torch.testing.assert_close(one_loss, loss)
+            assert torch.equal(one_hits, hits)
+        batch_loss, batch_hits = td.head_loss(random_head, lm_head, td.make_batch(sequences, CPU), unroll)
+    torch.testing.assert_close(batch_loss, torch.stack([loss for loss, _ in singles]).mean())
+    assert torch.equal(batch_hits, torch.cat([hits for _, hits in singles]))
+
+
+def test_top1_does_not_depend_on_the_batch_size(collected, random_head):
+    model, _, _, sequences = collected
+    by_size = {size: td.top1(random_head, model.llm.lm_head, sequences, CPU, size) for size in (1, 3, len(sequences))}
+    assert len(set(by_size.values())) == 1, by_size
+
+
+def test_synthetic_training_clips_are_not_the_benchmark_clips():
+    benchmark = resolve_samples(RunConfig(strategies=["baseline"], synthetic_events=2000))  # compare's defaults
+    training, seed = td.training_clips("synthetic", 4, 0, 2000)
+    assert seed == td.synthetic_seed(0) != RunConfig(strategies=["baseline"]).seed
+    seen = [load_event_npy(spec.event_path) for spec in benchmark]
+    for spec in training:
+        events = load_event_npy(spec.event_path)
+        assert not any(np.array_equal(events.x, other.x) and np.array_equal(events.t, other.t) for other in seen)
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, ["train-draft", *args])
+
+
+def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
+    out = tmp_path / "head"
+    common = ("--data", "synthetic", "--synthetic-events", "2000", "-n", "24", "--clips", "5", "--device", "cpu",
+              "--out", str(out), "--batch-size", "8", "--train-batch", "4", "--epochs", "4")
+    result = invoke(*common, "--max-new-tokens", "12")
+    assert result.exit_code == 0, result.output
+    assert "held-out top-1" in result.stdout
+    report = json.loads((out / "eagle_config.json").read_text())["report"]
+    assert report["train_sequences"] == 24 and report["heldout_sequences"] == 4
+    clips = report["clips"]
+    assert clips["data"] == "synthetic" and clips["synthetic_seed"] == td.synthetic_seed(0)
+    assert clips["train_clips"] and clips["heldout_clips"] and not set(clips["train_clips"]) & set(clips["heldout_clips"])
+    assert len(clips["train_clips"]) + len(clips["heldout_clips"]) == 5
+
+    model = tiny_loader[0]
+    train = torch.load(out / "collected.pt", weights_only=False)["train"]
+    trained = EagleHead.load(out, CPU, torch.float32)
+    untrained = EagleHead(head_config_from_target(model.llm.config))
+    assert td.top1(trained, model.llm.lm_head, train, CPU) > td.top1(untrained, model.llm.lm_head, train, CPU) + 0.1
+
+    monkeypatch.setattr(td, "collect_batch", lambda *args, **kwargs: pytest.fail("--resume must not collect again"))
+    assert invoke(*common, "--max-new-tokens", "12", "--resume").exit_code == 0
+    changed = invoke(*common, "--max-new-tokens", "8", "--resume")
+    assert changed.exit_code == 2 and changed.stderr.startswith("error: --resume") and "max_new_tokens" in changed.stderr
+
+
+@pytest.mark.parametrize("args, needle", [(["--store-dtype", "float16"], "--store-dtype 'float16'"),
+                                          (["--clips", "1"], "--clips"), (["--train-batch", "0"], "--train-batch"),
+                                          (["--batch-size", "0"], "--batch-size")])
+def test_bad_train_draft_options_are_one_error_line(tmp_path, tiny_loader, args, needle):
+    result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert not tiny_loader, "bad options must be refused before any model is loaded"
