@@ -30,13 +30,13 @@ def main(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks
 
 def _options(model, draft, data, samples, max_new_tokens, dtype, device, warmup, frames, gamma, batch_size, seed,
              source, vision_tower, sample, temperature, top_p, synthetic_events, exit_layer, pld_ngram, adaptive_gamma,
-             compile_mode=None):
+             compile_mode=None, tree_topk=None, tree_nodes=None):
     return dict(model=model, draft=draft, data=data, samples=samples, max_new_tokens=max_new_tokens, dtype=dtype,
                 device=device, warmup=warmup, frames=frames, gamma=gamma, batch_size=batch_size, seed=seed,
                 source=source, vision_tower=vision_tower, do_sample=sample, temperature=temperature, top_p=top_p,
                 synthetic_events=synthetic_events,
                 options={"exit_layer": exit_layer, "pld_ngram": pld_ngram, "adaptive_gamma": adaptive_gamma,
-                         "compile_mode": compile_mode})
+                         "compile_mode": compile_mode, "tree_topk": tree_topk, "tree_nodes": tree_nodes})
 
 
 def _execute(strategies: list[str], out: Path, name: str, **kwargs) -> None:
@@ -120,6 +120,8 @@ EVENTS = typer.Option(200_000, "--synthetic-events", help="Events per synthetic 
 EXIT_LAYER = typer.Option(None, "--exit-layer", help="Layer the early-exit draft leaves after (default: a quarter of the layers).")
 PLD_NGRAM = typer.Option(3, "--pld-ngram", help="Longest n-gram prompt lookup matches.")
 ADAPTIVE = typer.Option(False, "--adaptive-gamma", help="Grow/shrink gamma with acceptance (speculative).")
+TREE_TOPK = typer.Option(8, "--tree-topk", help="eagle-tree: children per expanded node and nodes expanded per level.")
+TREE_NODES = typer.Option(32, "--tree-nodes", help="eagle-tree: drafted nodes verified per step (the γ levels' likeliest).")
 COMPILE_MODE = typer.Option(None, "--compile-mode", help="compile: none | default | max-autotune-no-cudagraphs (CUDA default) | reduce-overhead.")
 
 
@@ -154,11 +156,11 @@ def run(strategy: str = typer.Argument(..., help="Strategy name or composition, 
         resume: bool = RESUME, source: str = SOURCE, vision_tower: Optional[Path] = TOWER, sample: bool = SAMPLE,
         temperature: float = TEMPERATURE, top_p: float = TOP_P, synthetic_events: int = EVENTS,
         exit_layer: Optional[int] = EXIT_LAYER, pld_ngram: int = PLD_NGRAM, adaptive_gamma: bool = ADAPTIVE,
-        compile_mode: Optional[str] = COMPILE_MODE) -> None:
+        compile_mode: Optional[str] = COMPILE_MODE, tree_topk: int = TREE_TOPK, tree_nodes: int = TREE_NODES) -> None:
     """Run one strategy over the samples: four stages timed, results to --out."""
     options = _options(model, draft, data, samples, max_new_tokens, dtype, device, warmup, frames, gamma, batch_size,
                        seed, source, vision_tower, sample, temperature, top_p, synthetic_events, exit_layer, pld_ngram,
-                       adaptive_gamma, compile_mode)
+                       adaptive_gamma, compile_mode, tree_topk, tree_nodes)
     _guarded(lambda: _run_or_resume([strategy], out, strategy, resume, options))
 
 
@@ -172,11 +174,11 @@ def compare_command(reference: str = typer.Argument(..., help="Reference strateg
                     sample: bool = SAMPLE, temperature: float = TEMPERATURE, top_p: float = TOP_P,
                     synthetic_events: int = EVENTS, exit_layer: Optional[int] = EXIT_LAYER,
                     pld_ngram: int = PLD_NGRAM, adaptive_gamma: bool = ADAPTIVE,
-                    compile_mode: Optional[str] = COMPILE_MODE) -> None:
+                    compile_mode: Optional[str] = COMPILE_MODE, tree_topk: int = TREE_TOPK, tree_nodes: int = TREE_NODES) -> None:
     """Run REF and each CAND on the same samples, interleaved, and report speedups and agreement."""
     options = _options(model, draft, data, samples, max_new_tokens, dtype, device, warmup, frames, gamma, batch_size,
                        seed, source, vision_tower, sample, temperature, top_p, synthetic_events, exit_layer, pld_ngram,
-                       adaptive_gamma, compile_mode)
+                       adaptive_gamma, compile_mode, tree_topk, tree_nodes)
     names = [reference, *candidates]
     _guarded(lambda: _run_or_resume(names, out, "compare_" + "_vs_".join(names), resume, options))
 
