@@ -253,6 +253,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
                 unroll: int = typer.Option(1, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only)."),
                 batch_size: int = typer.Option(16, "--batch-size", help="Prompts per target generate call while collecting answers."),
                 train_batch: int = typer.Option(8, "--train-batch", help="Sequences per optimizer step."),
+                draft_vocab: int = typer.Option(8192, "--draft-vocab", help="Token ids the head may draft: the K most frequent in the target's training answers (0 = all)."),
                 store_dtype: str = typer.Option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
                 device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
                 resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run with the same data settings.")) -> None:
@@ -268,7 +269,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         from baselines.runner import RunConfig, load_model, validate
         from egpt_speed import train_draft as td
         from egpt_speed.datasets import load_questions
-        from egpt_speed.decoding import GenerationSettings
+        from egpt_speed.decoding import GenerationSettings, eos_ids
         from egpt_speed.models import resolve_device
 
         hf_logging.disable_progress_bar()
@@ -279,6 +280,8 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
             raise EgptError("--clips must be at least 2: some clips are held out.")
         if train_batch < 1:
             raise EgptError("--train-batch must be at least 1.")
+        if draft_vocab < 0:
+            raise EgptError("--draft-vocab must be 0 (all ids) or a positive count.")
         target_device = resolve_device(device)
         storage = td.store_dtype_for(store_dtype, target_device)
         specs, data_seed = td.training_clips(data, clip_count, seed, synthetic_events)
@@ -306,11 +309,14 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
                                                                  lambda step: progress.advance(task, step), unroll,
                                                                  train_batch)
             train_s = time.perf_counter() - started
+        coverage = td.set_draft_vocabulary(head, train_seqs, heldout_seqs, draft_vocab, sorted(eos_ids(target)))
         report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s,
-                                train_s, td.clip_record(data, data_seed, train_pairs, heldout_pairs))
+                                train_s, td.clip_record(data, data_seed, train_pairs, heldout_pairs),
+                                draft_vocab=draft_vocab, heldout_vocab_coverage=coverage)
         td.save_head(head, out, report, model)
         typer.echo(f"trained head → {out}: held-out top-1 agreement {heldout_top1:.3f} (train {train_top1:.3f}), "
-                   f"loss {loss:.4f}, collect {collect_s:.0f} s, train {train_s:.0f} s")
+                   f"loss {loss:.4f}, draft vocabulary covers {100 * coverage:.1f} % of held-out answer tokens, "
+                   f"collect {collect_s:.0f} s, train {train_s:.0f} s")
 
     _guarded(body)
 

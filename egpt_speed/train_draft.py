@@ -24,7 +24,7 @@ from torch.nn.utils.rnn import pad_sequence
 from baselines.runner import RunConfig, resolve_samples
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
-from egpt_speed.eagle import EagleHead, head_config_from_target
+from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.errors import EgptError
 from egpt_speed.prompt import tokenize_with_event_placeholder
 from egpt_speed.stages import EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision
@@ -69,6 +69,8 @@ class TrainReport:
     collect_s: float
     train_s: float
     clips: ClipRecord
+    draft_vocab: int = 0  # ids the head may draft (0 = all)
+    heldout_vocab_coverage: float = 1.0  # share of held-out answer tokens inside that vocabulary
 
 
 def synthetic_seed(seed: int) -> int:
@@ -337,6 +339,22 @@ def load_collected(path: Path, collection: dict) -> tuple[list[TrainingSequence]
         raise EgptError(f"--resume: {path} was collected with other settings ({', '.join(changed)}); "
                         "rerun without --resume.")
     return saved["train"], saved["heldout"]
+
+
+def answer_labels(sequence: TrainingSequence) -> torch.Tensor:
+    """The target's tokens at the answer positions (what drafting predicts)."""
+    return sequence.labels[max(sequence.prefix_len - 1, 0):]
+
+
+def set_draft_vocabulary(head: EagleHead, train: list[TrainingSequence], heldout: list[TrainingSequence], size: int,
+                         always: list[int]) -> float:
+    """Restrict the head to the `size` ids most frequent in the training answers (0: all) → held-out coverage."""
+    if size == 0:
+        head.draft_vocab = None
+        return 1.0
+    head.draft_vocab = draft_vocabulary([answer_labels(s) for s in train], size, always).to(head.fc.weight.device)
+    labels = torch.cat([answer_labels(s) for s in heldout]) if heldout else torch.empty(0, dtype=torch.long)
+    return float(torch.isin(labels, head.draft_vocab).float().mean()) if labels.numel() else 1.0
 
 
 def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:

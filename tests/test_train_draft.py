@@ -137,10 +137,13 @@ def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
     assert clips["data"] == "synthetic" and clips["synthetic_seed"] == td.synthetic_seed(0)
     assert clips["train_clips"] and clips["heldout_clips"] and not set(clips["train_clips"]) & set(clips["heldout_clips"])
     assert len(clips["train_clips"]) + len(clips["heldout_clips"]) == 5
+    assert report["draft_vocab"] == 8192 and 0 < report["heldout_vocab_coverage"] <= 1
 
     model = tiny_loader[0]
     train = torch.load(out / "collected.pt", weights_only=False)["train"]
     trained = EagleHead.load(out, CPU, torch.float32)
+    answer_ids = set(torch.cat([td.answer_labels(s) for s in train]).tolist())
+    assert set(trained.draft_vocab.tolist()) == answer_ids | {2}  # every id the answers use, and EOS
     untrained = EagleHead(head_config_from_target(model.llm.config))
     assert td.top1(trained, model.llm.lm_head, train, CPU) > td.top1(untrained, model.llm.lm_head, train, CPU) + 0.1
 
@@ -152,7 +155,7 @@ def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
 
 @pytest.mark.parametrize("args, needle", [(["--store-dtype", "float16"], "--store-dtype 'float16'"),
                                           (["--clips", "1"], "--clips"), (["--train-batch", "0"], "--train-batch"),
-                                          (["--batch-size", "0"], "--batch-size")])
+                                          (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab")])
 def test_bad_train_draft_options_are_one_error_line(tmp_path, tiny_loader, args, needle):
     result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)
     assert result.exit_code == 2
