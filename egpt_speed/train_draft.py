@@ -354,7 +354,7 @@ def set_draft_vocabulary(head: EagleHead, train: list[TrainingSequence], heldout
         return 1.0
     head.draft_vocab = draft_vocabulary([answer_labels(s) for s in train], size, always).to(head.fc.weight.device)
     labels = torch.cat([answer_labels(s) for s in heldout]) if heldout else torch.empty(0, dtype=torch.long)
-    return float(torch.isin(labels, head.draft_vocab).float().mean()) if labels.numel() else 1.0
+    return float(torch.isin(labels, head.draft_vocab.cpu()).float().mean()) if labels.numel() else 1.0
 
 
 def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:
