@@ -132,4 +132,8 @@ def speculation_summary(samples: Sequence[dict]) -> dict:
         gamma = round(statistics.median(gammas))
         summary["cost_ratio"] = c
         summary["predicted_speedup"] = predicted_speedup(summary["accept_rate"], gamma, c)
+        # the same cost model fed the measured tokens per forward: right also where acceptance is not
+        # i.i.d. per position (a draft tree, a head whose later positions decay)
+        if summary["mean_accepted_tokens"] is not None:
+            summary["predicted_speedup_measured_e"] = summary["mean_accepted_tokens"] / (gamma * c + 1)
     return summary

@@ -54,7 +54,8 @@ def speculation_lines(spec: dict) -> list[str]:
         f"{_f(spec.get('mean_accepted_tokens'), 2)} · target forwards {spec.get('target_forwards')} · "
         f"drafted {spec.get('drafted')} / accepted {spec.get('accepted')}",
         f"- acceptance by draft position: [{positions}] · cost ratio c {_f(spec.get('cost_ratio'), 3)} · "
-        f"predicted speedup E/(γc+1) {_f(spec.get('predicted_speedup'), 2, '×')}",
+        f"predicted speedup E/(γc+1) {_f(spec.get('predicted_speedup'), 2, '×')} with E from i.i.d. α, "
+        f"{_f(spec.get('predicted_speedup_measured_e'), 2, '×')} with the measured E",
     ]
 
 

@@ -228,3 +228,15 @@ def test_sampled_drafts_from_a_draft_vocabulary_carry_their_full_distribution():
     assert float(p_draft[:, outside].abs().sum()) == 0.0
     for row, token in enumerate(tokens.tolist()):
         assert p_draft[row, token] > 0
+
+
+def test_speculation_summary_predicts_from_measured_tokens_per_forward():
+    from egpt_speed.metrics import predicted_speedup, speculation_summary
+
+    samples = [{"drafted": 8, "accepted": 6, "target_forwards": 3, "num_tokens": 9, "gamma": 4, "cost_ratio": 0.05,
+                "accepted_by_position": [2, 2, 1, 1], "drafted_by_position": [2, 2, 2, 2]}]
+    summary = speculation_summary(samples)
+    assert summary["mean_accepted_tokens"] == pytest.approx(3.0)
+    assert summary["acceptance_by_position"] == [1.0, 1.0, 0.5, 0.5]
+    assert summary["predicted_speedup"] == pytest.approx(predicted_speedup(0.75, 4, 0.05))
+    assert summary["predicted_speedup_measured_e"] == pytest.approx(3.0 / 1.2)
