@@ -31,9 +31,9 @@ class EagleTree(Eagle):
                             "drop the attention strategy or use eagle.")
 
     def tree_shape(self) -> TreeShape:
-        options = self.ctx.options
-        shape = TreeShape(topk=int(options.get("tree_topk") or TreeShape.topk),
-                          max_nodes=int(options.get("tree_nodes") or TreeShape.max_nodes))
+        topk, nodes = self.ctx.options.get("tree_topk"), self.ctx.options.get("tree_nodes")
+        shape = TreeShape(topk=TreeShape.topk if topk is None else int(topk),
+                          max_nodes=TreeShape.max_nodes if nodes is None else int(nodes))
         if shape.topk < 1 or shape.max_nodes < 1:
             raise EgptError("--tree-topk and --tree-nodes must be at least 1.")
         return shape

@@ -176,6 +176,9 @@ def build(expression: str, ctx: RunContext) -> Strategy:
     if len(decoders) == 2 and len(suppliers) == 1 and loops[0].accepts_target:
         loops[0].target_supplier = suppliers[0]  # compile+speculative: the draft loop verifies on a static cache
         return ComposedStrategy(ctx, parts, loops[0])
+    if len(decoders) == 2 and len(suppliers) == 1:
+        raise EgptError(f"{loops[0].name} cannot verify on {suppliers[0].name}'s target (it needs a dynamic cache); "
+                        f"run {loops[0].name} alone, or pick a decoder that composes with {suppliers[0].name}.")
     if len(decoders) > 1:
         raise EgptError(f"{expression!r} combines two decoding loops ({decoders[0].name}, {decoders[1].name}); compose at most one with preparers.")
     decoder = decoders[0] if decoders else registry["baseline"](ctx)

@@ -240,3 +240,15 @@ def test_speculation_summary_predicts_from_measured_tokens_per_forward():
     assert summary["acceptance_by_position"] == [1.0, 1.0, 0.5, 0.5]
     assert summary["predicted_speedup"] == pytest.approx(predicted_speedup(0.75, 4, 0.05))
     assert summary["predicted_speedup_measured_e"] == pytest.approx(3.0 / 1.2)
+
+
+def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
+    from egpt_speed.errors import EgptError
+    from strategies import registry
+    from strategies.registry import RunContext
+
+    context = RunContext(device=CPU, dtype=torch.float32, draft_spec=None)
+    with pytest.raises(EgptError, match="eagle-tree cannot verify on compile's target"):
+        registry.build("compile+eagle-tree", context)
+    with pytest.raises(EgptError, match="--tree-topk"):
+        registry.build("eagle-tree", RunContext(device=CPU, dtype=torch.float32, options={"tree_topk": 0})).tree_shape()
