@@ -256,7 +256,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
                 draft_vocab: int = typer.Option(8192, "--draft-vocab", help="Token ids the head may draft: the K most frequent in the target's training answers (0 = all)."),
                 store_dtype: str = typer.Option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
                 device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
-                resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run with the same data settings.")) -> None:
+                resume: bool = typer.Option(False, "--resume", help="Reuse the target answers collected in --out by an earlier run with the same data settings, and continue its interrupted training from the last finished epoch.")) -> None:
     """Train an EAGLE draft head for --model on its own greedy answers (float32), report held-out agreement."""
 
     def body() -> None:
@@ -307,13 +307,14 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
             started = time.perf_counter()
             head, loss, train_top1, heldout_top1 = td.train_head(target, train_seqs, heldout_seqs, epochs, lr, seed,
                                                                  lambda step: progress.advance(task, step), unroll,
-                                                                 train_batch)
+                                                                 train_batch, out / "train_checkpoint.pt", resume)
             train_s = time.perf_counter() - started
         coverage = td.set_draft_vocabulary(head, train_seqs, heldout_seqs, draft_vocab, sorted(eos_ids(target)))
         report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s,
                                 train_s, td.clip_record(data, data_seed, train_pairs, heldout_pairs),
                                 draft_vocab=draft_vocab, heldout_vocab_coverage=coverage)
         td.save_head(head, out, report, model)
+        (out / "train_checkpoint.pt").unlink(missing_ok=True)  # the head is saved; nothing left to resume
         typer.echo(f"trained head → {out}: held-out top-1 agreement {heldout_top1:.3f} (train {train_top1:.3f}), "
                    f"loss {loss:.4f}, draft vocabulary covers {100 * coverage:.1f} % of held-out answer tokens, "
                    f"collect {collect_s:.0f} s, train {train_s:.0f} s")

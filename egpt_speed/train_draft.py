@@ -269,9 +269,13 @@ def chunks(items: list, size: int) -> list[list]:
 
 
 def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
-               seed: int, progress: Progress | None = None, unroll: int = 1,
-               batch_size: int = 1) -> tuple[EagleHead, float, float, float]:
-    """Head, last step's loss, train and held-out top-1; `batch_size` sequences per optimizer step."""
+               seed: int, progress: Progress | None = None, unroll: int = 1, batch_size: int = 1,
+               checkpoint: Path | None = None, resume: bool = False) -> tuple[EagleHead, float, float, float]:
+    """Head, last step's loss, train and held-out top-1; `batch_size` sequences per optimizer step.
+
+    With `checkpoint`, the head, optimizer, schedule and shuffling state are saved after every epoch;
+    `resume` continues from that file, giving the weights an uninterrupted run would have.
+    """
     if batch_size < 1:
         raise EgptError("--train-batch must be at least 1.")
     torch.manual_seed(seed)
@@ -291,7 +295,13 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
     last = float("nan")
-    for _ in range(epochs):
+    settings = dict(epochs=epochs, lr=lr, seed=seed, unroll=unroll, batch_size=batch_size, sequences=len(train))
+    done = 0
+    if resume and checkpoint is not None and checkpoint.exists():
+        done, last = _restore(checkpoint, settings, head, optimizer, scheduler, rng)
+        if progress:
+            progress(done * len(train))
+    for epoch in range(done, epochs):
         order = list(range(len(train)))
         rng.shuffle(order)
         for indices in chunks(order, batch_size):
@@ -304,8 +314,34 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
             last = float(loss.detach())
             if progress:
                 progress(len(indices))
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, settings, epoch + 1, last, head, optimizer, scheduler, rng)
     head.eval()
     return head, last, top1(head, lm_head, train, device, batch_size), top1(head, lm_head, heldout, device, batch_size)
+
+
+def _save_checkpoint(path: Path, settings: dict, epochs_done: int, last: float, head: EagleHead, optimizer,
+                     scheduler, rng: random.Random) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    torch.save({"settings": settings, "epochs_done": epochs_done, "last_loss": last, "head": head.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state()}, partial)
+    partial.replace(path)
+
+
+def _restore(path: Path, settings: dict, head: EagleHead, optimizer, scheduler, rng: random.Random) -> tuple[int, float]:
+    saved = torch.load(path, weights_only=False, map_location=next(head.parameters()).device)
+    changed = sorted(k for k in settings.keys() | saved["settings"].keys() if settings.get(k) != saved["settings"].get(k))
+    if changed:
+        raise EgptError(f"--resume: {path} was trained with other settings ({', '.join(changed)}); "
+                        "delete it or rerun with the same ones.")
+    head.load_state_dict(saved["head"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng.setstate(saved["rng"])
+    torch.set_rng_state(saved["torch_rng"])
+    return saved["epochs_done"], saved["last_loss"]
 
 
 @torch.no_grad()

@@ -162,3 +162,32 @@ def test_bad_train_draft_options_are_one_error_line(tmp_path, tiny_loader, args,
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
     assert not tiny_loader, "bad options must be refused before any model is loaded"
+
+
+def test_interrupted_training_resumes_to_the_head_an_uninterrupted_run_gives(collected, tmp_path):
+    model, _, _, sequences = collected
+    train, heldout = sequences[:8], sequences[8:]
+    straight, *_ = td.train_head(model, train, heldout, 3, 1e-3, 0, batch_size=2)
+
+    class Interrupted(Exception):
+        pass
+
+    steps = []
+
+    def stop_in_epoch_three(count: int) -> None:
+        steps.append(count)
+        if sum(steps) > 2 * len(train):  # epochs 1–2 done and checkpointed, then a crash
+            raise Interrupted
+
+    checkpoint = tmp_path / "train_checkpoint.pt"
+    with pytest.raises(Interrupted):
+        td.train_head(model, train, heldout, 3, 1e-3, 0, stop_in_epoch_three, batch_size=2, checkpoint=checkpoint)
+    assert torch.load(checkpoint, weights_only=False)["epochs_done"] == 2
+    advanced = []
+    resumed, *_ = td.train_head(model, train, heldout, 3, 1e-3, 0, advanced.append, batch_size=2,
+                                checkpoint=checkpoint, resume=True)
+    assert advanced[0] == 2 * len(train) and sum(advanced) == 3 * len(train)  # the bar starts at the saved epoch
+    for name, tensor in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], tensor, msg=name)
+    with pytest.raises(td.EgptError, match="other settings"):
+        td.train_head(model, train, heldout, 4, 1e-3, 0, batch_size=2, checkpoint=checkpoint, resume=True)
