@@ -5,6 +5,9 @@ Run on the GPU machine:
 Writes spec_cost_<stamp>.json/.md: median ms of one target forward over k tokens at the EventGPT
 prefix length, one draft step, c, and the speedup the Leviathan formula predicts at α = 0.6/0.7/0.8,
 both as E/(γc+1) and with the measured verify cost E·t1/(γ·t_draft + t_verify(γ+1)).
+With --tree-nodes it also times a draft-tree verify (N nodes under a tree mask, one forward) and an
+EAGLE head of the target's width (random weights: cost only): one chain step and one tree level of
+--tree-topk nodes, so a 7B user can size γ and the tree before training a head.
 """
 
 from __future__ import annotations
@@ -22,13 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egpt_speed import metrics  # noqa: E402
 from egpt_speed.decoding import crop_cache  # noqa: E402
 from egpt_speed.drafts import load_draft  # noqa: E402
+from egpt_speed.eagle import EagleHead, head_config_from_target  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.timing import TimedRegion, measure_copy_bandwidth  # noqa: E402
+from egpt_speed.tree import DraftTree, tree_attention_mask, tree_position_ids  # noqa: E402
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 3) -> float:
+def median_ms(fn, device, repeats: int, warmup: int = 10) -> float:
     for _ in range(warmup):
         fn()
     samples = []
@@ -37,6 +42,59 @@ def median_ms(fn, device, repeats: int, warmup: int = 3) -> float:
             fn()
         samples.append(region.ms)
     return statistics.median(samples)
+
+
+def random_tree(nodes: int, topk: int, max_depth: int = 6, seed: int = 0) -> DraftTree:
+    """A tree shaped like EAGLE-2's: each node's parent is one of the last level's first `topk` nodes."""
+    generator = torch.Generator().manual_seed(seed)
+    parents, depths, level = [-1], [0], [0]
+    while len(parents) <= nodes:
+        next_level = []
+        for parent in level[:topk]:
+            for _ in range(topk):
+                if len(parents) > nodes or depths[parent] >= max_depth:
+                    break
+                next_level.append(len(parents))
+                parents.append(parent)
+                depths.append(depths[parent] + 1)
+        if not next_level:
+            raise SystemExit(f"a tree of {nodes} nodes does not fit {max_depth} levels of top-{topk}")
+        level = next_level
+    tokens = torch.randint(3, 1000, (len(parents),), generator=generator).tolist()
+    return DraftTree(tokens, parents)
+
+
+def tree_step(model, cache, base_len: int, nodes: int, topk: int, device: torch.device):
+    tree = random_tree(nodes, topk)
+    inputs = torch.tensor(tree.tokens, device=device).unsqueeze(0)
+    mask = tree_attention_mask(tree, base_len, model.llm.dtype, device)
+    positions = tree_position_ids(tree, base_len, device)
+
+    def run():
+        model.llm(input_ids=inputs, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        crop_cache(cache, base_len)
+    return run
+
+
+def eagle_head_costs(model, prefix_len: int, topk: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    """ms of one EAGLE head step (1 token) and one tree level (topk tokens) after a prefix-long head cache."""
+    head = EagleHead(head_config_from_target(model.llm.config)).to(device=device, dtype=dtype).eval()
+    hidden = model.hidden_size
+    cache = DynamicCache(config=head.config)
+    head(torch.randn(1, prefix_len, hidden, device=device, dtype=dtype), torch.randn(1, prefix_len, hidden, device=device, dtype=dtype),
+         torch.arange(prefix_len, device=device), cache)
+
+    def step(width: int):
+        features = torch.randn(1, width, hidden, device=device, dtype=dtype)
+        positions = torch.full((width,), prefix_len, device=device)
+
+        def run():
+            out = head(features, features, positions, cache)
+            model.llm.lm_head(out).float().log_softmax(-1).topk(topk, dim=-1)
+            crop_cache(cache, prefix_len)
+        return run
+    return {"chain_step_ms": median_ms(step(1), device, repeats), "tree_level_ms": median_ms(step(topk), device, repeats),
+            "parameters": sum(p.numel() for p in head.parameters())}
 
 
 @torch.inference_mode()
@@ -49,6 +107,8 @@ def main() -> None:
     parser.add_argument("--max-gamma", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--tree-nodes", default="", help="comma-separated draft-tree sizes to time, e.g. 16,32,64")
+    parser.add_argument("--tree-topk", type=int, default=8)
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -77,6 +137,11 @@ def main() -> None:
 
     verify_ms = {k: median_ms(target_step(k), device, args.repeats) for k in range(1, args.max_gamma + 2)}
 
+    tree_sizes = [int(n) for n in args.tree_nodes.split(",") if n.strip()]
+    tree_ms = {n: median_ms(tree_step(model, cache, base_len, n, args.tree_topk, device), device, args.repeats)
+               for n in tree_sizes}
+    head_ms = eagle_head_costs(model, prefix_len, args.tree_topk, device, dtype, args.repeats) if tree_sizes else {}
+
     text_ids = ids[ids >= 0].unsqueeze(0)
     draft_cache = DynamicCache(config=draft.llm.config)
     if draft.multimodal:
@@ -104,7 +169,8 @@ def main() -> None:
     document = {"schema": "egpt-speed/spec-cost/1", "env": capture_env(device, bandwidth),
                 "config": {"model": args.model, "draft": draft.name, "dtype": str(dtype), "prefix_len": prefix_len,
                            "decode_position": base_len, "repeats": args.repeats},
-                "target_forward_ms": verify_ms, "draft_step_ms": draft_ms, "cost_ratio": c, "predictions": predictions}
+                "target_forward_ms": verify_ms, "draft_step_ms": draft_ms, "cost_ratio": c, "predictions": predictions,
+                "tree_verify_ms": tree_ms, "eagle_head_ms": head_ms}
     stem = timestamped_name(f"spec_cost_{args.model}")
     out = args.out / f"{stem}.json"
     write_json_atomic(document, out)
@@ -117,6 +183,14 @@ def main() -> None:
               "| α | γ | E tokens/step | E/(γc+1) | with measured verify cost |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {p['alpha']} | {p['gamma']} | {p['expected_tokens']:.2f} | {p['speedup_formula']:.2f}× | {p['speedup_measured_costs']:.2f}× |"
               for p in predictions]
+    if tree_ms:
+        lines += ["", f"Draft-tree verify (random tree, ≤ 6 levels, top-{args.tree_topk} children, one forward under a tree mask):", "",
+                  "| tree nodes + root | median ms | × one-token cost |", "|---:|---:|---:|"]
+        lines += [f"| {n + 1} | {v:.2f} | {v / verify_ms[1]:.2f} |" for n, v in tree_ms.items()]
+        lines += ["", f"EAGLE head of the target's width (fc 2H→H + one decoder layer; LM-head product over the full vocabulary): "
+                  f"one chain step {head_ms['chain_step_ms']:.3f} ms (c = {head_ms['chain_step_ms'] / verify_ms[1]:.4f}), "
+                  f"one tree level of {args.tree_topk} nodes {head_ms['tree_level_ms']:.3f} ms "
+                  f"({head_ms['parameters'] / 1e9:.3f} B parameters)."]
     write_text_atomic("\n".join(lines) + "\n", out.with_suffix(".md"))
     print("\n".join(lines))
 
