@@ -9,6 +9,7 @@ of the input at t+1 (an event row inside the prefix, a token after it) — and p
 
 from __future__ import annotations
 
+import heapq
 import json
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 from transformers import DynamicCache, LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
-from egpt_speed.decoding import GenerationSettings, crop_cache, draft_token
+from egpt_speed.decoding import GenerationSettings, crop_cache, draft_token, sampling_probs
 from egpt_speed.errors import EgptError
 from egpt_speed.tree import DraftTree
 
@@ -199,22 +200,26 @@ class EagleProposer:
                 position += 1
         return torch.cat(tokens), (torch.stack(probs) if probs else None)
 
-    def propose_tree(self, committed: list[int], depth: int, topk: int, max_nodes: int) -> DraftTree:
+    def propose_tree(self, committed: list[int], depth: int, topk: int, max_nodes: int,
+                     settings: GenerationSettings | None = None, generator: torch.Generator | None = None) -> DraftTree:
         """EAGLE-2's dynamic tree: expand the `topk` most likely candidates per level (by the
         product of draft probabilities along their path) for `depth` levels, then keep the
         `max_nodes` most likely candidates overall. One head forward per level, the level's nodes
-        batched under a tree mask over the head's cache."""
+        batched under a tree mask over the head's cache.
+
+        Greedy: each expanded node's children are its `topk` likeliest tokens. Sampling: they are
+        `topk` draws without replacement from the draft distribution (kept in the tree as
+        `child_probs`, in draw order), which tree rejection sampling needs to stay lossless."""
+        sampling = settings is not None and settings.do_sample
         predicted = self._catch_up(committed)  # [1, 1, H]
-        if self.head.draft_vocab is not None:
-            topk = min(topk, self.head.draft_vocab.numel())
         base = self.consumed  # head-cache length before the tree
-        log_probs = torch.log_softmax(self.head.draft_logits(self.lm_head, predicted)[0, -1].float(), dim=-1)
-        top = log_probs.topk(topk)
-        pool_tokens: list[int] = self.head.token_ids(top.indices).tolist()
-        pool_scores: list[float] = top.values.tolist()
-        pool_parents: list[int] = [-1] * topk  # pool index of the parent, -1 = root
-        frontier = list(range(topk))  # candidates expanded at the next level
-        frontier_features = predicted.expand(1, topk, predicted.shape[-1])
+        indices, log_q, q_full = self._children(predicted[0], topk, settings if sampling else None, generator)
+        pool_tokens: list[int] = self.head.token_ids(indices[0]).tolist()
+        pool_scores: list[float] = log_q[0].tolist()
+        pool_parents: list[int] = [-1] * len(pool_tokens)  # pool index of the parent, -1 = root
+        child_probs = {-1: q_full[0]} if sampling else {}  # pool index of an expanded node → its children's q
+        frontier = list(range(len(pool_tokens)))  # candidates expanded at the next level
+        frontier_features = predicted.expand(1, len(frontier), predicted.shape[-1])
         slots: dict[int, int] = {}  # pool index → head-cache slot of an expanded candidate
         for level in range(1, depth):
             for index in frontier:
@@ -224,18 +229,36 @@ class EagleProposer:
             positions = torch.full((len(frontier),), self.observed + level - 1, device=predicted.device)
             out = self.head(frontier_features, self.embed(tokens).unsqueeze(0).to(predicted.dtype), positions,
                             self.cache, mask)  # [1, m, H]
-            child_log_probs = torch.log_softmax(self.head.draft_logits(self.lm_head, out)[0].float(), dim=-1)  # [m, K]
-            child = child_log_probs.topk(topk, dim=-1)
-            parent_scores = torch.tensor([pool_scores[i] for i in frontier], device=predicted.device)
-            scores = (parent_scores[:, None] + child.values).flatten()  # [m * topk]
+            indices, log_q, q_full = self._children(out[0], topk, settings if sampling else None, generator)  # [m, k]
+            width = indices.shape[1]
+            parent_scores = torch.tensor([pool_scores[i] for i in frontier], device=log_q.device)
+            scores = (parent_scores[:, None] + log_q).flatten()  # [m * k]
             first = len(pool_tokens)
-            pool_tokens += self.head.token_ids(child.indices.flatten()).tolist()
+            pool_tokens += self.head.token_ids(indices.flatten()).tolist()
             pool_scores += scores.tolist()
-            pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(topk)]
+            pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(width)]
+            if sampling:
+                child_probs.update({node: q_full[row] for row, node in enumerate(frontier)})
             chosen = scores.topk(min(topk, scores.numel())).indices
             frontier = [first + i for i in chosen.tolist()]
-            frontier_features = out[:, chosen // topk]
-        return self._select(committed[-1], pool_tokens, pool_scores, pool_parents, max_nodes)
+            frontier_features = out[:, chosen // width]
+        return self._select(committed[-1], pool_tokens, pool_scores, pool_parents, max_nodes, child_probs)
+
+    def _children(self, features: torch.Tensor, count: int, settings: GenerationSettings | None,
+                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """features [m, H] → per row: draft-vocabulary indices of `count` children [m, k] (likeliest first,
+        or in draw order when sampling), their log-probabilities [m, k], and when sampling the
+        distribution they were drawn from over all ids [m, V]."""
+        logits = self.head.draft_logits(self.lm_head, features).float()  # [m, K]
+        if settings is None:
+            top = torch.log_softmax(logits, dim=-1).topk(min(count, logits.shape[-1]), dim=-1)
+            return top.indices, top.values, None
+        q = sampling_probs(logits, settings)  # [m, K]
+        count = min(count, int((q > 0).sum(-1).min()))  # without replacement: no more draws than tokens with mass
+        indices = torch.multinomial(q, count, replacement=False, generator=generator)
+        q_full = q if self.head.draft_vocab is None else torch.zeros(
+            q.shape[0], self.lm_head.weight.shape[0], dtype=q.dtype, device=q.device).index_copy(1, self.head.draft_vocab, q)
+        return indices, q.gather(-1, indices).log(), q_full
 
     def _draft_token(self, feature: torch.Tensor, settings: GenerationSettings,
                      generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -261,22 +284,41 @@ class EagleProposer:
         return mask.masked_fill(~allowed.to(device), torch.finfo(dtype).min)[None, None]
 
     @staticmethod
-    def _select(root_token: int, tokens: list[int], scores: list[float], parents: list[int], max_nodes: int) -> DraftTree:
-        """The `max_nodes` best candidates whose parents are kept too, parents before children."""
-        order = sorted(range(len(tokens)), key=lambda i: -scores[i])  # stable: a parent precedes its tied children
+    def _select(root_token: int, tokens: list[int], scores: list[float], parents: list[int], max_nodes: int,
+                child_probs: dict[int, torch.Tensor] | None = None) -> DraftTree:
+        """The `max_nodes` best candidates, best first, taking a candidate only once its parent and its
+        earlier siblings are taken: the tree is ancestor-closed and each node keeps a prefix of its
+        children in draw order (what tree rejection sampling assumes); nodes are ordered parents first."""
+        previous_sibling, last_child = [-1] * len(tokens), {}
+        for index, parent in enumerate(parents):
+            previous_sibling[index] = last_child.get(parent, -1)
+            last_child[parent] = index
+        waiting: dict[int, list[int]] = {}  # a candidate's blocker (parent or earlier sibling) → candidates
+        ready: list[tuple[float, int]] = []
+        for index in range(len(tokens)):
+            blockers = [b for b in (parents[index], previous_sibling[index]) if b != -1]
+            if blockers:
+                waiting.setdefault(max(blockers), []).append(index)  # the later blocker is taken last
+            else:
+                heapq.heappush(ready, (-scores[index], index))
         kept: set[int] = set()
-        for index in order:
-            if len(kept) == max_nodes:
-                break
-            if parents[index] == -1 or parents[index] in kept:
-                kept.add(index)
+        while ready and len(kept) < max_nodes:
+            _, index = heapq.heappop(ready)
+            kept.add(index)
+            for candidate in waiting.pop(index, []):
+                if all(b == -1 or b in kept for b in (parents[candidate], previous_sibling[candidate])):
+                    heapq.heappush(ready, (-scores[candidate], candidate))
+                else:
+                    waiting.setdefault(next(b for b in (parents[candidate], previous_sibling[candidate])
+                                            if b != -1 and b not in kept), []).append(candidate)
         node_of = {-1: 0}
         tree_tokens, tree_parents = [root_token], [-1]
-        for index in sorted(kept):  # pool order lists parents first
+        for index in sorted(kept):  # pool order lists parents and earlier siblings first
             node_of[index] = len(tree_tokens)
             tree_tokens.append(tokens[index])
             tree_parents.append(node_of[parents[index]])
-        return DraftTree(tree_tokens, tree_parents)
+        probs = {node_of[index]: q for index, q in (child_probs or {}).items() if index in node_of}
+        return DraftTree(tree_tokens, tree_parents, probs or None)
 
     def rollback(self, committed) -> None:
         # drafted positions used predicted features; the target's real ones replace them next time

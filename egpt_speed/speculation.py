@@ -17,7 +17,8 @@ from transformers import DynamicCache
 
 from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, draft_token, make_generator, sampling_probs
 from egpt_speed.timing import Clock
-from egpt_speed.tree import DraftTree, greedy_tree_accept, keep_cache_positions, tree_attention_mask, tree_position_ids
+from egpt_speed.tree import (DraftTree, greedy_tree_accept, keep_cache_positions, sample_tree_accept, tree_attention_mask,
+                             tree_position_ids)
 
 
 def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, int]:
@@ -201,15 +202,15 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
     The target cache always holds prefix + committed[:-1]; the last committed token is pending.
     `target` owns that cache: by default a DynamicTarget on target_llm; a static_decode.StaticTarget
     (compile+speculative) verifies on a static cache with a captured forward and crops by position.
-    With `tree` (greedy, a proposer with `propose_tree`, a DynamicTarget) a γ-deep draft tree is
-    verified in one forward instead of a chain.
+    With `tree` (a proposer with `propose_tree`, a DynamicTarget) a γ-deep draft tree is verified
+    in one forward instead of a chain: greedy acceptance walks it, sampling uses tree rejection sampling.
     """
     device = prefix_embeds.device
     generator = make_generator(settings, device) if settings.do_sample else None
     counters = SpeculationCounters(gamma=gamma)
     target = target if target is not None else DynamicTarget(target_llm)
     prefix_len = prefix_embeds.shape[1]
-    use_tree = tree is not None and not settings.do_sample
+    use_tree = tree is not None
 
     wants_hidden = getattr(proposer, "wants_hidden", False)
     logits = target.prefill(prefix_embeds)
@@ -225,7 +226,8 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
         budget = min(gamma, settings.max_new_tokens - len(committed) - 1)  # leave room for the bonus token
         if use_tree:
-            proposed, new_tokens, keep, hidden = _tree_step(target, proposer, committed, budget, tree, clock, counters)
+            proposed, new_tokens, keep, hidden = _tree_step(target, proposer, committed, budget, tree, settings,
+                                                            generator, clock, counters)
             accepted = len(new_tokens) - 1
         else:
             proposed, accepted, new_tokens, hidden = _chain_step(target, proposer, committed, budget, settings,
@@ -275,18 +277,21 @@ def _chain_step(target: Target, proposer: Proposer, committed: list[int], budget
     return k, accepted, draft_tokens[:accepted].tolist() + [bonus], target.last_hidden
 
 
-def _tree_step(target, proposer, committed: list[int], budget: int, shape: TreeShape, clock: Clock,
-               counters: SpeculationCounters) -> tuple[int, list[int], list[int], torch.Tensor]:
+def _tree_step(target, proposer, committed: list[int], budget: int, shape: TreeShape, settings: GenerationSettings,
+               generator, clock: Clock, counters: SpeculationCounters) -> tuple[int, list[int], list[int], torch.Tensor]:
     """Draft a ≤ budget-deep tree, verify it in one forward → (tree depth, accepted drafts + bonus,
     kept block offsets [root, path...], hidden [1, N+1, H])."""
     with clock.phase("draft"):
-        tree = proposer.propose_tree(committed, budget, shape.topk, shape.max_nodes) if budget > 0 else (
+        tree = proposer.propose_tree(committed, budget, shape.topk, shape.max_nodes, settings, generator) if budget > 0 else (
             DraftTree([committed[-1]], [-1]))
     counters.draft_forwards += budget
     counters.tree_nodes += tree.size
     with clock.phase("verify"):
         logits = target.verify_tree(tree)  # [N+1, V]
-        path, bonus = greedy_tree_accept(tree, logits.argmax(dim=-1).tolist())
+        if settings.do_sample:
+            path, bonus = sample_tree_accept(tree, sampling_probs(logits, settings), generator)
+        else:
+            path, bonus = greedy_tree_accept(tree, logits.argmax(dim=-1).tolist())
     depth = max(tree.depths())
     return depth, [tree.tokens[node] for node in path] + [bonus], [0] + path, target.last_hidden
 

@@ -19,6 +19,9 @@ import torch
 class DraftTree:
     tokens: list[int]  # [N + 1] node tokens, tokens[0] = the pending (root) token
     parents: list[int]  # [N + 1] parents[0] = -1, else an earlier node index
+    # sampled trees: node → the draft distribution [V] its children were drawn from, without
+    # replacement, in node order (greedy trees: None)
+    child_probs: dict[int, torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens or self.parents[0] != -1:
@@ -76,6 +79,43 @@ def greedy_tree_accept(tree: DraftTree, target_argmax: list[int]) -> tuple[list[
             return path, wanted
         path.append(child)
         node = child
+
+
+def sample_tree_accept(tree: DraftTree, p_target: torch.Tensor, generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Tree speculative sampling: the emitted tokens follow the target's distribution exactly.
+
+    p_target: [N+1, V] the target's sampling distribution after each node. At a node, its children
+    c_1, c_2, ... (drawn without replacement from q = child_probs[node], in that order) are tried in
+    turn: c_i is accepted with probability min(1, p(c_i) / q(c_i)); on rejection p becomes
+    norm(max(p − q, 0)) and c_i's mass leaves q (renormalised) — each try is one standard
+    speculative-sampling step for the distribution the output must still follow (SpecInfer; Sequoia
+    for drawing without replacement). An accepted child becomes the node; when all are rejected,
+    or a node has none, the bonus token is drawn from the current p. Returns (path, bonus).
+    """
+    children: dict[int, list[int]] = {}
+    for node in range(1, len(tree.tokens)):
+        children.setdefault(tree.parents[node], []).append(node)
+    path, node = [], 0
+    while True:
+        p = p_target[node]
+        accepted = None
+        if children.get(node):
+            q = tree.child_probs[node].to(p.device, p.dtype).clone()
+            for child in children[node]:
+                token = tree.tokens[child]
+                if float(torch.rand((), device=p.device, generator=generator)) * float(q[token]) <= float(p[token]):
+                    accepted = child
+                    break
+                residual = (p - q).clamp_min(0.0)
+                p = residual / residual.sum() if residual.sum() > 0 else p
+                q[token] = 0.0
+                if q.sum() <= 0:
+                    break
+                q = q / q.sum()
+        if accepted is None:
+            return path, int(torch.multinomial(p, 1, generator=generator).item())
+        path.append(accepted)
+        node = accepted
 
 
 def keep_cache_positions(cache, base: int, keep: list[int]) -> None:

@@ -3,8 +3,9 @@
 γ is the tree depth; each level expands the --tree-topk most likely candidates (by the product of
 the head's probabilities along their path) into --tree-topk children each, and the --tree-nodes
 most likely candidates overall are verified under a tree attention mask. Greedy acceptance walks
-the tree along the target's argmax, so output equals greedy decoding. Sampled runs draft a chain
-(rejection sampling over a tree is not implemented).
+the tree along the target's argmax, so output equals greedy decoding; sampled runs draw each node's
+children without replacement from the head and verify them by tree rejection sampling, so output
+follows the target's sampling distribution.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ TREE_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4-D
 class EagleTree(Eagle):
     name = "eagle-tree"
     accepts_target = False  # the compiled static target verifies chains only
-    summary = "EAGLE head drafts a dynamic tree (γ deep, --tree-topk, --tree-nodes), verified in one forward under a tree mask; greedy lossless"
+    summary = "EAGLE head drafts a dynamic tree (γ deep, --tree-topk, --tree-nodes), verified in one forward under a tree mask; lossless (greedy or tree rejection sampling)"
 
     def prepare(self, model) -> None:
         super().prepare(model)

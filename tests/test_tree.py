@@ -13,7 +13,7 @@ from egpt_speed.decoding import GenerationSettings
 from egpt_speed.eagle import EagleHead, EagleProposer, draft_vocabulary, head_config_from_target
 from egpt_speed.speculation import DynamicTarget, TreeShape, speculative_decode
 from egpt_speed.timing import Clock
-from egpt_speed.tree import DraftTree, greedy_tree_accept, tree_attention_mask, tree_position_ids
+from egpt_speed.tree import DraftTree, greedy_tree_accept, sample_tree_accept, tree_attention_mask, tree_position_ids
 
 CPU = torch.device("cpu")
 # root 0 → 1, 2 ; 1 → 3, 4 ; 2 → 5 ; 4 → 6   (tokens chosen so siblings differ)
@@ -252,3 +252,58 @@ def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
         registry.build("compile+eagle-tree", context)
     with pytest.raises(EgptError, match="--tree-topk"):
         registry.build("eagle-tree", RunContext(device=CPU, dtype=torch.float32, options={"tree_topk": 0})).tree_shape()
+
+
+def test_tree_rejection_sampling_reproduces_the_target_distribution_over_two_tokens():
+    """Children drawn without replacement (3 at the root, 2 under each), whatever the draft: the first two
+    emitted tokens follow p(x1)·p(x2 | x1) exactly (chi-square over 16 cells, 15 dof, p = 0.001)."""
+    vocab, trials = 4, 20000
+    generator = torch.Generator().manual_seed(7)
+    p_first = torch.tensor([0.4, 0.3, 0.2, 0.1])
+    p_second = torch.tensor([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.1, 0.2, 0.3, 0.4], [0.05, 0.05, 0.1, 0.8]])
+    q_first = torch.tensor([0.1, 0.2, 0.3, 0.4])  # deliberately unlike the target
+    q_second = torch.tensor([[0.1, 0.1, 0.1, 0.7], [0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.6, 0.2, 0.1, 0.1]])
+    counts = torch.zeros(vocab, vocab)
+    for _ in range(trials):
+        tokens, parents, probs, rows = [0], [-1], {0: q_first}, [p_first]
+        for x1 in torch.multinomial(q_first, 3, replacement=False, generator=generator).tolist():
+            node = len(tokens)
+            tokens.append(x1), parents.append(0), rows.append(p_second[x1])
+            probs[node] = q_second[x1]
+            for x2 in torch.multinomial(q_second[x1], 2, replacement=False, generator=generator).tolist():
+                tokens.append(x2), parents.append(node), rows.append(torch.ones(vocab) / vocab)
+        tree = DraftTree(tokens, parents, probs)
+        path, bonus = sample_tree_accept(tree, torch.stack(rows), generator)
+        emitted = [tree.tokens[n] for n in path] + [bonus]
+        if len(emitted) == 1:  # x1 was the bonus: draw x2 as the target would, from its row
+            emitted.append(int(torch.multinomial(p_second[emitted[0]], 1, generator=generator)))
+        counts[emitted[0], emitted[1]] += 1
+    expected = (p_first[:, None] * p_second) * trials
+    chi_square = float(((counts - expected) ** 2 / expected).sum())
+    assert chi_square < 37.7, f"chi-square {chi_square:.1f}: tree sampling is biased"
+
+
+def test_selection_keeps_a_prefix_of_each_nodes_children_in_draw_order():
+    # root's children drawn in the order 5, 6, 7; the last drawn is the likeliest
+    tokens, scores, parents = [5, 6, 7], [-2.0, -1.5, -0.1], [-1, -1, -1]
+    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=1)
+    assert tree.tokens == [1, 5]  # 7 must wait for 5 and 6
+    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=3)
+    assert tree.tokens == [1, 5, 6, 7]
+
+
+@pytest.mark.parametrize("vocabulary", [None, [1, 2, 3, 5, 8, 13, 21, 30, 31]])
+def test_sampled_eagle_tree_is_seeded_repeatable_and_accepts(vocabulary):
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    head = init_head(llm)
+    head.draft_vocab = torch.tensor(vocabulary) if vocabulary else None
+    settings = GenerationSettings(max_new_tokens=40, do_sample=True, temperature=0.7, seed=11)
+    runs = []
+    for _ in range(2):
+        clock = Clock(CPU)
+        clock.begin()
+        runs.append(speculative_decode(llm, embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock,
+                                       tree=TreeShape(topk=3, max_nodes=12)))
+    assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
+    assert runs[0].metrics["accepted"] > 0 and runs[0].metrics["mean_accepted_tokens"] > 1.0
