@@ -89,9 +89,13 @@ class EagleHead(nn.Module):
         try:
             state = load_file(str(directory / HEAD_WEIGHTS))
             vocab = state.pop(DRAFT_VOCAB_KEY, None)
-            head.load_state_dict(state, strict=False)
+            missing, unexpected = head.load_state_dict(state, strict=False)
         except Exception as error:  # safetensors raises several types for damaged files
             raise EgptError(f"draft head {directory / HEAD_WEIGHTS} could not be read ({type(error).__name__}); retrain it with train-draft.") from None
+        missing = [key for key in missing if not key.startswith("rotary.")]  # RoPE tables are rebuilt, not stored
+        if missing or unexpected:
+            raise EgptError(f"draft head {directory / HEAD_WEIGHTS} does not match its config "
+                            f"({len(missing)} missing, {len(unexpected)} unexpected tensors); retrain it with train-draft.")
         head = head.to(device=device, dtype=dtype).eval()
         head.draft_vocab = vocab.to(device=device, dtype=torch.long) if vocab is not None else None
         return head
@@ -107,6 +111,19 @@ class EagleHead(nn.Module):
     def token_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary indices → token ids."""
         return draft_indices if self.draft_vocab is None else self.draft_vocab[draft_indices]
+
+
+def sampling_branching(depth: int, expanded_per_level: int, max_nodes: int) -> int:
+    """Children per node for a sampled tree: the widest b whose full tree (b children at the root, then
+    up to `expanded_per_level` nodes per level with b children each, `depth` levels) has ≤ max_nodes nodes."""
+    for width in range(max(expanded_per_level, 1), 0, -1):
+        level, total = width, width
+        for _ in range(depth - 1):
+            level = min(expanded_per_level, level) * width
+            total += level
+        if total <= max_nodes:
+            return width
+    return 1
 
 
 def draft_vocabulary(label_sequences: list[torch.Tensor], size: int, always: list[int]) -> torch.Tensor:
@@ -211,9 +228,12 @@ class EagleProposer:
         `topk` draws without replacement from the draft distribution (kept in the tree as
         `child_probs`, in draw order), which tree rejection sampling needs to stay lossless."""
         sampling = settings is not None and settings.do_sample
+        # sampling keeps every drawn child: trimming children by their own drawn values would bias
+        # tree rejection sampling, so the width per node is fixed up front to fit max_nodes
+        width = sampling_branching(depth, topk, max_nodes) if sampling else topk
         predicted = self._catch_up(committed)  # [1, 1, H]
         base = self.consumed  # head-cache length before the tree
-        indices, log_q, q_full = self._children(predicted[0], topk, settings if sampling else None, generator)
+        indices, log_q, q_full = self._children(predicted[0], width, settings if sampling else None, generator)
         pool_tokens: list[int] = self.head.token_ids(indices[0]).tolist()
         pool_scores: list[float] = log_q[0].tolist()
         pool_parents: list[int] = [-1] * len(pool_tokens)  # pool index of the parent, -1 = root
@@ -229,20 +249,20 @@ class EagleProposer:
             positions = torch.full((len(frontier),), self.observed + level - 1, device=predicted.device)
             out = self.head(frontier_features, self.embed(tokens).unsqueeze(0).to(predicted.dtype), positions,
                             self.cache, mask)  # [1, m, H]
-            indices, log_q, q_full = self._children(out[0], topk, settings if sampling else None, generator)  # [m, k]
-            width = indices.shape[1]
+            indices, log_q, q_full = self._children(out[0], width, settings if sampling else None, generator)  # [m, k]
             parent_scores = torch.tensor([pool_scores[i] for i in frontier], device=log_q.device)
             scores = (parent_scores[:, None] + log_q).flatten()  # [m * k]
             first = len(pool_tokens)
             pool_tokens += self.head.token_ids(indices.flatten()).tolist()
             pool_scores += scores.tolist()
-            pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(width)]
+            pool_parents += [frontier[row] for row in range(len(frontier)) for _ in range(indices.shape[1])]
             if sampling:
                 child_probs.update({node: q_full[row] for row, node in enumerate(frontier)})
             chosen = scores.topk(min(topk, scores.numel())).indices
             frontier = [first + i for i in chosen.tolist()]
-            frontier_features = out[:, chosen // width]
-        return self._select(committed[-1], pool_tokens, pool_scores, pool_parents, max_nodes, child_probs)
+            frontier_features = out[:, chosen // indices.shape[1]]
+        return self._select(committed[-1], pool_tokens, pool_scores, pool_parents,
+                            len(pool_tokens) if sampling else max_nodes, child_probs)
 
     def _children(self, features: torch.Tensor, count: int, settings: GenerationSettings | None,
                   generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

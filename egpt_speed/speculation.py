@@ -184,8 +184,10 @@ def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSetti
 
 @dataclass(frozen=True)
 class TreeShape:
-    """EAGLE-2 dynamic tree: `topk` children per expanded node and `topk` nodes expanded per level,
-    γ levels deep, at most `max_nodes` drafted nodes verified."""
+    """EAGLE-2 dynamic tree, γ levels deep, `topk` nodes expanded per level, at most `max_nodes`
+    drafted nodes verified. Greedy: `topk` children per expanded node, the likeliest `max_nodes`
+    kept. Sampling: every drawn child is kept, so each node gets the widest equal number of
+    children that fits `max_nodes` (eagle.sampling_branching; at least a chain of γ)."""
 
     topk: int = 8
     max_nodes: int = 32

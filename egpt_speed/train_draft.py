@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -287,9 +288,8 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
         head.fc.weight.zero_()
         head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
         head.fc.bias.zero_()
-    lm_head = model.llm.lm_head.float()
-    for parameter in lm_head.parameters():
-        parameter.requires_grad_(False)
+    lm_head = copy.deepcopy(model.llm.lm_head).float()  # a frozen float32 copy: the target stays as loaded
+    lm_head.requires_grad_(False)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(train) / batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.eagle import EagleHead, EagleProposer, draft_vocabulary, head_config_from_target
+from egpt_speed.eagle import EagleHead, EagleProposer, draft_vocabulary, head_config_from_target, sampling_branching
 from egpt_speed.speculation import DynamicTarget, TreeShape, speculative_decode
 from egpt_speed.timing import Clock
 from egpt_speed.tree import DraftTree, greedy_tree_accept, sample_tree_accept, tree_attention_mask, tree_position_ids
@@ -307,3 +307,45 @@ def test_sampled_eagle_tree_is_seeded_repeatable_and_accepts(vocabulary):
                                        tree=TreeShape(topk=3, max_nodes=12)))
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
     assert runs[0].metrics["accepted"] > 0 and runs[0].metrics["mean_accepted_tokens"] > 1.0
+
+
+def test_sampling_branching_fits_the_node_budget():
+    assert sampling_branching(4, 8, 32) == 2  # 2 + 4 + 8 + 16 = 30 nodes
+    assert sampling_branching(1, 8, 32) == 8
+    assert sampling_branching(3, 4, 10) == 1  # a chain of 3 is all that fits 2-wide (2 + 4 + 8 > 10)
+    assert sampling_branching(4, 8, 2) == 1
+
+
+def test_sampled_trees_keep_every_drawn_child():
+    """Tree rejection sampling needs each node's children to be all of its draws: none trimmed by value."""
+    llm = tiny_llm(seed=3, vocab=32)
+    _, embeds = prefilled(llm, length=12, seed=4)
+    proposer = EagleProposer(init_head(llm), llm, embeds)
+    with torch.inference_mode():
+        target = DynamicTarget(llm)
+        target.prefill(embeds)
+        proposer.observe(target.last_hidden)
+        tree = proposer.propose_tree([3], 4, 8, 32, GenerationSettings(do_sample=True, temperature=1.0),
+                                     torch.Generator().manual_seed(0))
+    children: dict[int, int] = {}
+    for node in range(1, len(tree.tokens)):
+        children[tree.parents[node]] = children.get(tree.parents[node], 0) + 1
+    assert set(children.values()) == {2} and tree.size == 30
+    assert set(tree.child_probs) == set(children)
+    for node, q in tree.child_probs.items():
+        torch.testing.assert_close(q.sum(), torch.tensor(1.0))
+
+
+def test_a_head_file_that_does_not_match_its_config_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from egpt_speed.errors import EgptError
+
+    head = init_head(tiny_llm())
+    head.save(tmp_path / "head")
+    weights = tmp_path / "head" / "eagle_head.safetensors"
+    state = load_file(str(weights))
+    state.pop("fc.weight")
+    save_file(state, str(weights))
+    with pytest.raises(EgptError, match="does not match its config"):
+        EagleHead.load(tmp_path / "head", CPU, torch.float32)
