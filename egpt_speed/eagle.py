@@ -166,7 +166,7 @@ class EagleProposer:
         self.lm_head = target_llm.lm_head
         self.prefix_embeds = prefix_embeds  # [1, L, H] the spliced prompt (event rows included)
         self.prefix_len = prefix_embeds.shape[1]
-        self.features: list[torch.Tensor] = []  # observed target features, [1, T_i, H] chunks
+        self.features: list[torch.Tensor] = []  # target features not yet fed to the head, [1, T_i, H] chunks
         self.observed = 0  # target positions with a known feature
         self.consumed = 0  # positions already in the head's cache
         self.cache = DynamicCache(config=head.config)
@@ -193,9 +193,9 @@ class EagleProposer:
 
     def _catch_up(self, committed: list[int]) -> torch.Tensor:
         """Feed the head the target features it has not seen → f̂ [1, 1, H] for position `observed`."""
-        features = torch.cat(self.features, dim=1) if len(self.features) > 1 else self.features[0]
-        self.features = [features]
-        fresh = features[:, self.consumed:self.observed]
+        fresh = torch.cat(self.features, dim=1) if len(self.features) > 1 else self.features[0]
+        self.features = []  # only features the head has not read are kept: no growing copies
+        assert fresh.shape[1] == self.observed - self.consumed, (fresh.shape, self.observed, self.consumed)
         next_embeds = self._next_embeds(self.consumed, self.observed, committed).to(fresh.dtype)
         positions = torch.arange(self.consumed, self.observed, device=fresh.device)
         predicted = self.head(fresh, next_embeds, positions, self.cache)[:, -1:]
