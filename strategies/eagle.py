@@ -14,7 +14,7 @@ from strategies.speculative import Speculative
 @register
 class Eagle(Speculative):
     name = "eagle"
-    summary = "EAGLE head (--draft HEAD_DIR, default: the shipped tiny-eagle for tiny) drafts from target features; greedy lossless"
+    summary = "EAGLE head (--draft HEAD_DIR, default: the shipped tiny-eagle for tiny) drafts a chain from target features; lossless (greedy or rejection sampling)"
 
     def prepare(self, model) -> None:
         super().prepare(model)
