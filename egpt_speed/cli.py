@@ -252,7 +252,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
                 holdout: float = typer.Option(0.2, "--holdout", help="Fraction of clips and of questions held out."),
                 unroll: int = typer.Option(1, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only)."),
                 batch_size: int = typer.Option(16, "--batch-size", help="Prompts per target generate call while collecting answers."),
-                train_batch: int = typer.Option(8, "--train-batch", help="Sequences per optimizer step."),
+                train_batch: int = typer.Option(0, "--train-batch", help="Sequences per optimizer step (0 = auto: 1 for a few hundred sequences, up to 16 for thousands)."),
                 draft_vocab: int = typer.Option(8192, "--draft-vocab", help="Token ids the head may draft: the K most frequent in the target's training answers (0 = all)."),
                 store_dtype: str = typer.Option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16."),
                 device: str = DEVICE, seed: int = SEED, frames: int = FRAMES, synthetic_events: int = EVENTS,
@@ -278,8 +278,8 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         clip_count = min(samples, 200) if clips is None else clips
         if clip_count < 2:
             raise EgptError("--clips must be at least 2: some clips are held out.")
-        if train_batch < 1:
-            raise EgptError("--train-batch must be at least 1.")
+        if train_batch < 0:
+            raise EgptError("--train-batch must be 0 (auto) or a positive count.")
         if draft_vocab < 0:
             raise EgptError("--draft-vocab must be 0 (all ids) or a positive count.")
         target_device = resolve_device(device)
@@ -307,7 +307,8 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
             started = time.perf_counter()
             head, loss, train_top1, heldout_top1 = td.train_head(target, train_seqs, heldout_seqs, epochs, lr, seed,
                                                                  lambda step: progress.advance(task, step), unroll,
-                                                                 train_batch, out / "train_checkpoint.pt", resume)
+                                                                 train_batch or td.auto_train_batch(len(train_seqs)),
+                                                                 out / "train_checkpoint.pt", resume)
             train_s = time.perf_counter() - started
         coverage = td.set_draft_vocabulary(head, train_seqs, heldout_seqs, draft_vocab, sorted(eos_ids(target)))
         report = td.TrainReport(len(train_seqs), len(heldout_seqs), epochs, loss, train_top1, heldout_top1, collect_s,

@@ -269,6 +269,12 @@ def chunks(items: list, size: int) -> list[list]:
     return [items[i:i + size] for i in range(0, len(items), size)]
 
 
+def auto_train_batch(sequences: int) -> int:
+    """Sequences per optimizer step: batching saves time only once there are enough steps left to learn
+    from (120 answers at batch 8 trained to held-out top-1 0.16 on the CPU, at batch 1 to 0.45)."""
+    return max(1, min(16, sequences // 250))
+
+
 def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
                seed: int, progress: Progress | None = None, unroll: int = 1, batch_size: int = 1,
                checkpoint: Path | None = None, resume: bool = False) -> tuple[EagleHead, float, float, float]:

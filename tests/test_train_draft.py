@@ -120,6 +120,10 @@ def test_synthetic_training_clips_are_not_the_benchmark_clips():
         assert not any(np.array_equal(events.x, other.x) and np.array_equal(events.t, other.t) for other in seen)
 
 
+def test_auto_train_batch_grows_with_the_data():
+    assert [td.auto_train_batch(n) for n in (10, 120, 499, 1000, 4000, 100000)] == [1, 1, 1, 4, 16, 16]
+
+
 def invoke(*args: str):
     return CliRunner().invoke(app, ["train-draft", *args])
 
@@ -154,7 +158,7 @@ def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
 
 
 @pytest.mark.parametrize("args, needle", [(["--store-dtype", "float16"], "--store-dtype 'float16'"),
-                                          (["--clips", "1"], "--clips"), (["--train-batch", "0"], "--train-batch"),
+                                          (["--clips", "1"], "--clips"), (["--train-batch", "-1"], "--train-batch"),
                                           (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab")])
 def test_bad_train_draft_options_are_one_error_line(tmp_path, tiny_loader, args, needle):
     result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)
