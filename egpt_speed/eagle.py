@@ -20,7 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from egpt_speed.decoding import GenerationSettings, crop_cache, draft_token, sampling_probs
 from egpt_speed.errors import EgptError
-from egpt_speed.tree import DraftTree
+from egpt_speed.tree import DraftTree, additive_mask
 
 HEAD_CONFIG = "eagle_config.json"
 HEAD_WEIGHTS = "eagle_head.safetensors"
@@ -148,11 +148,9 @@ def is_head_dir(directory: Path) -> bool:
 def causal_mask(query_len: int, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1, 1, q, past + q] additive mask: query i may attend keys j ≤ past + i (SDPA's is_causal aligns
     top-left, which is wrong once a cache holds earlier keys)."""
-    keys = torch.arange(past_len + query_len, device=device)
+    keys = torch.arange(past_len + query_len, device=device)  # built on the device: no copy per draft step
     queries = torch.arange(query_len, device=device).unsqueeze(1) + past_len
-    allowed = keys.unsqueeze(0) <= queries
-    mask = torch.zeros(query_len, past_len + query_len, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return additive_mask(keys.unsqueeze(0) <= queries, dtype, device)
 
 
 class EagleProposer:
@@ -300,8 +298,7 @@ class EagleProposer:
             while node != -1:
                 allowed[row, base + slots[node]] = True
                 node = parents[node]
-        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return mask.masked_fill(~allowed.to(device), torch.finfo(dtype).min)[None, None]
+        return additive_mask(allowed, dtype, device)
 
     @staticmethod
     def _select(root_token: int, tokens: list[int], scores: list[float], parents: list[int], max_nodes: int,

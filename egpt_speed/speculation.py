@@ -212,7 +212,6 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
     counters = SpeculationCounters(gamma=gamma)
     target = target if target is not None else DynamicTarget(target_llm)
     prefix_len = prefix_embeds.shape[1]
-    use_tree = tree is not None
 
     wants_hidden = getattr(proposer, "wants_hidden", False)
     logits = target.prefill(prefix_embeds)
@@ -227,7 +226,7 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
 
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
         budget = min(gamma, settings.max_new_tokens - len(committed) - 1)  # leave room for the bonus token
-        if use_tree:
+        if tree is not None:
             proposed, new_tokens, keep, hidden = _tree_step(target, proposer, committed, budget, tree, settings,
                                                             generator, clock, counters)
             accepted = len(new_tokens) - 1
@@ -252,8 +251,8 @@ def speculative_decode(target_llm, prefix_embeds: torch.Tensor, proposer: Propos
             gamma = gamma + 2 if accepted == proposed else max(1, gamma - 1)
     result_metrics = counters_to_metrics(counters, clock)
     result_metrics["mean_accepted_tokens"] = len(committed) / counters.target_forwards
-    if use_tree:
-        result_metrics["tree"] = {"topk": tree.topk, "max_nodes": tree.max_nodes, "depth": gamma,
+    if tree is not None:
+        result_metrics["tree"] = {"topk": tree.topk, "max_nodes": tree.max_nodes, "depth": counters.gamma,
                                   "mean_nodes": counters.tree_nodes / max(counters.target_forwards - 1, 1)}
     return DecodeResult(committed, result_metrics)
 

@@ -65,10 +65,14 @@ def stage2_preprocess(loaded: LoadedSample, model, frames: int) -> PreprocessedS
     images = loaded.frames if loaded.frames is not None else render_frames(loaded.events, frames)
     pixel_values = model.image_processor(images=images, return_tensors="pt")["pixel_values"]
     pixel_values = pixel_values.to(device=model.device, dtype=model.llm.dtype, non_blocking=True)
-    prompt = model.template.render(loaded.spec.query, model.tokenizer)
-    ids = tokenize_with_event_placeholder(prompt, model.tokenizer, model.fold_to_vocab)
-    prompt_ids = torch.tensor(ids, dtype=torch.long).to(model.device, non_blocking=True)
-    return PreprocessedSample(loaded.spec, pixel_values, prompt_ids)
+    return PreprocessedSample(loaded.spec, pixel_values, prompt_ids_for(model, loaded.spec.query))
+
+
+def prompt_ids_for(model, question: str) -> torch.Tensor:
+    """Stage 2's text half: the templated question, tokenised with its −200 event placeholder → [L] on the device."""
+    ids = tokenize_with_event_placeholder(model.template.render(question, model.tokenizer), model.tokenizer,
+                                          model.fold_to_vocab)
+    return torch.tensor(ids, dtype=torch.long).to(model.device, non_blocking=True)
 
 
 @torch.inference_mode()

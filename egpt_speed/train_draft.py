@@ -27,8 +27,7 @@ from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.errors import EgptError
-from egpt_speed.prompt import tokenize_with_event_placeholder
-from egpt_speed.stages import EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision
+from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
 from strategies.batch import generate_batch
 
@@ -123,10 +122,7 @@ def clip_record(data: str, seed: int | None, train: list[tuple[SampleSpec, str]]
 def collect_sequence(model, spec: SampleSpec, question: str, settings: GenerationSettings, frames: int,
                      decode, store_dtype: torch.dtype = torch.float32) -> TrainingSequence:
     """One pair through Stages 1–3 and `decode` (batch 1): the reference `collect_batch` must match."""
-    spec = SampleSpec(spec.id, spec.event_path, spec.image_paths, spec.image_1f_paths, question)
-    encoded = stage3_vision(stage2_preprocess(stage1_load(spec, "npy", frames), model, frames), model)
-    encoded.event_features = encoded.event_features.clone()  # out of inference mode
-    request = make_request(encoded, settings)
+    request = make_request(EncodedSample(spec, clip_features(model, spec, frames), prompt_ids_for(model, question)), settings)
     clock = Clock(model.device, enabled=False)
     clock.begin()
     answer = decode(model, request, clock).token_ids
@@ -167,13 +163,6 @@ def clip_features(model, spec: SampleSpec, frames: int) -> torch.Tensor:
     """Stages 1–3 of one clip: its event features [N_ev, H] on the device."""
     encoded = stage3_vision(stage2_preprocess(stage1_load(spec, "npy", frames), model, frames), model)
     return encoded.event_features.clone()  # out of inference mode
-
-
-def prompt_ids_for(model, question: str) -> torch.Tensor:
-    """Stage 2's text half: the templated question, tokenised with its −200 event placeholder → [L]."""
-    ids = tokenize_with_event_placeholder(model.template.render(question, model.tokenizer), model.tokenizer,
-                                          model.fold_to_vocab)
-    return torch.tensor(ids, dtype=torch.long, device=model.device)
 
 
 def teacher_forced(model, requests: list[DecodeRequest], answers: list[list[int]],

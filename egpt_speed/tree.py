@@ -49,12 +49,16 @@ class DraftTree:
         return allowed
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[q, k] bool (True = may attend) → the [1, 1, q, k] additive mask attention layers take."""
+    allowed = allowed.to(device)
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+
+
 def tree_attention_mask(tree: DraftTree, past_len: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """[1, 1, N+1, past_len + N+1] additive mask: every node sees the cache, its ancestors and itself."""
     count = len(tree.tokens)
-    allowed = torch.cat([torch.ones(count, past_len, dtype=torch.bool), tree.ancestry()], dim=1).to(device)
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
-    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return additive_mask(torch.cat([torch.ones(count, past_len, dtype=torch.bool), tree.ancestry()], dim=1), dtype, device)
 
 
 def tree_position_ids(tree: DraftTree, base: int, device: torch.device) -> torch.Tensor:
@@ -103,14 +107,15 @@ def sample_tree_accept(tree: DraftTree, p_target: torch.Tensor, generator: torch
             q = tree.child_probs[node].to(p.device, p.dtype).clone()
             for child in children[node]:
                 token = tree.tokens[child]
-                if float(torch.rand((), device=p.device, generator=generator)) * float(q[token]) <= float(p[token]):
+                u = torch.rand((), device=p.device, generator=generator)
+                if bool(u * q[token] <= p[token]):  # the one host sync per try
                     accepted = child
                     break
+                # p = q exactly leaves no residual; such a p rejects nothing, so keeping p is exact
                 residual = (p - q).clamp_min(0.0)
-                p = residual / residual.sum() if residual.sum() > 0 else p
-                q[token] = 0.0
-                if q.sum() <= 0:
-                    break
+                total = residual.sum()
+                p = torch.where(total > 0, residual / total.clamp_min(torch.finfo(p.dtype).tiny), p)
+                q[token] = 0.0  # later children were drawn without it; their mass is positive
                 q = q / q.sum()
         if accepted is None:
             return path, int(torch.multinomial(p, 1, generator=generator).item())

@@ -177,8 +177,9 @@ def build(expression: str, ctx: RunContext) -> Strategy:
         loops[0].target_supplier = suppliers[0]  # compile+speculative: the draft loop verifies on a static cache
         return ComposedStrategy(ctx, parts, loops[0])
     if len(decoders) == 2 and len(suppliers) == 1:
-        raise EgptError(f"{loops[0].name} cannot verify on {suppliers[0].name}'s target (it needs a dynamic cache); "
-                        f"run {loops[0].name} alone, or pick a decoder that composes with {suppliers[0].name}.")
+        raise EgptError(f"{loops[0].name} cannot run on {suppliers[0].name}'s static-cache target; "
+                        f"run {loops[0].name} alone, or compose {suppliers[0].name} with one of "
+                        f"{', '.join(sorted(n for n, c in registry.items() if c.accepts_target))}.")
     if len(decoders) > 1:
         raise EgptError(f"{expression!r} combines two decoding loops ({decoders[0].name}, {decoders[1].name}); compose at most one with preparers.")
     decoder = decoders[0] if decoders else registry["baseline"](ctx)

@@ -248,7 +248,7 @@ def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
     from strategies.registry import RunContext
 
     context = RunContext(device=CPU, dtype=torch.float32, draft_spec=None)
-    with pytest.raises(EgptError, match="eagle-tree cannot verify on compile's target"):
+    with pytest.raises(EgptError, match="eagle-tree cannot run on compile's static-cache target.*eagle, early-exit, pld, speculative"):
         registry.build("compile+eagle-tree", context)
     with pytest.raises(EgptError, match="--tree-topk"):
         registry.build("eagle-tree", RunContext(device=CPU, dtype=torch.float32, options={"tree_topk": 0})).tree_shape()
