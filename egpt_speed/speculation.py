@@ -146,6 +146,7 @@ class DynamicTarget:
         self.llm = llm
         self.cache = DynamicCache(config=llm.config)
         self.last_hidden: torch.Tensor | None = None
+        self._tree_base = 0  # cache length before the last verify_tree
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         logits, self.last_hidden = target_forward(self.llm, self.cache, last_only=True, inputs_embeds=embeds)
