@@ -21,8 +21,8 @@ from egpt_speed.events import SyntheticClipConfig
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
 from egpt_speed.stages import (EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
 from egpt_speed.timing import Clock, TimedRegion, measure_copy_bandwidth
-from strategies import registry
-from strategies.registry import RunContext, Strategy
+from egpt_speed.strategies import registry
+from egpt_speed.strategies.registry import RunContext, Strategy
 
 
 @dataclass

@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baselines import runner  # noqa: E402
-from baselines.runner import RunConfig  # noqa: E402
+from egpt_speed.baselines import runner  # noqa: E402
+from egpt_speed.baselines.runner import RunConfig  # noqa: E402
 from egpt_speed import metrics, report, results  # noqa: E402
 from egpt_speed.decoding import GenerationSettings  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402
 from egpt_speed.timing import measure_copy_bandwidth  # noqa: E402
-from strategies import registry  # noqa: E402
+from egpt_speed.strategies import registry  # noqa: E402
 
 DEFAULT_SIZES = (1, 2, 4, 8, 16, 32)
 

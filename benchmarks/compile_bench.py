@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from baselines.runner import bytes_per_decoded_token, weight_bytes  # noqa: E402
+from egpt_speed.baselines.runner import bytes_per_decoded_token, weight_bytes  # noqa: E402
 from egpt_speed import metrics  # noqa: E402
 from egpt_speed.decoding import DecodeRequest, GenerationSettings  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402
@@ -37,8 +37,8 @@ from egpt_speed.prompt import EVENT_TOKEN_INDEX, PromptTemplate, tokenize_with_e
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.static_decode import StaticEngine  # noqa: E402
 from egpt_speed.timing import Clock, measure_copy_bandwidth, synchronize  # noqa: E402
-from strategies import registry  # noqa: E402
-from strategies.registry import RunContext  # noqa: E402
+from egpt_speed.strategies import registry  # noqa: E402
+from egpt_speed.strategies.registry import RunContext  # noqa: E402
 
 EVENT_TOKENS = 582  # 5 frames pooled: 5 temporal + 577 spatial tokens
 QUESTION = "What are the key elements in this scene?"

@@ -45,7 +45,7 @@ def _execute(strategies: list[str], out: Path, name: str, **kwargs) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from baselines.runner import RunConfig, execute
+    from egpt_speed.baselines.runner import RunConfig, execute
 
     hf_logging.disable_progress_bar()  # our bar shows progress; transformers' loading bars would add stderr lines
     console = Console(stderr=True)
@@ -224,8 +224,8 @@ def strategies(device: str = DEVICE) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        from strategies import registry
-        from strategies.registry import RunContext
+        from egpt_speed.strategies import registry
+        from egpt_speed.strategies.registry import RunContext
         from egpt_speed.models import resolve_device
 
         import torch
@@ -266,7 +266,7 @@ def train_draft(model: str = MODEL, data: str = DATA, out: Path = typer.Option(.
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
         from transformers.utils import logging as hf_logging
 
-        from baselines.runner import RunConfig, load_model, validate
+        from egpt_speed.baselines.runner import RunConfig, load_model, validate
         from egpt_speed import train_draft as td
         from egpt_speed.datasets import load_questions
         from egpt_speed.decoding import GenerationSettings, eos_ids

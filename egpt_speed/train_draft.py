@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from baselines.runner import RunConfig, resolve_samples
+from egpt_speed.baselines.runner import RunConfig, resolve_samples
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.errors import EgptError
 from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
-from strategies.batch import generate_batch
+from egpt_speed.strategies.batch import generate_batch
 
 # train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
 # clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).

@@ -6,7 +6,7 @@ A preparer: the reference point below SDPA. Only the LLM is switched; the CLIP t
 from __future__ import annotations
 
 from egpt_speed.attention import attention_settings, set_llm_attention
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from baselines.decoder import generate_baseline
-from strategies.registry import Strategy, register
+from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from transformers import StoppingCriteriaList
 
-from baselines.decoder import _FirstTokenMark, generation_kwargs
+from egpt_speed.baselines.decoder import _FirstTokenMark, generation_kwargs
 from egpt_speed.attention import FORCED_FLASH
 from egpt_speed.decoding import DecodeRequest, DecodeResult, eos_ids, truncate_at_eos
 from egpt_speed.errors import EgptError
 from egpt_speed.timing import Clock
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 def left_pad(prefixes: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.errors import EgptError
 from egpt_speed.static_decode import DEFAULT_EOS_EVERY, StaticEngine
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

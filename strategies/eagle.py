@@ -7,8 +7,8 @@ them; chain drafting with γ tokens, verified by the shared lossless loop.
 from __future__ import annotations
 
 from egpt_speed.errors import EgptError
-from strategies.registry import register
-from strategies.speculative import Speculative
+from egpt_speed.strategies.registry import register
+from egpt_speed.strategies.speculative import Speculative
 
 
 @register

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from egpt_speed.errors import EgptError
 from egpt_speed.speculation import TreeShape
-from strategies.eagle import Eagle
-from strategies.registry import register
+from egpt_speed.strategies.eagle import Eagle
+from egpt_speed.strategies.registry import register
 
 TREE_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4-D additive mask
 

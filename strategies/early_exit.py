@@ -10,7 +10,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import layer_truncated_view
 from egpt_speed.speculation import CausalLMProposer, lent_target, speculative_decode
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -11,7 +11,7 @@ import importlib.util
 
 from egpt_speed.attention import attention_settings, check_flash_head_dim, half_precision_cuda_reason, set_llm_attention
 from egpt_speed.quantize import package_version
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

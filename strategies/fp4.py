@@ -6,7 +6,7 @@ Same as `nf4` with bitsandbytes' FP4 code book instead of NormalFloat; a prepare
 from __future__ import annotations
 
 from egpt_speed.quantize import BnbPreparer, BnbScheme
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

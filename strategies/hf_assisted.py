@@ -11,11 +11,11 @@ from __future__ import annotations
 import torch
 from transformers import StoppingCriteriaList
 
-from baselines.decoder import _FirstTokenMark
+from egpt_speed.baselines.decoder import _FirstTokenMark
 from egpt_speed.decoding import DecodeResult
 from egpt_speed.drafts import load_draft
 from egpt_speed.errors import EgptError
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 def assisted_generate(target_llm, draft_llm, text_ids: torch.Tensor, max_new_tokens: int, gamma: int,

@@ -7,8 +7,8 @@ The prefill/decode split is the baseline's first-token hook.
 
 from __future__ import annotations
 
-from baselines.decoder import generate_baseline
-from strategies.registry import Strategy, register
+from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

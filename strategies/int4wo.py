@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, cuda_reason, package_reason, quantize_llm_torchao, torchao_settings
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

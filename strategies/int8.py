@@ -7,7 +7,7 @@ A preparer. LLM.int8 halves weight memory but its mixed-precision matmul is slow
 from __future__ import annotations
 
 from egpt_speed.quantize import BnbPreparer, BnbScheme
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

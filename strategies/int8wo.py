@@ -8,7 +8,7 @@ static-cache decoder (`int8wo+compile`).
 from __future__ import annotations
 
 from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, cuda_reason, package_reason, quantize_llm_torchao, torchao_settings
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -8,7 +8,7 @@ weight memory ~3× but decodes slower than bf16 (dequantize per matmul): the res
 from __future__ import annotations
 
 from egpt_speed.quantize import BnbPreparer, BnbScheme
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -11,7 +11,7 @@ import torch
 
 from egpt_speed.decoding import eos_ids
 from egpt_speed.speculation import lent_target, speculative_decode
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 class PromptLookupProposer:

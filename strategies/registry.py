@@ -145,7 +145,7 @@ def _load_all() -> None:
     package_dir = Path(__file__).parent
     for module in pkgutil.iter_modules([str(package_dir)]):
         if module.name != "registry":
-            importlib.import_module(f"strategies.{module.name}")
+            importlib.import_module(f"{__package__}.{module.name}")
     for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         loaded = entry_point.load()
         if isinstance(loaded, type) and issubclass(loaded, Strategy):

@@ -7,7 +7,7 @@ own setting). Only the LLM is switched.
 from __future__ import annotations
 
 from egpt_speed.attention import attention_settings, set_llm_attention
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from egpt_speed.attention import (FORCED_FLASH, attention_settings, check_flash_head_dim, forced_flash_reason,
                                   register_sdpa_variant, set_llm_attention)
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

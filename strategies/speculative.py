@@ -6,7 +6,7 @@ from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.eagle import EagleProposer
 from egpt_speed.speculation import CausalLMProposer, TreeShape, lent_target, speculative_decode
-from strategies.registry import Strategy, register
+from egpt_speed.strategies.registry import Strategy, register
 
 
 @register

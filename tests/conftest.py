@@ -59,5 +59,5 @@ def tiny_loader(monkeypatch, sp_tokenizer):
         built.append(model)
         return model
 
-    monkeypatch.setattr("baselines.runner.load_model", load)
+    monkeypatch.setattr("egpt_speed.baselines.runner.load_model", load)
     return built

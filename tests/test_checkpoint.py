@@ -12,7 +12,7 @@ import sentencepiece
 import torch
 from typer.testing import CliRunner
 
-from baselines.runner import RunConfig, execute
+from egpt_speed.baselines.runner import RunConfig, execute
 from egpt_speed.cli import app
 from egpt_speed.datasets import discover_samples
 from egpt_speed.errors import EgptError

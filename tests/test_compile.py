@@ -17,8 +17,8 @@ from egpt_speed.speculation import greedy_accept
 from egpt_speed.static_decode import StaticEngine, StaticTarget, round_up
 from egpt_speed.timing import Clock
 from helpers import make_tiny_eventgpt
-from strategies import registry
-from strategies.registry import RunContext
+from egpt_speed.strategies import registry
+from egpt_speed.strategies.registry import RunContext
 
 CPU = torch.device("cpu")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -13,7 +13,7 @@ from egpt_speed.drafts import check_shared_tokenizer, layer_truncated_view
 from egpt_speed.errors import EgptError
 from egpt_speed.speculation import CausalLMProposer, greedy_accept, rejection_sample, speculative_decode
 from egpt_speed.timing import Clock
-from strategies.pld import PromptLookupProposer
+from egpt_speed.strategies.pld import PromptLookupProposer
 
 VOCAB = 97
 CPU = torch.device("cpu")
@@ -195,7 +195,7 @@ def test_draft_with_another_vocabulary_is_refused(target):
 
 @pytest.mark.parametrize("gamma", [1, 4])
 def test_hf_assisted_generation_agrees_with_our_loop_on_the_text_only_path(target, prefix, gamma):
-    from strategies.hf_assisted import assisted_generate
+    from egpt_speed.strategies.hf_assisted import assisted_generate
 
     _, text_ids = prefix
     draft = tiny_llama(1, hidden=32, layers=1)

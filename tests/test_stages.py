@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from baselines import runner
-from baselines.runner import RunConfig, StrategyState, decode_one, execute, interleaved_order, warmup_then_counted
+from egpt_speed.baselines import runner
+from egpt_speed.baselines.runner import RunConfig, StrategyState, decode_one, execute, interleaved_order, warmup_then_counted
 from egpt_speed import metrics, results
 from egpt_speed.datasets import discover_samples
 from egpt_speed.decoding import GenerationSettings
@@ -18,8 +18,8 @@ from egpt_speed.models import EventGPT, make_image_processor
 from egpt_speed.prompt import PromptTemplate, tokenize_with_event_placeholder
 from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
 from helpers import make_tiny_eventgpt
-from strategies.baseline import Baseline
-from strategies.registry import RunContext
+from egpt_speed.strategies.baseline import Baseline
+from egpt_speed.strategies.registry import RunContext
 
 CPU = torch.device("cpu")
 

@@ -7,18 +7,18 @@ import importlib.util
 import pytest
 import torch
 
-from baselines import runner
-from baselines.decoder import generate_baseline
-from baselines.runner import RunConfig, execute
+from egpt_speed.baselines import runner
+from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.baselines.runner import RunConfig, execute
 from egpt_speed.attention import FORCED_FLASH, register_sdpa_variant, set_llm_attention
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.errors import EgptError
 from egpt_speed.prompt import tokenize_with_event_placeholder
 from egpt_speed.timing import Clock
 from helpers import make_tiny_eventgpt
-from strategies import registry
-from strategies.batch import left_pad
-from strategies.registry import ComposedStrategy, RunContext
+from egpt_speed.strategies import registry
+from egpt_speed.strategies.batch import left_pad
+from egpt_speed.strategies.registry import ComposedStrategy, RunContext
 
 CPU = torch.device("cpu")
 FAKE_CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
@@ -318,7 +318,7 @@ def test_sdpa_plus_batch_equals_baseline(tokenizer):
 def test_runner_batches_interleaved_with_baseline(tmp_path, tiny_dataset, tiny_loader, monkeypatch):
     """5 counted samples at --batch-size 2 → batches of 2, 2, 1; 2 warm-up samples run as one full batch, unrecorded."""
     calls = []
-    from strategies.batch import Batch
+    from egpt_speed.strategies.batch import Batch
 
     real = Batch.decode_batch
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from baselines.decoder import generate_baseline
-from baselines.runner import RunConfig, resolve_samples
+from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.baselines.runner import RunConfig, resolve_samples
 from egpt_speed import train_draft as td
 from egpt_speed.cli import app
 from egpt_speed.datasets import discover_samples, load_questions

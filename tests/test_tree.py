@@ -244,8 +244,8 @@ def test_speculation_summary_predicts_from_measured_tokens_per_forward():
 
 def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
     from egpt_speed.errors import EgptError
-    from strategies import registry
-    from strategies.registry import RunContext
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
 
     context = RunContext(device=CPU, dtype=torch.float32, draft_spec=None)
     with pytest.raises(EgptError, match="eagle-tree cannot run on compile's static-cache target.*eagle, early-exit, pld, speculative"):
