@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 
 from egpt_speed import metrics
-from egpt_speed.datasets import SampleSpec, discover_samples, synthetic_dataset
+from egpt_speed import datasets
+from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import GenerationSettings, eos_ids, teacher_forced_top1
 from egpt_speed.errors import EgptError
-from egpt_speed.events import SyntheticClipConfig
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
 from egpt_speed.stages import (EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
 from egpt_speed.timing import Clock, TimedRegion, measure_copy_bandwidth
@@ -100,13 +100,8 @@ def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:
 
 
 def resolve_samples(config: RunConfig) -> list[SampleSpec]:
-    if config.data == "synthetic":
-        clip = SyntheticClipConfig(num_events=config.synthetic_events)
-        root = synthetic_dataset(config.samples + config.warmup, config.seed, clip, cache_root() / "synthetic")
-        specs = discover_samples(root)
-    else:
-        specs = discover_samples(Path(config.data))
-    return specs
+    return datasets.resolve_samples(config.data, config.samples, config.warmup, config.seed, config.synthetic_events,
+                                    cache_root() / "synthetic")
 
 
 def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:
@@ -129,55 +124,23 @@ def interleaved_order(count: int, index: int) -> list[int]:
 def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy],
                    load: Callable[[], EventGPT]) -> tuple[EventGPT, list[StrategyState]]:
     """One base model for Stages 1–3 and unmodified strategies; a fresh copy for each that modifies it."""
-    before = allocated_bytes(ctx.device)
+    before = metrics.allocated_bytes(ctx.device)
     base = load()
-    base_bytes = _minus(allocated_bytes(ctx.device), before)
+    base_bytes = metrics.minus(metrics.allocated_bytes(ctx.device), before)
     states = []
     for strategy in strategies:
-        before = allocated_bytes(ctx.device)
+        before = metrics.allocated_bytes(ctx.device)
         model = load() if strategy.modifies_model else base
         strategy.prepare(model)
-        grown = _minus(allocated_bytes(ctx.device), before)
+        grown = metrics.minus(metrics.allocated_bytes(ctx.device), before)
         state = StrategyState(strategy, model)
         # on CUDA, measured: quantised tensor subclasses misreport numel × element_size
         if grown is not None:
             loaded = grown if strategy.modifies_model else base_bytes
-            state.llm_bytes = loaded - vision_bytes(model)
+            state.llm_bytes = loaded - metrics.vision_bytes(model)
             state.extra_bytes = 0 if strategy.modifies_model else grown  # a draft model or head
         states.append(state)
     return base, states
-
-
-def allocated_bytes(device: torch.device) -> int | None:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-
-
-def _minus(after: int | None, before: int | None) -> int | None:
-    return None if after is None or before is None else after - before
-
-
-def vision_bytes(model: EventGPT) -> int:
-    modules = [model.vision_tower, model.projector] + ([model.adaptor] if model.adaptor is not None else [])
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
-
-
-def weight_bytes(model: EventGPT) -> int:
-    return sum(p.numel() * p.element_size() for p in model.llm.parameters()) + sum(
-        b.numel() * b.element_size() for b in model.llm.buffers())
-
-
-def bytes_per_decoded_token(model: EventGPT, context_len: float, llm_bytes: int | None = None) -> float:
-    """Weights read per token (the embedding table only one row of it) + the KV cache read."""
-    config = model.llm.config
-    total = llm_bytes if llm_bytes is not None else weight_bytes(model)
-    embed = model.llm.get_input_embeddings().weight
-    if not config.tie_word_embeddings:
-        total -= embed.numel() * embed.element_size()
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    element = torch.finfo(model.llm.dtype).bits // 8
-    kv_per_position = 2 * config.num_hidden_layers * kv_heads * head_dim * element
-    return total + kv_per_position * context_len
 
 
 def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
@@ -378,7 +341,7 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
     runs: dict[str, Any] = {}
     for state in states:
         summary = results.summarize(state.records)
-        summary["weight_bytes"] = state.llm_bytes if state.llm_bytes is not None else weight_bytes(state.model)
+        summary["weight_bytes"] = state.llm_bytes if state.llm_bytes is not None else metrics.weight_bytes(state.model)
         summary["weight_bytes_measured"] = state.llm_bytes is not None
         summary["draft_bytes"] = state.extra_bytes
         working = [r.get("stage4_working_bytes") for r in state.records if r.get("stage4_working_bytes") is not None]
@@ -386,7 +349,7 @@ def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Call
         summary["stage4_footprint_bytes"] = (summary["weight_bytes"] + (state.extra_bytes or 0) + max(working)) if working else None
         context = (summary.get("distributions", {}).get("num_tokens", {}).get("mean", 0) / 2
                    + (state.records[0]["prompt_tokens"] if state.records else 0))
-        summary["bytes_per_token"] = bytes_per_decoded_token(state.model, context, state.llm_bytes)
+        summary["bytes_per_token"] = metrics.bytes_per_decoded_token(state.model, context, state.llm_bytes)
         summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
         if state.strategy.batched and state.records:
             summary.update(batch_summary(state.records))

@@ -27,7 +27,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from egpt_speed.baselines.runner import bytes_per_decoded_token, weight_bytes  # noqa: E402
+from egpt_speed.metrics import bytes_per_decoded_token, weight_bytes  # noqa: E402
 from egpt_speed import metrics  # noqa: E402
 from egpt_speed.decoding import DecodeRequest, GenerationSettings  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402

@@ -173,3 +173,12 @@ def _is_complete(root: Path, num_clips: int) -> bool:
         and all(p.is_file() for p in (*s.image_paths, *s.image_1f_paths))
         for s in samples
     )
+
+
+def resolve_samples(data: str, samples: int, warmup: int, seed: int, synthetic_events: int,
+                    cache_dir: Path) -> list[SampleSpec]:
+    """The samples of `--data`: a dataset on disk, or `samples + warmup` synthetic clips cached under `cache_dir`."""
+    if data != "synthetic":
+        return discover_samples(Path(data))
+    root = synthetic_dataset(samples + warmup, seed, SyntheticClipConfig(num_events=synthetic_events), cache_dir)
+    return discover_samples(root)

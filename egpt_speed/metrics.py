@@ -6,6 +6,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 
 def per_token_ms(decode_ms: float, num_tokens: int) -> float | None:
     """Decode time per token after the first: the first token belongs to prefill (TTFT).
@@ -137,3 +139,37 @@ def speculation_summary(samples: Sequence[dict]) -> dict:
         if summary["mean_accepted_tokens"] is not None:
             summary["predicted_speedup_measured_e"] = summary["mean_accepted_tokens"] / (gamma * c + 1)
     return summary
+
+
+# Byte accounting: weights and KV cache read per decoded token (the numerator of MBU).
+
+def allocated_bytes(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def minus(after: int | None, before: int | None) -> int | None:
+    return None if after is None or before is None else after - before
+
+
+def vision_bytes(model) -> int:
+    modules = [model.vision_tower, model.projector] + ([model.adaptor] if model.adaptor is not None else [])
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.llm.parameters()) + sum(
+        b.numel() * b.element_size() for b in model.llm.buffers())
+
+
+def bytes_per_decoded_token(model, context_len: float, llm_bytes: int | None = None) -> float:
+    """Weights read per token (the embedding table only one row of it) + the KV cache read."""
+    config = model.llm.config
+    total = llm_bytes if llm_bytes is not None else weight_bytes(model)
+    embed = model.llm.get_input_embeddings().weight
+    if not config.tie_word_embeddings:
+        total -= embed.numel() * embed.element_size()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    element = torch.finfo(model.llm.dtype).bits // 8
+    kv_per_position = 2 * config.num_hidden_layers * kv_heads * head_dim * element
+    return total + kv_per_position * context_len

@@ -22,14 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
-from egpt_speed.baselines.runner import RunConfig, resolve_samples
-from egpt_speed.datasets import SampleSpec
+from egpt_speed.datasets import SampleSpec, resolve_samples
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.errors import EgptError
+from egpt_speed.models import cache_root
 from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
-from egpt_speed.strategies.batch import generate_batch
+from egpt_speed.hf_generate import generate_batch
 
 # train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
 # clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).
@@ -89,9 +89,8 @@ def store_dtype_for(name: str, device: torch.device) -> torch.dtype:
 def training_clips(data: str, clips: int, seed: int, synthetic_events: int) -> tuple[list[SampleSpec], int | None]:
     """(the first `clips` clips of --data, the seed synthetic ones were drawn from or None)."""
     drawn_from = synthetic_seed(seed) if data == "synthetic" else None
-    config = RunConfig(strategies=["baseline"], data=data, samples=clips, warmup=0, seed=synthetic_seed(seed),
-                       synthetic_events=synthetic_events)
-    return resolve_samples(config)[:clips], drawn_from
+    specs = resolve_samples(data, clips, 0, synthetic_seed(seed), synthetic_events, cache_root() / "synthetic")
+    return specs[:clips], drawn_from
 
 
 def pairs_for(specs: list[SampleSpec], questions: list[str], count: int, holdout_fraction: float,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import StoppingCriteriaList
 
-from egpt_speed.baselines.decoder import _FirstTokenMark
+from egpt_speed.hf_generate import FirstTokenMark
 from egpt_speed.decoding import DecodeResult
 from egpt_speed.drafts import load_draft
 from egpt_speed.errors import EgptError
@@ -48,7 +48,7 @@ class HfAssisted(Strategy):
         tokens = assisted_generate(model.llm, self.draft.llm, request.text_ids, request.settings.max_new_tokens,
                                    self.ctx.gamma, model.llm.generation_config.eos_token_id,
                                    model.llm.generation_config.pad_token_id,
-                                   StoppingCriteriaList([_FirstTokenMark(clock)]))
+                                   StoppingCriteriaList([FirstTokenMark(clock)]))
         return DecodeResult(tokens, {"text_only": True})
 
     def settings(self) -> dict:

@@ -7,7 +7,7 @@ The prefill/decode split is the baseline's first-token hook.
 
 from __future__ import annotations
 
-from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.hf_generate import generate_baseline
 from egpt_speed.strategies.registry import Strategy, register
 
 

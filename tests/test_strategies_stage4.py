@@ -8,16 +8,17 @@ import pytest
 import torch
 
 from egpt_speed.baselines import runner
-from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.hf_generate import generate_baseline
 from egpt_speed.baselines.runner import RunConfig, execute
 from egpt_speed.attention import FORCED_FLASH, register_sdpa_variant, set_llm_attention
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.errors import EgptError
 from egpt_speed.prompt import tokenize_with_event_placeholder
 from egpt_speed.timing import Clock
+from egpt_speed import metrics
 from helpers import make_tiny_eventgpt
 from egpt_speed.strategies import registry
-from egpt_speed.strategies.batch import left_pad
+from egpt_speed.hf_generate import left_pad
 from egpt_speed.strategies.registry import ComposedStrategy, RunContext
 
 CPU = torch.device("cpu")
@@ -148,7 +149,7 @@ def test_bnb_swap_converts_decoder_linears_only(kind, tokenizer):
 
     model = make_tiny_eventgpt(0, tokenizer=tokenizer)
     tower = {k: v.clone() for k, v in model.vision_tower.state_dict().items()}
-    before = runner.weight_bytes(model)
+    before = metrics.weight_bytes(model)
     try:
         converted = quantize_llm_bnb(model.llm, BnbScheme(kind), CPU)
     except (RuntimeError, NotImplementedError) as error:
@@ -157,7 +158,7 @@ def test_bnb_swap_converts_decoder_linears_only(kind, tokenizer):
     assert decoder_linear_names(model.llm) == []
     assert type(model.llm.lm_head) is torch.nn.Linear
     assert all(torch.equal(v, model.vision_tower.state_dict()[k]) for k, v in tower.items())
-    assert runner.weight_bytes(model) < before
+    assert metrics.weight_bytes(model) < before
     with pytest.raises(EgptError, match="compose at most one quantization"):
         quantize_llm_bnb(model.llm, BnbScheme(kind), CPU)
     assert len(generate_baseline(model, requests_for(model)[0], started_clock()).token_ids) > 0

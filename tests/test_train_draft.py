@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from egpt_speed.baselines.decoder import generate_baseline
+from egpt_speed.hf_generate import generate_baseline
 from egpt_speed.baselines.runner import RunConfig, resolve_samples
 from egpt_speed import train_draft as td
 from egpt_speed.cli import app
