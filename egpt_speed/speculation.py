@@ -176,11 +176,11 @@ class DynamicTarget:
         keep_cache_positions(self.cache, self._tree_base, keep)
 
 
-def lent_target(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target | None:
-    """The target a composed `supplies_target` strategy lends (compile+speculative), else None (a DynamicTarget)."""
-    if strategy.target_supplier is None:
+def lend_target_to(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target | None:
+    """The target the strategy's `lender` lends (compile+speculative), else None (the loop builds a DynamicTarget)."""
+    if strategy.lender is None:
         return None
-    return strategy.target_supplier.target_for(model, prefix_embeds.shape[1] + settings.max_new_tokens, strategy.ctx.gamma)
+    return strategy.lender.lend_target(model, prefix_embeds.shape[1] + settings.max_new_tokens, strategy.ctx.gamma)
 
 
 @dataclass(frozen=True)

@@ -54,11 +54,11 @@ class Compile(Strategy):
                 "static_cache": True,
                 "note": None if cuda_graph else "CPU: static-cache decode without graph capture (nothing to capture)"}
 
-    # ---- compile+speculative (needs the registry/speculation change in benchmarks/compile_speculative.patch) ----
+    # ---- compile+speculative: composed with a speculative decoder, compile lends it a StaticTarget ----
 
-    supplies_target = True  # composed with a speculative decoder, compile lends it a StaticTarget instead of decoding
+    lends_target = True
 
-    def target_for(self, model, max_seq: int, gamma: int):
+    def lend_target(self, model, max_seq: int, gamma: int):
         """A StaticTarget on this strategy's engine with room for max_seq positions (reused across samples)."""
         from egpt_speed.static_decode import StaticTarget
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import layer_truncated_view
-from egpt_speed.speculation import CausalLMProposer, lent_target, speculative_decode
+from egpt_speed.speculation import CausalLMProposer, lend_target_to, speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
 class EarlyExit(Strategy):
     name = "early-exit"
-    accepts_target = True
+    accepts_lent_target = True
     summary = "self-speculative: the target's first --exit-layer layers draft, the full target verifies; greedy lossless"
 
     def prepare(self, model) -> None:
@@ -28,7 +28,7 @@ class EarlyExit(Strategy):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = CausalLMProposer(self.view, prefix_embeds=prefix_embeds)
         return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
-                                  eos_ids(model), clock, target=lent_target(self, prefix_embeds, request.settings, model))
+                                  eos_ids(model), clock, target=lend_target_to(self, prefix_embeds, request.settings, model))
 
     def settings(self) -> dict:
         return {"gamma": self.ctx.gamma, "exit_layer": getattr(self, "exit_layer", self.ctx.options.get("exit_layer"))}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from egpt_speed.decoding import eos_ids
-from egpt_speed.speculation import lent_target, speculative_decode
+from egpt_speed.speculation import lend_target_to, speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
 
@@ -49,7 +49,7 @@ class PromptLookupProposer:
 @register
 class PromptLookup(Strategy):
     name = "pld"
-    accepts_target = True
+    accepts_lent_target = True
     summary = "prompt lookup decoding: n-gram copies from the prompt and output as drafts; greedy lossless"
 
     def decode(self, model, request, clock):
@@ -57,7 +57,7 @@ class PromptLookup(Strategy):
         proposer = PromptLookupProposer(request.text_ids.tolist(), model.llm.get_output_embeddings().weight.shape[0],
                                         model.device, int(self.ctx.options.get("pld_ngram") or 3))
         return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
-                                  eos_ids(model), clock, target=lent_target(self, prefix_embeds, request.settings, model))
+                                  eos_ids(model), clock, target=lend_target_to(self, prefix_embeds, request.settings, model))
 
     def settings(self) -> dict:
         return {"gamma": self.ctx.gamma, "max_ngram": int(self.ctx.options.get("pld_ngram") or 3)}

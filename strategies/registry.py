@@ -49,16 +49,16 @@ class Strategy:
     decodes: ClassVar[bool] = True
     modifies_model: ClassVar[bool] = False  # prepare changes the model: it needs its own copy in compare
     lossless: ClassVar[bool] = True
-    # Composed with another decoder, a `supplies_target` decoder (compile) does not decode: it lends
-    # a decoder that `accepts_target` (speculative, pld, early-exit) the target it verifies on.
-    supplies_target: ClassVar[bool] = False
-    accepts_target: ClassVar[bool] = False
+    # Composed with another decoder, a target lender (compile: `lends_target`) does not decode: it lends
+    # the decoder that `accepts_lent_target` (speculative, pld, early-exit) the target it verifies on.
+    lends_target: ClassVar[bool] = False
+    accepts_lent_target: ClassVar[bool] = False
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
-        self.target_supplier: Strategy | None = None  # set by `build` for e.g. compile+speculative
+        self.lender: Strategy | None = None  # set by `build` for e.g. compile+speculative
 
-    def target_for(self, model, max_seq: int, gamma: int):
+    def lend_target(self, model, max_seq: int, gamma: int):
         """A speculative target (speculation.Target: prefill / verify / crop) with room for max_seq positions."""
         raise NotImplementedError
 
@@ -171,15 +171,15 @@ def build(expression: str, ctx: RunContext) -> Strategy:
     if len(parts) == 1 and parts[0].decodes:
         return parts[0]
     decoders = [p for p in parts if p.decodes]
-    suppliers = [p for p in decoders if p.supplies_target]
-    loops = [p for p in decoders if not p.supplies_target]
-    if len(decoders) == 2 and len(suppliers) == 1 and loops[0].accepts_target:
-        loops[0].target_supplier = suppliers[0]  # compile+speculative: the draft loop verifies on a static cache
+    lenders = [p for p in decoders if p.lends_target]
+    loops = [p for p in decoders if not p.lends_target]
+    if len(decoders) == 2 and len(lenders) == 1 and loops[0].accepts_lent_target:
+        loops[0].lender = lenders[0]  # compile+speculative: the draft loop verifies on a static cache
         return ComposedStrategy(ctx, parts, loops[0])
     if len(decoders) == 2 and len(suppliers) == 1:
         raise EgptError(f"{loops[0].name} cannot run on {suppliers[0].name}'s static-cache target; "
                         f"run {loops[0].name} alone, or compose {suppliers[0].name} with one of "
-                        f"{', '.join(sorted(n for n, c in registry.items() if c.accepts_target))}.")
+                        f"{', '.join(sorted(n for n, c in registry.items() if c.accepts_lent_target))}.")
     if len(decoders) > 1:
         raise EgptError(f"{expression!r} combines two decoding loops ({decoders[0].name}, {decoders[1].name}); compose at most one with preparers.")
     decoder = decoders[0] if decoders else registry["baseline"](ctx)

@@ -5,14 +5,14 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.eagle import EagleProposer
-from egpt_speed.speculation import CausalLMProposer, TreeShape, lent_target, speculative_decode
+from egpt_speed.speculation import CausalLMProposer, TreeShape, lend_target_to, speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
 class Speculative(Strategy):
     name = "speculative"
-    accepts_target = True
+    accepts_lent_target = True
     summary = "draft (--draft: EAGLE head dir, causal LM, EventGPT, or target) proposes γ tokens, one target forward verifies; greedy lossless"
 
     def prepare(self, model) -> None:
@@ -33,7 +33,7 @@ class Speculative(Strategy):
         proposer = self.proposer_for(model, request, prefix_embeds)
         return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
                                   eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
-                                  target=lent_target(self, prefix_embeds, request.settings, model),
+                                  target=lend_target_to(self, prefix_embeds, request.settings, model),
                                   tree=self.tree_shape())
 
     def tree_shape(self) -> TreeShape | None:

@@ -268,7 +268,7 @@ def test_speculative_loop_on_a_static_target(model):
 @pytest.mark.parametrize("loop", ["pld", "early-exit"])
 def test_compile_plus_speculative_loop_equals_baseline(model, loop):
     """compile lends the loop a StaticTarget (runs once the registry has `supplies_target`, see the patch)."""
-    if not hasattr(registry.Strategy, "accepts_target"):
+    if not hasattr(registry.Strategy, "accepts_lent_target"):
         pytest.skip("the registry cannot compose compile with a speculative loop yet (apply benchmarks/compile_speculative.patch)")
     for seed in (31, 32):
         request = request_for(model, seed, 12, 6, 30)
