@@ -14,10 +14,14 @@ import numpy as np
 from PIL import Image
 
 from egpt_speed.errors import EgptError
+from egpt_speed.safe_load import load_npy
 
 EVENT_KEYS = ("x", "y", "t", "p")
 OFFICIAL_FRAMES = 5
 INSTRUCTION_JSON = "EventGPT_Instruction_Subset.json"
+# Largest frame side accepted (pixels): DSEC is 640x480, the largest event sensors ~1280x720; a clip with
+# x = 65535 would otherwise make the renderer allocate a 65536-wide frame per chunk (tens of GiB).
+MAX_SENSOR_SIDE = 4096
 
 # Colour of a pixel by code: 0 untouched (white), 1 last event had polarity 0 (blue), 2 polarity 1 (red).
 _PALETTE = np.array([[255, 255, 255], [0, 0, 255], [255, 0, 0]], dtype=np.uint8)
@@ -25,11 +29,12 @@ _PALETTE = np.array([[255, 255, 255], [0, 0, 255], [255, 0, 0]], dtype=np.uint8)
 
 @dataclass(frozen=True)
 class EventStream:
-    x: np.ndarray  # [N] integer pixel column
+    x: np.ndarray  # [N] unsigned/signed integer pixel column (as stored, at most 32 bits)
     y: np.ndarray  # [N] integer pixel row
     t: np.ndarray  # [N] int64 timestamps, µs
     p: np.ndarray  # [N] uint8 polarity 0/1
     meta: dict = field(default_factory=dict)  # other keys of the npy dict, JSON-friendly scalars only
+    warnings: tuple[str, ...] = ()  # data oddities that did not stop loading (unsorted/negative t), for the result
 
     @property
     def num_events(self) -> int:
@@ -39,8 +44,12 @@ class EventStream:
 # ---------------------------------------------------------------- loading
 
 
-def load_event_npy(path: Path) -> EventStream:
-    """Read one EventGPT clip: an .npy holding a pickled dict with x, y, t, p (+ metadata keys)."""
+def load_event_npy(path: Path, max_coordinate: int = MAX_SENSOR_SIDE - 1) -> EventStream:
+    """Read one EventGPT clip: an .npy holding a pickled dict with x, y, t, p (+ metadata keys).
+
+    Nothing in the file can run code (restricted unpickler); x/y above `max_coordinate` are refused
+    before any frame is allocated; unsorted or negative timestamps only add to `warnings`.
+    """
     path = Path(path)
     if not path.is_file():
         raise EgptError(f"Event file {path} does not exist; check the path or the dataset layout.")
@@ -53,27 +62,20 @@ def load_event_npy(path: Path) -> EventStream:
         )
     arrays = {k: np.asarray(raw[k]) for k in EVENT_KEYS}
     _check_event_arrays(path, arrays)
+    _check_coordinates(path, arrays, max_coordinate)
+    t = arrays["t"].astype(np.int64, copy=False)
     return EventStream(
         x=_to_pixel_index(arrays["x"]),
         y=_to_pixel_index(arrays["y"]),
-        t=arrays["t"].astype(np.int64),
-        # The reference renderer treats any non-zero polarity as "on", so -1/1 encodings map correctly too.
-        p=(arrays["p"] != 0).astype(np.uint8),
+        t=t,
+        p=_to_polarity(arrays["p"]),
         meta=_json_scalars({k: v for k, v in raw.items() if k not in EVENT_KEYS}),
+        warnings=_timestamp_warnings(path, t),
     )
 
 
 def _read_npy_dict(path: Path) -> dict:
-    try:
-        loaded = np.load(path, allow_pickle=True)
-    except Exception as exc:  # np.load falls back to unpickling, which can raise almost anything
-        raise EgptError(
-            f"Event file {path} is not a readable .npy file ({type(exc).__name__}); "
-            "it may be corrupt or truncated, so re-export or re-download it."
-        ) from exc
-    if isinstance(loaded, np.lib.npyio.NpzFile):
-        loaded.close()
-        raise EgptError(f"Event file {path} is an .npz archive; EventGPT clips are .npy files holding a dict.")
+    loaded = load_npy(path)
     obj = loaded.item() if isinstance(loaded, np.ndarray) and loaded.dtype == object and loaded.size == 1 else loaded
     if not isinstance(obj, dict):
         raise EgptError(
@@ -100,8 +102,42 @@ def _check_event_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
             raise EgptError(f"Event file {path} has negative '{key}' pixel coordinates; they must be >= 0.")
 
 
+def _check_coordinates(path: Path, arrays: dict[str, np.ndarray], max_coordinate: int) -> None:
+    for key in ("x", "y"):
+        top = int(arrays[key].max())
+        if top > max_coordinate:
+            raise EgptError(
+                f"Event file {path} has '{key}' up to {top}, beyond the sensor bound {max_coordinate}: EventGPT frames "
+                f"are (max y + 1) x (max x + 1) pixels, so this clip would need a {top + 1}-pixel side; fix the clip."
+            )
+
+
+def _timestamp_warnings(path: Path, t: np.ndarray) -> tuple[str, ...]:
+    found = []
+    negative = int(np.count_nonzero(t < 0))
+    if negative:
+        found.append(f"{path.name}: {negative} negative timestamp(s); rendering ignores t, frames unaffected")
+    backwards = int(np.count_nonzero(t[1:] < t[:-1]))
+    if backwards:
+        found.append(f"{path.name}: timestamps not sorted ({backwards} decreasing step(s)); rendering ignores t, "
+                     "frames unaffected")
+    return tuple(found)
+
+
 def _to_pixel_index(arr: np.ndarray) -> np.ndarray:
-    return arr.astype(np.int32 if np.can_cast(arr.dtype, np.int32) else np.int64)
+    # Stored dtypes (uint16 in EventGPT's files) are kept: the renderers widen on the fly, so Stage 1 copies nothing.
+    if arr.dtype.itemsize <= 4:
+        return arr
+    return arr.astype(np.int64, copy=False)
+
+
+def _to_polarity(p: np.ndarray) -> np.ndarray:
+    if p.dtype == np.bool_:
+        return p.view(np.uint8)
+    if p.dtype == np.uint8 and int(p.max()) <= 1:
+        return p
+    # The reference renderer treats any non-zero polarity as "on", so -1/1 encodings map correctly too.
+    return (p != 0).view(np.uint8)
 
 
 def _json_scalars(meta: dict) -> dict:
@@ -140,6 +176,7 @@ def render_frame(x: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=np.int64)
     y = np.asarray(y, dtype=np.int64)
     height, width = int(y.max()) + 1, int(x.max()) + 1
+    check_frame_size(height, width)
     pixel = y * width + x
     # Encode (event order, polarity) in one integer so a per-pixel max picks the last event and its polarity;
     # ufunc.at is documented to apply every repeated index, unlike fancy assignment.
@@ -148,6 +185,14 @@ def render_frame(x: np.ndarray, y: np.ndarray, p: np.ndarray) -> np.ndarray:
     np.maximum.at(last, pixel, order_and_pol)
     code = np.where(last >= 0, (last & 1) + 1, 0)
     return _PALETTE[code].reshape(height, width, 3)
+
+
+def check_frame_size(height: int, width: int) -> None:
+    if max(height, width) > MAX_SENSOR_SIDE:
+        raise EgptError(
+            f"A frame of {height}x{width} pixels exceeds the {MAX_SENSOR_SIDE}-pixel sensor bound; "
+            "the clip's x/y coordinates are out of range, so fix the clip."
+        )
 
 
 def render_frames(stream: EventStream, n_frames: int) -> list[np.ndarray]:
@@ -169,8 +214,13 @@ def _load_png(path: Path) -> np.ndarray:
     if not path.is_file():
         raise EgptError(f"Frame image {path} does not exist; check the dataset's event_image folders.")
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+        with Image.open(path) as img:  # lazy: the size is known before any pixel is decoded
+            if max(img.size) > MAX_SENSOR_SIDE:
+                raise EgptError(f"Frame image {path} is {img.size[0]}x{img.size[1]} pixels, beyond the "
+                                f"{MAX_SENSOR_SIDE}-pixel sensor bound; re-render it from its clip.")
+            return np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
+    except EgptError:
+        raise
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for bad files
         raise EgptError(f"Frame image {path} cannot be read ({exc}); it may be corrupt, so re-render it.") from exc
 
