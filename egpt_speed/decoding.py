@@ -5,9 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import inspect
+
 import torch
+from transformers.models.llama.modeling_llama import LlamaModel
 
 from egpt_speed.prompt import text_only_ids
+
+# transformers 5.x renamed forward's `past_key_values` to `cache` (5.24 warns on the old name, which
+# goes in 5.40); older 5.x releases we support (>= 5.17) may know only the old one. Every model
+# class of one install uses the same name.
+CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parameters else "past_key_values"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,11 @@ def crop_cache(cache, length: int) -> None:
     excess = cache.get_seq_length() - length
     if excess > 0:
         cache.crop(-excess)
+
+
+def with_cache(cache, **inputs) -> dict:
+    """Forward kwargs that feed `cache` (a transformers Cache) under this install's name for it."""
+    return {CACHE_KWARG: cache, "use_cache": True, **inputs}
 
 
 def eos_ids(model) -> set[int]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -67,9 +67,60 @@ def accept_rate(accepted: int, drafted: int) -> float | None:
     return accepted / drafted if drafted else None
 
 
-def mean_accepted_tokens(num_tokens: int, target_forwards: int) -> float | None:
-    """New tokens per target forward, the bonus token included (Spec-Bench / vLLM convention)."""
+def mean_accepted_tokens(accepted: int, verify_steps: int) -> float | None:
+    """τ: tokens committed per verification step, the bonus included, the prefill forward excluded
+    = 1 + accepted / steps (Spec-Bench's τ, vLLM's mean acceptance length; a perfect draft at γ = 4
+    gives 5.0)."""
+    return 1 + accepted / verify_steps if verify_steps else None
+
+
+def tokens_per_target_forward(num_tokens: int, target_forwards: int) -> float | None:
+    """New tokens / target forwards, the prefill forward and its first token included (the figure
+    this project reported as mean accepted tokens before τ was fixed)."""
     return num_tokens / target_forwards if target_forwards else None
+
+
+@dataclass
+class SpeculationCounters:
+    """What the speculative loop counts for one sample; `speculation_metrics` turns it into result keys."""
+
+    gamma: int
+    target_forwards: int = 0  # prefill included
+    draft_forwards: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)
+    drafted_by_position: list[int] = field(default_factory=list)
+    tree_nodes: int = 0  # drafted tree nodes verified (tree drafting only)
+
+    @property
+    def verify_steps(self) -> int:
+        return max(self.target_forwards - 1, 0)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        """One verification step: `proposed` draft tokens (tree: its depth), the first `accepted` kept."""
+        width = max(len(self.drafted_by_position), proposed)
+        self.drafted_by_position += [0] * (width - len(self.drafted_by_position))
+        self.accepted_by_position += [0] * (width - len(self.accepted_by_position))
+        for position in range(proposed):
+            self.drafted_by_position[position] += 1
+            self.accepted_by_position[position] += int(position < accepted)
+        self.drafted += proposed
+        self.accepted += accepted
+        self.target_forwards += 1
+
+
+def speculation_metrics(counters: SpeculationCounters, num_tokens: int, draft_ms: float, verify_ms: float) -> dict:
+    """Per-sample result keys of a speculative decode (c = draft step / verify step, both measured)."""
+    draft_step_ms = draft_ms / counters.draft_forwards if counters.draft_forwards else None
+    verify_step_ms = verify_ms / counters.verify_steps if counters.verify_steps else None
+    return {"gamma": counters.gamma, "target_forwards": counters.target_forwards,
+            "draft_forwards": counters.draft_forwards, "drafted": counters.drafted, "accepted": counters.accepted,
+            "accept_rate": accept_rate(counters.accepted, counters.drafted),
+            "mean_accepted_tokens": mean_accepted_tokens(counters.accepted, counters.verify_steps),
+            "tokens_per_target_forward": tokens_per_target_forward(num_tokens, counters.target_forwards),
+            "accepted_by_position": counters.accepted_by_position, "drafted_by_position": counters.drafted_by_position,
+            "cost_ratio": ratio(draft_step_ms, verify_step_ms) if draft_step_ms else None}
 
 
 def expected_tokens_per_step(alpha: float, gamma: int) -> float:
@@ -122,10 +173,12 @@ def speculation_summary(samples: Sequence[dict]) -> dict:
                 by_position_drafted.append(0)
             by_position_accepted[k] += a
             by_position_drafted[k] += d
+    # every sample's first target forward is its prefill, not a verification step
+    steps = sum(max(s.get("target_forwards", 0) - 1, 0) for s in samples)
     summary = {"drafted": drafted, "accepted": accepted, "target_forwards": forwards,
                "accept_rate": accept_rate(accepted, drafted),
-               # prefill's first token came from the prefill forward, which counts as a target forward
-               "mean_accepted_tokens": mean_accepted_tokens(tokens, forwards),
+               "mean_accepted_tokens": mean_accepted_tokens(accepted, steps),
+               "tokens_per_target_forward": tokens_per_target_forward(tokens, forwards),
                "acceptance_by_position": [accept_rate(a, d) for a, d in zip(by_position_accepted, by_position_drafted)]}
     ratios = [s["cost_ratio"] for s in samples if s.get("cost_ratio") is not None]
     gammas = [s["gamma"] for s in samples if s.get("gamma")]
@@ -134,8 +187,8 @@ def speculation_summary(samples: Sequence[dict]) -> dict:
         gamma = round(statistics.median(gammas))
         summary["cost_ratio"] = c
         summary["predicted_speedup"] = predicted_speedup(summary["accept_rate"], gamma, c)
-        # the same cost model fed the measured tokens per forward: right also where acceptance is not
-        # i.i.d. per position (a draft tree, a head whose later positions decay)
+        # the same cost model fed the measured τ (tokens per verify step) as E: right also where
+        # acceptance is not i.i.d. per position (a draft tree, a head whose later positions decay)
         if summary["mean_accepted_tokens"] is not None:
             summary["predicted_speedup_measured_e"] = summary["mean_accepted_tokens"] / (gamma * c + 1)
     return summary

@@ -3,13 +3,14 @@
 Node 0 is the root: the pending token, whose keys/values are not cached yet. Nodes 1..N are drafted
 tokens; `parents[i]` is node i's parent (0 for depth 1). The target scores all N+1 in one forward
 where node i sees the cache, its ancestors and itself (`tree_attention_mask`) at position
-base + depth(i) (`tree_position_ids`); greedy acceptance walks from the root along the child that
-matches the target's argmax (`greedy_tree_accept`), and the cache keeps only that path
-(`keep_cache_positions`).
+base + depth(i) (`tree_position_ids`); the verifier (verify.py) walks it from the root, and the
+cache keeps only the accepted path (`keep_cache_positions`). A drafter builds the tree from a pool of
+scored candidates (`select_tree`), its draft model reading the pool under `pool_tree_mask`.
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -66,63 +67,6 @@ def tree_position_ids(tree: DraftTree, base: int, device: torch.device) -> torch
     return (torch.tensor(tree.depths(), device=device) + base).unsqueeze(0)
 
 
-def greedy_tree_accept(tree: DraftTree, target_argmax: list[int]) -> tuple[list[int], int]:
-    """Walk from the root while a child holds the target's greedy token.
-
-    target_argmax: [N+1] the target's argmax after each node. Returns (accepted node indices in
-    path order, root excluded; bonus token = the target's argmax after the last accepted node).
-    """
-    children: dict[int, dict[int, int]] = {}
-    for node in range(1, len(tree.tokens)):
-        children.setdefault(tree.parents[node], {}).setdefault(tree.tokens[node], node)
-    path, node = [], 0
-    while True:
-        wanted = target_argmax[node]
-        child = children.get(node, {}).get(wanted)
-        if child is None:
-            return path, wanted
-        path.append(child)
-        node = child
-
-
-def sample_tree_accept(tree: DraftTree, p_target: torch.Tensor, generator: torch.Generator | None) -> tuple[list[int], int]:
-    """Tree speculative sampling: the emitted tokens follow the target's distribution exactly.
-
-    p_target: [N+1, V] the target's sampling distribution after each node. At a node, its children
-    c_1, c_2, ... (drawn without replacement from q = child_probs[node], in that order) are tried in
-    turn: c_i is accepted with probability min(1, p(c_i) / q(c_i)); on rejection p becomes
-    norm(max(p − q, 0)) and c_i's mass leaves q (renormalised) — each try is one standard
-    speculative-sampling step for the distribution the output must still follow (SpecInfer; Sequoia
-    for drawing without replacement). An accepted child becomes the node; when all are rejected,
-    or a node has none, the bonus token is drawn from the current p. Returns (path, bonus).
-    """
-    children: dict[int, list[int]] = {}
-    for node in range(1, len(tree.tokens)):
-        children.setdefault(tree.parents[node], []).append(node)
-    path, node = [], 0
-    while True:
-        p = p_target[node]
-        accepted = None
-        if children.get(node):
-            q = tree.child_probs[node].to(p.device, p.dtype).clone()
-            for child in children[node]:
-                token = tree.tokens[child]
-                u = torch.rand((), device=p.device, generator=generator)
-                if bool(u * q[token] <= p[token]):  # the one host sync per try
-                    accepted = child
-                    break
-                # p = q exactly leaves no residual; such a p rejects nothing, so keeping p is exact
-                residual = (p - q).clamp_min(0.0)
-                total = residual.sum()
-                p = torch.where(total > 0, residual / total.clamp_min(torch.finfo(p.dtype).tiny), p)
-                q[token] = 0.0  # later children were drawn without it; their mass is positive
-                q = q / q.sum()
-        if accepted is None:
-            return path, int(torch.multinomial(p, 1, generator=generator).item())
-        path.append(accepted)
-        node = accepted
-
-
 def keep_cache_positions(cache, base: int, keep: list[int]) -> None:
     """Compact a transformers DynamicCache after a tree verify: block offsets `keep` (root = 0, then
     the accepted path) move to base, base+1, ...; everything after them is dropped."""
@@ -137,3 +81,95 @@ def keep_cache_positions(cache, base: int, keep: list[int]) -> None:
     excess = cache.get_seq_length() - (base + len(keep))
     if excess > 0:
         cache.crop(-excess)
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    """EAGLE-2 dynamic tree, γ levels deep, `topk` nodes expanded per level, at most `max_nodes`
+    drafted nodes verified. Greedy: `topk` children per expanded node, the likeliest `max_nodes`
+    kept. Sampling: every drawn child is kept, so each node gets the widest equal number of
+    children that fits `max_nodes` (`sampling_branching`; at least a chain of γ)."""
+
+    topk: int = 8
+    max_nodes: int = 32
+
+
+def sampling_branching(depth: int, expanded_per_level: int, max_nodes: int) -> int:
+    """Children per node for a sampled tree: the widest b whose full tree (b children at the root, then
+    up to `expanded_per_level` nodes per level with b children each, `depth` levels) has ≤ max_nodes nodes."""
+    for width in range(max(expanded_per_level, 1), 0, -1):
+        level, total = width, width
+        for _ in range(depth - 1):
+            level = min(expanded_per_level, level) * width
+            total += level
+        if total <= max_nodes:
+            return width
+    return 1
+
+
+def pool_tree_mask(frontier: list[int], parents: list[int], slots: dict[int, int], base: int,
+                   dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[1, 1, m, base + len(slots)] additive mask while a drafter expands a candidate pool level by level:
+    frontier node i sees the drafter's cache (`base` positions), the slots of its ancestors and its own.
+
+    parents: pool index → parent pool index (-1 = root); slots: pool index → drafter-cache slot.
+    """
+    allowed = torch.zeros(len(frontier), base + len(slots), dtype=torch.bool)
+    allowed[:, :base] = True
+    for row, node in enumerate(frontier):
+        while node != -1:
+            allowed[row, base + slots[node]] = True
+            node = parents[node]
+    return additive_mask(allowed, dtype, device)
+
+
+def _blockers(index: int, parents: list[int], previous_sibling: list[int]) -> list[int]:
+    return [b for b in (parents[index], previous_sibling[index]) if b != -1]
+
+
+def _best_closed_subset(scores: list[float], parents: list[int], max_nodes: int) -> set[int]:
+    """Greedy best-first: a candidate becomes eligible once its parent and previous sibling are kept."""
+    previous_sibling, last_child = [-1] * len(scores), {}
+    for index, parent in enumerate(parents):
+        previous_sibling[index] = last_child.get(parent, -1)
+        last_child[parent] = index
+    waiting: dict[int, list[int]] = {}  # a candidate's blocker (parent or earlier sibling) → candidates
+    ready: list[tuple[float, int]] = []
+    for index in range(len(scores)):
+        blockers = _blockers(index, parents, previous_sibling)
+        if blockers:
+            waiting.setdefault(max(blockers), []).append(index)  # the later blocker is taken last
+        else:
+            heapq.heappush(ready, (-scores[index], index))
+    kept: set[int] = set()
+    while ready and len(kept) < max_nodes:
+        _, index = heapq.heappop(ready)
+        kept.add(index)
+        for candidate in waiting.pop(index, []):
+            missing = [b for b in _blockers(candidate, parents, previous_sibling) if b not in kept]
+            if missing:
+                waiting.setdefault(missing[0], []).append(candidate)
+            else:
+                heapq.heappush(ready, (-scores[candidate], candidate))
+    return kept
+
+
+def select_tree(root_token: int, tokens: list[int], scores: list[float], parents: list[int], max_nodes: int,
+                child_probs: dict[int, torch.Tensor] | None = None) -> DraftTree:
+    """The `max_nodes` best pool candidates as a DraftTree, best first, taking a candidate only once its
+    parent and its earlier siblings are taken: the tree is ancestor-closed and each node keeps a prefix of
+    its children in draw order (what tree rejection sampling assumes); nodes are ordered parents first.
+
+    tokens, scores (log-probability of the path), parents (pool index, -1 = root): one entry per
+    candidate, parents and earlier siblings listed first; child_probs: pool index (-1 = root) → the
+    distribution [V] its children were drawn from (sampled trees).
+    """
+    kept = _best_closed_subset(scores, parents, max_nodes)
+    node_of = {-1: 0}
+    tree_tokens, tree_parents = [root_token], [-1]
+    for index in sorted(kept):  # pool order lists parents and earlier siblings first
+        node_of[index] = len(tree_tokens)
+        tree_tokens.append(tokens[index])
+        tree_parents.append(node_of[parents[index]])
+    probs = {node_of[index]: q for index, q in (child_probs or {}).items() if index in node_of}
+    return DraftTree(tree_tokens, tree_parents, probs or None)

@@ -11,7 +11,7 @@ follows the target's sampling distribution.
 from __future__ import annotations
 
 from egpt_speed.errors import EgptError
-from egpt_speed.speculation import TreeShape
+from egpt_speed.tree import TreeShape
 from egpt_speed.strategies.eagle import Eagle
 from egpt_speed.strategies.registry import register
 

@@ -176,9 +176,9 @@ def build(expression: str, ctx: RunContext) -> Strategy:
     if len(decoders) == 2 and len(lenders) == 1 and loops[0].accepts_lent_target:
         loops[0].lender = lenders[0]  # compile+speculative: the draft loop verifies on a static cache
         return ComposedStrategy(ctx, parts, loops[0])
-    if len(decoders) == 2 and len(suppliers) == 1:
-        raise EgptError(f"{loops[0].name} cannot run on {suppliers[0].name}'s static-cache target; "
-                        f"run {loops[0].name} alone, or compose {suppliers[0].name} with one of "
+    if len(decoders) == 2 and len(lenders) == 1:
+        raise EgptError(f"{loops[0].name} cannot run on {lenders[0].name}'s static-cache target; "
+                        f"run {loops[0].name} alone, or compose {lenders[0].name} with one of "
                         f"{', '.join(sorted(n for n, c in registry.items() if c.accepts_lent_target))}.")
     if len(decoders) > 1:
         raise EgptError(f"{expression!r} combines two decoding loops ({decoders[0].name}, {decoders[1].name}); compose at most one with preparers.")

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
-from egpt_speed.eagle import EagleProposer
-from egpt_speed.speculation import CausalLMProposer, TreeShape, lend_target_to, speculative_decode
+from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
+from egpt_speed.speculation import lend_target_to, speculative_decode
+from egpt_speed.tree import TreeShape
 from egpt_speed.strategies.registry import Strategy, register
 
 
@@ -18,7 +19,7 @@ class Speculative(Strategy):
     def prepare(self, model) -> None:
         self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
 
-    def proposer_for(self, model, request, prefix_embeds):
+    def proposer_for(self, model, request, prefix_embeds) -> Proposer:
         if self.draft.head is not None:
             return EagleProposer(self.draft.head, model.llm, prefix_embeds)
         if not self.draft.multimodal:
@@ -31,10 +32,9 @@ class Speculative(Strategy):
     def decode(self, model, request, clock):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
-        return speculative_decode(model.llm, prefix_embeds, proposer, request.settings, self.ctx.gamma,
-                                  eos_ids(model), clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
-                                  target=lend_target_to(self, prefix_embeds, request.settings, model),
-                                  tree=self.tree_shape())
+        target = lend_target_to(self, prefix_embeds, request.settings, model)
+        return speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model), clock,
+                                  adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")), tree=self.tree_shape())
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""

@@ -8,8 +8,9 @@ import torch
 from egpt_speed import train_draft as td
 from egpt_speed.datasets import discover_samples, load_questions
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.eagle import EagleHead, EagleProposer, causal_mask, head_config_from_target
-from egpt_speed.speculation import speculative_decode
+from egpt_speed.eagle import EagleHead, causal_mask, head_config_from_target
+from egpt_speed.proposers import EagleProposer
+from egpt_speed.speculation import DynamicTarget, speculative_decode
 from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
 from helpers import make_tiny_eventgpt
@@ -55,7 +56,7 @@ def test_eagle_greedy_fp32_equals_baseline(trained, gamma):
                                        max_new_tokens=30, do_sample=False, eos_token_id=None)[0].tolist()
     clock = Clock(CPU)
     clock.begin()
-    result = speculative_decode(model.llm, embeds, EagleProposer(head, model.llm, embeds), GenerationSettings(max_new_tokens=30),
+    result = speculative_decode(DynamicTarget(model.llm), embeds, EagleProposer(head, model.llm, embeds), GenerationSettings(max_new_tokens=30),
                                 gamma, set(), clock)
     assert result.token_ids == reference
     assert result.metrics["drafted"] > 0

@@ -11,9 +11,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from egpt_speed.decoding import GenerationSettings
 from egpt_speed.drafts import check_shared_tokenizer, layer_truncated_view
 from egpt_speed.errors import EgptError
-from egpt_speed.speculation import CausalLMProposer, greedy_accept, rejection_sample, speculative_decode
+from egpt_speed.proposers import CausalLMProposer, PromptLookupProposer
+from egpt_speed.speculation import DynamicTarget, speculative_decode
 from egpt_speed.timing import Clock
-from egpt_speed.strategies.pld import PromptLookupProposer
+from egpt_speed.verify import greedy_accept, rejection_sample
 
 VOCAB = 97
 CPU = torch.device("cpu")
@@ -55,7 +56,7 @@ def run_spec(target, embeds, proposer, max_new_tokens, gamma, stop_ids):
     settings = GenerationSettings(max_new_tokens=max_new_tokens)
     clock = Clock(CPU)
     clock.begin()
-    return speculative_decode(target, embeds, proposer, settings, gamma, stop_ids, clock)
+    return speculative_decode(DynamicTarget(target), embeds, proposer, settings, gamma, stop_ids, clock)
 
 
 # ---- standalone acceptance functions --------------------------------------------------------
@@ -123,7 +124,8 @@ def test_draft_equal_to_target_accepts_everything(target, prefix):
     result = run_spec(target, embeds, CausalLMProposer(target, prefix_embeds=embeds), max_new, gamma, set())
     assert result.token_ids == reference_greedy(target, embeds, max_new, eos=None)
     assert result.metrics["accept_rate"] == 1.0
-    assert result.metrics["mean_accepted_tokens"] == pytest.approx(max_new / 9)  # prefill + 8 verifies of γ+1
+    assert result.metrics["mean_accepted_tokens"] == 5.0  # τ: γ accepted + the bonus per verify step
+    assert result.metrics["tokens_per_target_forward"] == pytest.approx(max_new / 9)  # prefill + 8 verifies
     assert result.metrics["accepted_by_position"] == result.metrics["drafted_by_position"]
 
 
@@ -157,15 +159,14 @@ def test_early_exit_view_shares_weights_and_stays_lossless(target, prefix):
 
 def test_prompt_lookup_proposes_the_continuation_of_the_last_ngram():
     proposer = PromptLookupProposer([5, 6, 7, 8, 9], vocab_size=20, device=CPU, max_ngram=2)
-    tokens, probs = proposer.propose([1, 6, 7], 3, GenerationSettings(), None)
-    assert tokens.tolist() == [8, 9, 1] and probs is None
-    tokens, _ = proposer.propose([11, 12], 3, GenerationSettings(), None)
-    assert tokens.tolist() == []
+    draft = proposer.propose([1, 6, 7], 3, GenerationSettings(), None)
+    assert draft.tokens.tolist() == [8, 9, 1] and draft.p_draft is None
+    assert proposer.propose([11, 12], 3, GenerationSettings(), None).tokens.tolist() == []
 
 
 def test_prompt_lookup_is_lossless(target, prefix):
     embeds, text_ids = prefix
-    proposer = PromptLookupProposer(text_ids.tolist(), VOCAB, CPU)
+    proposer = PromptLookupProposer(text_ids.tolist(), VOCAB, CPU, max_ngram=3)
     result = run_spec(target, embeds, proposer, 30, 4, set())
     assert result.token_ids == reference_greedy(target, embeds, 30, eos=None)
 
@@ -178,7 +179,7 @@ def test_sampled_speculative_is_seeded_repeatable(target, prefix):
     for _ in range(2):
         clock = Clock(CPU)
         clock.begin()
-        outputs.append(speculative_decode(target, embeds, CausalLMProposer(draft, prefix_ids=text_ids), settings, 3,
+        outputs.append(speculative_decode(DynamicTarget(target), embeds, CausalLMProposer(draft, prefix_ids=text_ids), settings, 3,
                                           set(), clock).token_ids)
     assert outputs[0] == outputs[1] and len(outputs[0]) == 20
 

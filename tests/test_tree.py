@@ -10,10 +10,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.eagle import EagleHead, EagleProposer, draft_vocabulary, head_config_from_target, sampling_branching
-from egpt_speed.speculation import DynamicTarget, TreeShape, speculative_decode
+from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
+from egpt_speed.proposers import EagleProposer
+from egpt_speed.speculation import DynamicTarget, speculative_decode
 from egpt_speed.timing import Clock
-from egpt_speed.tree import DraftTree, greedy_tree_accept, sample_tree_accept, tree_attention_mask, tree_position_ids
+from egpt_speed.tree import (DraftTree, TreeShape, pool_tree_mask, sampling_branching, select_tree, tree_attention_mask,
+                             tree_position_ids)
+from egpt_speed.verify import greedy_tree_accept, sample_tree_accept
 
 CPU = torch.device("cpu")
 # root 0 → 1, 2 ; 1 → 3, 4 ; 2 → 5 ; 4 → 6   (tokens chosen so siblings differ)
@@ -110,7 +113,7 @@ def test_selected_tree_is_ancestor_closed_and_bounded():
     tokens = [5, 6, 7, 8, 9, 10]
     scores = [-0.1, -0.5, -0.2, -0.3, -0.9, -0.25]
     parents = [-1, -1, 0, 0, 1, 2]
-    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=4)
+    tree = select_tree(1, tokens, scores, parents, max_nodes=4)
     assert tree.size == 4
     kept = set(tree.tokens[1:])
     assert kept == {5, 7, 8, 10}  # 10's parent 7 kept; 6 (−0.5) loses to deeper but likelier nodes
@@ -139,7 +142,7 @@ def test_eagle_tree_greedy_fp32_equals_greedy_decoding(depth, topk, nodes):
                                  max_new_tokens=40, do_sample=False, eos_token_id=None)[0].tolist()
     clock = Clock(CPU)
     clock.begin()
-    result = speculative_decode(llm, embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=40),
+    result = speculative_decode(DynamicTarget(llm), embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=40),
                                 depth, set(), clock, tree=TreeShape(topk=topk, max_nodes=nodes))
     assert result.token_ids == reference
     assert result.metrics["accepted"] > 0
@@ -156,7 +159,7 @@ def test_tree_beats_chain_on_tokens_per_forward():
     for name, tree in {"chain": None, "tree": TreeShape(topk=4, max_nodes=16)}.items():
         clock = Clock(CPU)
         clock.begin()
-        runs[name] = speculative_decode(llm, embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock, tree=tree)
+        runs[name] = speculative_decode(DynamicTarget(llm), embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock, tree=tree)
     assert runs["tree"].token_ids == runs["chain"].token_ids
     assert runs["tree"].metrics["mean_accepted_tokens"] > runs["chain"].metrics["mean_accepted_tokens"]
 
@@ -171,7 +174,7 @@ def test_tree_cache_stays_consistent_with_eos_inside_an_accepted_path():
     expected = reference[:reference.index(stop) + 1]
     clock = Clock(CPU)
     clock.begin()
-    result = speculative_decode(llm, embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=30),
+    result = speculative_decode(DynamicTarget(llm), embeds, EagleProposer(init_head(llm), llm, embeds), GenerationSettings(max_new_tokens=30),
                                 4, {stop}, clock, tree=TreeShape(topk=4, max_nodes=16))
     assert result.token_ids == expected
 
@@ -179,7 +182,7 @@ def test_tree_cache_stays_consistent_with_eos_inside_an_accepted_path():
 def test_head_tree_mask_blocks_siblings():
     parents = [-1, -1, 0, 1]
     slots = {0: 0, 1: 1, 2: 2, 3: 3}
-    mask = EagleProposer._tree_mask([2, 3], parents, slots, 2, torch.float32, CPU)[0, 0]
+    mask = pool_tree_mask([2, 3], parents, slots, 2, torch.float32, CPU)[0, 0]
     assert (mask == 0).int().tolist() == [[1, 1, 1, 0, 1, 0], [1, 1, 0, 1, 0, 1]]
 
 
@@ -202,7 +205,7 @@ def test_a_draft_vocabulary_keeps_speculation_lossless(tree, tmp_path):
     assert loaded.draft_vocab.tolist() == head.draft_vocab.tolist()
     clock = Clock(CPU)
     clock.begin()
-    result = speculative_decode(llm, embeds, EagleProposer(loaded, llm, embeds), GenerationSettings(max_new_tokens=30),
+    result = speculative_decode(DynamicTarget(llm), embeds, EagleProposer(loaded, llm, embeds), GenerationSettings(max_new_tokens=30),
                                 4, set(), clock, tree=tree)
     assert result.token_ids == reference
     assert result.metrics["accepted"] > 0
@@ -218,8 +221,9 @@ def test_sampled_drafts_from_a_draft_vocabulary_carry_their_full_distribution():
         target = DynamicTarget(llm)
         target.prefill(embeds)
         proposer.observe(target.last_hidden)
-        tokens, p_draft = proposer.propose([3], 3, GenerationSettings(do_sample=True, temperature=1.0),
-                                           torch.Generator().manual_seed(0))
+        draft = proposer.propose([3], 3, GenerationSettings(do_sample=True, temperature=1.0),
+                                 torch.Generator().manual_seed(0))
+    tokens, p_draft = draft.tokens, draft.p_draft
     assert set(tokens.tolist()) <= {2, 5, 7, 11}
     assert p_draft.shape == (3, 32)
     torch.testing.assert_close(p_draft.sum(-1), torch.ones(3))
@@ -236,10 +240,11 @@ def test_speculation_summary_predicts_from_measured_tokens_per_forward():
     samples = [{"drafted": 8, "accepted": 6, "target_forwards": 3, "num_tokens": 9, "gamma": 4, "cost_ratio": 0.05,
                 "accepted_by_position": [2, 2, 1, 1], "drafted_by_position": [2, 2, 2, 2]}]
     summary = speculation_summary(samples)
-    assert summary["mean_accepted_tokens"] == pytest.approx(3.0)
+    assert summary["mean_accepted_tokens"] == pytest.approx(1 + 6 / 2)  # 2 verify steps: prefill excluded
+    assert summary["tokens_per_target_forward"] == pytest.approx(9 / 3)
     assert summary["acceptance_by_position"] == [1.0, 1.0, 0.5, 0.5]
     assert summary["predicted_speedup"] == pytest.approx(predicted_speedup(0.75, 4, 0.05))
-    assert summary["predicted_speedup_measured_e"] == pytest.approx(3.0 / 1.2)
+    assert summary["predicted_speedup_measured_e"] == pytest.approx(4.0 / 1.2)
 
 
 def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
@@ -286,9 +291,9 @@ def test_tree_rejection_sampling_reproduces_the_target_distribution_over_two_tok
 def test_selection_keeps_a_prefix_of_each_nodes_children_in_draw_order():
     # root's children drawn in the order 5, 6, 7; the last drawn is the likeliest
     tokens, scores, parents = [5, 6, 7], [-2.0, -1.5, -0.1], [-1, -1, -1]
-    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=1)
+    tree = select_tree(1, tokens, scores, parents, max_nodes=1)
     assert tree.tokens == [1, 5]  # 7 must wait for 5 and 6
-    tree = EagleProposer._select(1, tokens, scores, parents, max_nodes=3)
+    tree = select_tree(1, tokens, scores, parents, max_nodes=3)
     assert tree.tokens == [1, 5, 6, 7]
 
 
@@ -303,7 +308,7 @@ def test_sampled_eagle_tree_is_seeded_repeatable_and_accepts(vocabulary):
     for _ in range(2):
         clock = Clock(CPU)
         clock.begin()
-        runs.append(speculative_decode(llm, embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock,
+        runs.append(speculative_decode(DynamicTarget(llm), embeds, EagleProposer(head, llm, embeds), settings, 4, set(), clock,
                                        tree=TreeShape(topk=3, max_nodes=12)))
     assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 40
     assert runs[0].metrics["accepted"] > 0 and runs[0].metrics["mean_accepted_tokens"] > 1.0
