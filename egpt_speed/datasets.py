@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from importlib import resources
@@ -59,8 +60,12 @@ def _is_question(entry: object) -> bool:
 # ---------------------------------------------------------------- discovery
 
 
-def discover_samples(data: Path, limit: int | None = None) -> list[SampleSpec]:
-    """Samples from a dataset dir (instruction JSON), a folder of .npy clips, or one .npy clip."""
+def discover_samples(data: Path, limit: int | None = None, *, allow_outside: bool = False) -> list[SampleSpec]:
+    """Samples from a dataset dir (instruction JSON), a folder of .npy clips, or one .npy clip.
+
+    Paths in the instruction JSON must stay inside the dataset dir (no absolute paths, no escaping
+    `..`) unless `allow_outside` (the CLI's --allow-paths-outside-data).
+    """
     data = Path(data)
     if limit is not None and limit < 1:
         raise EgptError(f"Sample limit {limit} is invalid; use a positive number or no limit.")
@@ -71,7 +76,7 @@ def discover_samples(data: Path, limit: int | None = None) -> list[SampleSpec]:
             raise EgptError(f"Data path {data} is not an .npy clip; pass a dataset dir, a folder of .npy or one .npy.")
         return [_npy_sample(data.stem, data)]
     if (data / INSTRUCTION_JSON).is_file():
-        return _from_instruction_json(data, limit)
+        return _from_instruction_json(data, limit, allow_outside)
     clips = sorted(data.rglob("*.npy"))[:limit]
     if not clips:
         raise EgptError(
@@ -85,7 +90,7 @@ def _npy_sample(sample_id: str, path: Path) -> SampleSpec:
     return SampleSpec(id=sample_id, event_path=path, image_paths=(), image_1f_paths=(), query=DEFAULT_QUERY)
 
 
-def _from_instruction_json(data: Path, limit: int | None) -> list[SampleSpec]:
+def _from_instruction_json(data: Path, limit: int | None, allow_outside: bool) -> list[SampleSpec]:
     json_path = data / INSTRUCTION_JSON
     try:
         entries = json.loads(json_path.read_text(encoding="utf-8"))
@@ -97,7 +102,8 @@ def _from_instruction_json(data: Path, limit: int | None) -> list[SampleSpec]:
         )
     if not entries:
         raise EgptError(f"Instruction file {json_path} lists no samples; point at a dataset with entries.")
-    samples = [_entry_sample(data, e) for e in entries[:limit]]
+    resolve = _DataPaths(data, json_path, allow_outside)
+    samples = [_entry_sample(resolve, e) for e in entries[:limit]]
     for sample in samples:
         if not sample.event_path.is_file():
             raise EgptError(
@@ -111,22 +117,44 @@ def _is_entry(entry: object) -> bool:
     return isinstance(entry, dict) and isinstance(entry.get("id"), str) and isinstance(entry.get("event_data"), str)
 
 
-def _entry_sample(data: Path, entry: dict) -> SampleSpec:
+@dataclass(frozen=True)
+class _DataPaths:
+    """Resolves the instruction JSON's relative paths under their dataset folder, refusing escapes."""
+
+    root: Path
+    json_path: Path
+    allow_outside: bool
+
+    def __call__(self, folder: str, value: str, sample_id: str, key: str) -> Path:
+        path = self.root / folder / value
+        if self.allow_outside:
+            return path
+        inside = os.path.normpath(os.path.join(folder, value))
+        if os.path.isabs(value) or os.path.isabs(inside) or inside == ".." or inside.startswith(".." + os.sep):
+            raise EgptError(
+                f"Sample {sample_id} of {self.json_path}: {key} '{value}' points outside the dataset dir {self.root}; "
+                "keep its paths relative and inside it, or pass --allow-paths-outside-data if you trust this file."
+            )
+        return self.root / inside
+
+
+def _entry_sample(resolve: _DataPaths, entry: dict) -> SampleSpec:
+    sample_id = entry["id"]
     return SampleSpec(
-        id=entry["id"],
-        event_path=data / "event_npy" / entry["event_data"],
-        image_paths=_relative_paths(data / "event_image", entry.get("event_image")),
-        image_1f_paths=_relative_paths(data / "event_image_1f", entry.get("event_image_1f")),
+        id=sample_id,
+        event_path=resolve("event_npy", entry["event_data"], sample_id, "event_data"),
+        image_paths=_relative_paths(resolve, "event_image", entry.get("event_image"), sample_id),
+        image_1f_paths=_relative_paths(resolve, "event_image_1f", entry.get("event_image_1f"), sample_id),
         query=_query(entry.get("conversations")),
     )
 
 
-def _relative_paths(folder: Path, value: object) -> tuple[Path, ...]:
+def _relative_paths(resolve: _DataPaths, folder: str, value: object, sample_id: str) -> tuple[Path, ...]:
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list):
         return ()
-    return tuple(folder / v for v in value if isinstance(v, str) and v)
+    return tuple(resolve(folder, v, sample_id, folder) for v in value if isinstance(v, str) and v)
 
 
 def _query(conversations: object) -> str:
@@ -176,9 +204,9 @@ def _is_complete(root: Path, num_clips: int) -> bool:
 
 
 def resolve_samples(data: str, samples: int, warmup: int, seed: int, synthetic_events: int,
-                    cache_dir: Path) -> list[SampleSpec]:
+                    cache_dir: Path, *, allow_outside: bool = False) -> list[SampleSpec]:
     """The samples of `--data`: a dataset on disk, or `samples + warmup` synthetic clips cached under `cache_dir`."""
     if data != "synthetic":
-        return discover_samples(Path(data))
+        return discover_samples(Path(data), allow_outside=allow_outside)
     root = synthetic_dataset(samples + warmup, seed, SyntheticClipConfig(num_events=synthetic_events), cache_dir)
     return discover_samples(root)
