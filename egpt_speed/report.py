@@ -1,10 +1,18 @@
-"""Markdown tables and PNG charts rendered from a result document (never from printed text)."""
+"""Markdown tables and PNG charts rendered from a result document (never from printed text).
+
+Besides the tables, a compare report ranks the candidates (Stage-4 and end-to-end speedup,
+agreement, memory), flags comparisons too noisy to rank, prints real divergences loudly and ends
+with recommendations computed from the measurements. `merge_documents` joins result files of
+one device and one sample set into a single ranking.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from egpt_speed.errors import EgptError
 from egpt_speed.results import STAGE_KEYS
 
 STAGE_LABELS = {"stage1_ms": "Stage 1 load", "stage2_ms": "Stage 2 preprocess", "stage3_ms": "Stage 3 vision",
@@ -82,7 +90,7 @@ def summary_table(runs: dict) -> list[str]:
     return lines
 
 
-def render_markdown(document: dict) -> str:
+def render_markdown(document: dict, memory_budget_gb: float | None = None) -> str:
     env, config, runs = document["env"], document["config"], document["runs"]
     lines = [f"# egpt-speed: {', '.join(runs)}", "",
              f"- command: `{env.get('command')}`",
@@ -95,10 +103,16 @@ def render_markdown(document: dict) -> str:
              f"- git {env.get('git_commit')} · {document.get('created')}"]
     if config.get("random_weights"):
         lines.append("- **random weights**: timings are honest for cost; token agreement and acceptance are not meaningful.")
+    for source in document.get("merged_from", []):
+        lines.append(f"- merged: {source['label']} · `{source.get('command')}` · git {source.get('git_commit')} · {source.get('created')}")
+    lines += divergence_lines(document)
     lines += ["", "## Summary", ""] + summary_table(runs)
     if document.get("comparisons"):
+        lines += ["", "## Ranking (median of per-sample ratios vs the same-run reference)", ""] + ranking_table(ranking(document))
+        lines += ["", "## Recommendations", ""] + recommendations(document, memory_budget_gb)
         lines += ["", "## Speedup and agreement (per-sample ratios, interleaved order)", ""]
         lines += comparison_table(document["comparisons"])
+    lines += agreement_summary_lines(document)
     for name, run in runs.items():
         summary = run["summary"]
         lines += ["", f"## {name}", "", run.get("description", ""), ""] + stage_table(summary) + [""] + decode_lines(summary)
@@ -111,8 +125,80 @@ def render_markdown(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_title(document: dict) -> str:
+    env, config = document["env"], document["config"]
+    return (f"{config.get('model')} · {env.get('device_name')} ({env.get('device')}) · "
+            f"{config.get('dtype_resolved', config.get('dtype'))} · {config.get('samples')} samples")
+
+
+def plot_stages(ax, runs: dict) -> None:
+    """Grouped bars per stage on a log axis, so Stages 1–3 stay readable beside a dominant Stage 4."""
+    names = list(runs)
+    height = 0.8 / len(STAGE_KEYS)
+    for k, key in enumerate(STAGE_KEYS):
+        values = [runs[n]["summary"].get(key) or 0.0 for n in names]
+        positions = [i + (k - (len(STAGE_KEYS) - 1) / 2) * height for i in range(len(names))]
+        ax.barh(positions, values, height=height, label=STAGE_LABELS[key])
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlabel("mean ms per sample (log scale)")
+    ax.set_title("Stage breakdown")
+    ax.legend(fontsize=7, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.22), frameon=False)
+
+
+def plot_speedups(ax, rows: list[Ranked]) -> None:
+    """Stage-4 median speedup with its IQR, end-to-end as a marker; lossy and noisy rows told apart by colour/hatch."""
+    names = [r.name for r in rows]
+    for i, row in enumerate(rows):
+        color = "tab:green" if row.lossless else "tab:red"
+        ax.barh(i, row.speedup_stage4 or 0.0, color=color, alpha=0.45 if not row.rankable else 0.9,
+                hatch="//" if not row.rankable else None)
+        if row.noise is not None and row.speedup_stage4:
+            q1 = row.speedup_stage4 * (1 + (row.noise.low or 0.0))
+            q3 = row.speedup_stage4 * (1 + (row.noise.high or 0.0))
+            ax.plot([q1, q3], [i, i], color="black", linewidth=1)
+        if row.speedup_total:
+            ax.plot(row.speedup_total, i, marker="D", color="black", markersize=4)
+    ax.axvline(1.0, color="grey", linestyle=":")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup vs reference (bar: Stage 4 + IQR, ◆: end to end)")
+    ax.set_title("Speedup (green lossless, red lossy, hatched: too noisy)")
+
+
+def plot_pareto(ax, rows: list[Ranked]) -> None:
+    """Speedup vs memory; the frontier joins the rows no other row beats on both."""
+    points = [(r.memory_bytes / 1e9, r.speedup_stage4, r) for r in rows if r.memory_bytes and r.speedup_stage4]
+    for gb, speedup, row in points:
+        ax.scatter(gb, speedup, marker="o" if row.lossless else "x", color="tab:green" if row.lossless else "tab:red")
+        ax.annotate(row.name, (gb, speedup), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    frontier = sorted(((gb, s) for gb, s, _ in points if not any(g2 <= gb and s2 > s for g2, s2, _ in points)))
+    if len(frontier) > 1:
+        ax.plot(*zip(*frontier), color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("memory GB (weights + draft + Stage-4 working)")
+    ax.set_ylabel("Stage-4 speedup")
+    ax.set_title("Pareto: speedup vs memory (o lossless, x lossy)")
+    if not points:
+        ax.text(0.5, 0.5, "memory not measured on this device", ha="center", va="center", transform=ax.transAxes)
+
+
+def plot_acceptance(ax, speculative: dict) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for name, spec in speculative.items():
+        rates = [r if r is not None else float("nan") for r in spec.get("acceptance_by_position", [])]
+        ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("draft position")
+    ax.set_ylabel("acceptance rate")
+    ax.set_ylim(0, 1.05)
+    ax.set_title("Acceptance by draft position")
+    ax.legend(fontsize=7, loc="upper right")
+
+
 def write_plots(document: dict, path: Path) -> Path | None:
-    """A stage-breakdown bar per strategy, and acceptance by draft position where there is one."""
+    """Stage breakdown (log), and for a compare: speedups, the speedup-vs-memory Pareto, acceptance by position."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -121,28 +207,327 @@ def write_plots(document: dict, path: Path) -> Path | None:
         return None
     runs = document["runs"]
     speculative = {n: r["summary"]["speculation"] for n, r in runs.items() if r["summary"].get("speculation")}
-    columns = 2 if speculative else 1
-    figure, axes = plt.subplots(1, columns, figsize=(6 * columns, 3.5), squeeze=False)
-    ax = axes[0][0]
-    bottoms = [0.0] * len(runs)
-    for key in STAGE_KEYS:
-        values = [r["summary"].get(key) or 0.0 for r in runs.values()]
-        ax.barh(list(runs), values, left=bottoms, label=STAGE_LABELS[key])
-        bottoms = [b + v for b, v in zip(bottoms, values)]
-    ax.set_xlabel("mean ms per sample")
-    ax.set_title("Stage breakdown")
-    ax.legend(fontsize=7)
-    if speculative:
-        ax = axes[0][1]
-        for name, spec in speculative.items():
-            rates = [r if r is not None else float("nan") for r in spec.get("acceptance_by_position", [])]
-            ax.plot(range(1, len(rates) + 1), rates, marker="o", label=name)
-        ax.set_xlabel("draft position")
-        ax.set_ylabel("acceptance rate")
-        ax.set_ylim(0, 1.05)
-        ax.set_title("Acceptance by draft position")
-        ax.legend(fontsize=7)
+    panels = ["stages"] + (["speedups", "pareto"] if document.get("comparisons") else []) + (["acceptance"] if speculative else [])
+    columns = min(len(panels), 2)
+    rows_count = (len(panels) + 1) // 2
+    figure, axes = plt.subplots(rows_count, columns, figsize=(6.5 * columns, 4.2 * rows_count), squeeze=False)
+    ranked = ranking(document) if document.get("comparisons") else []
+    for ax, panel in zip(axes.flat, panels):
+        if panel == "stages":
+            plot_stages(ax, runs)
+        elif panel == "speedups":
+            plot_speedups(ax, ranked)
+        elif panel == "pareto":
+            plot_pareto(ax, ranked)
+        else:
+            plot_acceptance(ax, speculative)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    figure.suptitle(plot_title(document), fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path
+
+
+# ---- noise, ranking, recommendations ------------------------------------------------------------------
+
+NOISE_BAND = 0.25  # a comparison whose IQR leaves median × (1 ± NOISE_BAND) is too noisy to rank
+MIN_RANKED_SAMPLES = 5
+SLOW_DRAFT_GAMMA_C = 0.2  # γ·c above this: drafting alone costs a fifth of a target step or more
+SLOW_VERIFY = 1.25  # a verify forward costing this many reference decode steps breaks the cost model's 1×
+LOW_ACCEPT = 0.5
+SHORTFALL = 1.1  # predicted / measured above this asks for an explanation
+
+
+@dataclass(frozen=True)
+class Noise:
+    """Spread of the per-sample Stage-4 ratios of one comparison."""
+
+    samples: int
+    low: float | None  # q1 / median − 1 (negative)
+    high: float | None  # q3 / median − 1
+    too_noisy: bool
+    reason: str | None
+
+
+def noise(comparison: dict) -> Noise:
+    """Too noisy to rank: fewer than MIN_RANKED_SAMPLES samples, or an IQR wider than ±NOISE_BAND of the median."""
+    count = comparison.get("samples") or len(comparison.get("per_sample", []))
+    median, q1, q3 = (comparison.get(k) for k in ("speedup_stage4_median", "speedup_stage4_q1", "speedup_stage4_q3"))
+    low = q1 / median - 1 if median and q1 is not None else None
+    high = q3 / median - 1 if median and q3 is not None else None
+    if count < MIN_RANKED_SAMPLES:
+        return Noise(count, low, high, True, f"only {count} samples (fewer than {MIN_RANKED_SAMPLES})")
+    if low is None or high is None:
+        return Noise(count, low, high, True, "no Stage-4 ratios")
+    if low < -NOISE_BAND or high > NOISE_BAND:
+        return Noise(count, low, high, True,
+                     f"IQR {100 * low:+.0f} % / {100 * high:+.0f} % of the median, wider than ±{100 * NOISE_BAND:.0f} %")
+    return Noise(count, low, high, False, None)
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """One strategy's row in the ranking (the reference included, at 1.00×)."""
+
+    name: str
+    speedup_stage4: float | None
+    speedup_total: float | None
+    exact_match_rate: float | None
+    lossless_rate: float | None  # lossless up to numerics (None where the result predates the diagnosis)
+    real_divergences: int | None
+    declared_lossless: bool
+    weights_bytes: int | None  # LLM + draft
+    memory_bytes: int | None  # weights + draft + Stage-4 working memory (else the device peak, else weights)
+    noise: Noise | None
+    is_reference: bool = False
+
+    @property
+    def lossless(self) -> bool:
+        """Declared lossless and shown so: no real divergence (older results: every sample exact)."""
+        if not self.declared_lossless:
+            return False
+        if self.is_reference or self.real_divergences is not None:
+            return not self.real_divergences
+        return self.exact_match_rate == 1.0
+
+    @property
+    def rankable(self) -> bool:
+        return self.is_reference or (self.noise is not None and not self.noise.too_noisy)
+
+
+def _memory(summary: dict) -> tuple[int | None, int | None]:
+    weights = summary.get("weight_bytes")
+    weights = weights + (summary.get("draft_bytes") or 0) if weights else None
+    memory = summary.get("stage4_footprint_bytes") or summary.get("stage4_peak_bytes") or weights
+    return weights, memory
+
+
+def ranking(document: dict) -> list[Ranked]:
+    """Rankable rows by Stage-4 speedup (fastest first), then the rows too noisy to rank."""
+    runs = document["runs"]
+    reference = document.get("config", {}).get("reference") or next(iter(runs))
+    rows = [Ranked(reference, 1.0, 1.0, None, None, None, bool(runs[reference].get("lossless", True)),
+                   *_memory(runs[reference]["summary"]), None, True)]
+    for c in document.get("comparisons", []):
+        run = runs.get(c["candidate"], {})
+        rows.append(Ranked(c["candidate"], c.get("speedup_stage4_median"), c.get("speedup_total_median"),
+                           c.get("exact_match_rate"), c.get("lossless_up_to_numerics_rate"),
+                           c.get("real_divergence_count"), bool(run.get("lossless", True)),
+                           *_memory(run.get("summary", {})), noise(c)))
+    key = lambda r: -(r.speedup_stage4 or 0.0)  # noqa: E731
+    return sorted((r for r in rows if r.rankable), key=key) + sorted((r for r in rows if not r.rankable), key=key)
+
+
+def _pct(value: float | None, digits: int = 0) -> str:
+    return _f(100 * value if value is not None else None, digits, " %")
+
+
+def ranking_table(rows: list[Ranked]) -> list[str]:
+    lines = ["| rank | strategy | Stage-4 speedup | end-to-end speedup | exact match | lossless up to numerics | "
+             "real divergences | weights GB | memory GB | noise |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rank = 0
+    for row in rows:
+        rank += row.rankable
+        kind = "lossless" if row.lossless else ("lossy" if not row.declared_lossless else "**not shown lossless**")
+        spread = "reference" if row.is_reference else (
+            f"too noisy to rank: {row.noise.reason}" if row.noise.too_noisy
+            else f"IQR {100 * row.noise.low:+.0f} / {100 * row.noise.high:+.0f} %")
+        lines.append(f"| {rank if row.rankable else '–'} | {row.name} ({kind}) | {_f(row.speedup_stage4, 2, '×')} | "
+                     f"{_f(row.speedup_total, 2, '×')} | {_pct(row.exact_match_rate)} | {_pct(row.lossless_rate)} | "
+                     f"{_f(row.real_divergences)} | {_gb(row.weights_bytes)} | {_gb(row.memory_bytes)} | {spread} |")
+    return lines
+
+
+def speculation_shortfall(document: dict, candidate: str, measured: float | None) -> str | None:
+    """Why a speculative candidate's measured Stage-4 speedup falls short of its cost model, from its counters.
+
+    The cost model (E / (γc + 1), E measured) assumes a verify forward costs one reference decode
+    step and the draft costs c of it; each assumption is checked against the measured times.
+    """
+    run = document["runs"].get(candidate, {})
+    summary = run.get("summary", {})
+    spec = summary.get("speculation") or {}
+    predicted = spec.get("predicted_speedup_measured_e") or spec.get("predicted_speedup")
+    if not predicted or not measured or predicted <= measured * SHORTFALL:
+        return None
+    gamma = (run.get("settings") or {}).get("gamma") or document.get("config", {}).get("gamma") or 1
+    c = spec.get("cost_ratio")
+    reasons = []
+    if c is not None and gamma * c > SLOW_DRAFT_GAMMA_C:
+        share = _draft_share(summary)
+        reasons.append(f"the draft is too slow: γ·c = {gamma * c:.2f}"
+                       + (f" (drafting is {100 * share:.0f} % of Stage 4)" if share is not None else "")
+                       + "; use a cheaper draft (an EAGLE head from `train-draft`), a smaller --gamma, or compile it")
+    verify = _verify_cost(document, summary, spec)
+    if verify is not None and verify > SLOW_VERIFY:
+        reasons.append(f"one verify forward costs {verify:.2f}× a reference decode step (the model assumes 1×): "
+                       "the device is compute-bound at this width; try a smaller --gamma or fewer --tree-nodes")
+    if spec.get("accept_rate") is not None and spec["accept_rate"] < LOW_ACCEPT:
+        reasons.append(f"acceptance is low (α = {spec['accept_rate']:.2f}): train a draft head on your clips and "
+                       "questions (`egpt-speed train-draft`)")
+    if not reasons:
+        reasons.append("neither the draft nor the verify forward explains it: the per-step overhead of the loop "
+                       "(cache crops, host syncs) does; try `compile+` this strategy")
+    return (f"{candidate}: predicted {predicted:.2f}× but measured {measured:.2f}× — " + "; ".join(reasons) + ".")
+
+
+def _draft_share(summary: dict) -> float | None:
+    draft, verify = summary.get("draft_ms"), summary.get("verify_ms")
+    stage4 = summary.get("stage4_ms")
+    if draft is None or not stage4:
+        return None
+    return draft / stage4 if verify is None else draft / max(stage4, draft + verify)
+
+
+def _verify_cost(document: dict, summary: dict, spec: dict) -> float | None:
+    """Mean verify time per target forward / the reference's ms per decoded token."""
+    reference = document["runs"].get(document.get("config", {}).get("reference") or next(iter(document["runs"])), {})
+    ref_token_ms = reference.get("summary", {}).get("per_token_ms")
+    forwards, samples = spec.get("target_forwards"), summary.get("samples")
+    if summary.get("verify_ms") is None or not forwards or not samples or not ref_token_ms:
+        return None
+    return summary["verify_ms"] * samples / forwards / ref_token_ms
+
+
+def memory_budget_of(document: dict, memory_budget_gb: float | None) -> float | None:
+    """The budget passed to `report`, else the one the run recorded (`--memory-budget`)."""
+    if memory_budget_gb is not None:
+        return memory_budget_gb
+    config = document.get("config", {})
+    return config.get("memory_budget_gb") or (config.get("options") or {}).get("memory_budget_gb")
+
+
+def _describe(row: Ranked) -> str:
+    agreement = "reference" if row.is_reference else (
+        f"exact {_pct(row.exact_match_rate)}, lossless up to numerics {_pct(row.lossless_rate)}")
+    return (f"**{row.name}** — {_f(row.speedup_stage4, 2, '×')} Stage 4, {_f(row.speedup_total, 2, '×')} end to end, "
+            f"{agreement}, {_gb(row.memory_bytes)} GB")
+
+
+def recommendations(document: dict, memory_budget_gb: float | None = None) -> list[str]:
+    """Bullet lines computed from the ranking: fastest lossless, fastest within the budget, speculative shortfalls."""
+    rows = ranking(document)
+    rankable = [r for r in rows if r.rankable]
+    lines = []
+    lossless = [r for r in rankable if r.lossless]
+    if lossless:
+        lines.append(f"- Fastest lossless: {_describe(lossless[0])}.")
+    lossy_faster = [r for r in rankable if not r.lossless and lossless and (r.speedup_stage4 or 0) > (lossless[0].speedup_stage4 or 0)]
+    if lossy_faster:
+        lines.append(f"- Faster but not lossless: {_describe(lossy_faster[0])}; use it only where its answers are acceptable.")
+    budget = memory_budget_of(document, memory_budget_gb)
+    if budget is not None:
+        fits = [r for r in rankable if r.memory_bytes is not None and r.memory_bytes <= budget * 1e9]
+        lines.append(f"- Fastest within {budget:g} GB: {_describe(fits[0])}{'' if fits[0].lossless else ' (lossy)'}."
+                     if fits else f"- Nothing measured fits in {budget:g} GB (memory unknown on this device or too large).")
+    noisy = [r.name for r in rows if not r.rankable]
+    if noisy:
+        lines.append(f"- Too noisy to rank: {', '.join(noisy)} — run more samples (`-n`) on a quieter machine.")
+    for row in rows:
+        if not row.is_reference:
+            why = speculation_shortfall(document, row.name, row.speedup_stage4)
+            if why:
+                lines.append(f"- {why}")
+    return lines or ["- Nothing to recommend: no candidate was compared."]
+
+
+def divergence_lines(document: dict) -> list[str]:
+    """Every real divergence, loudly; near-ties counted. Lossless strategies must have none."""
+    lines = []
+    for c in document.get("comparisons", []):
+        real = [d for d in c.get("divergences", []) if d.get("kind") == "real"]
+        if not real:
+            continue
+        lossless = document["runs"].get(c["candidate"], {}).get("lossless", True)
+        lines.append(f"- **{c['candidate']}: {len(real)} REAL divergence{'s' * (len(real) > 1)}**"
+                     + (" — a lossless strategy changed the answer beyond rounding: a bug, not numerics" if lossless
+                        else " (lossy strategy: expected)"))
+        for d in real:
+            lines.append(f"  - sample {d['id']} at token {d['position']}: chose {d.get('candidate_token')} where the reference "
+                         f"chose {d.get('reference_token')}; gap to top-1 {_f(d.get('candidate_logit_gap'), 3)} > "
+                         f"tolerance {_f(d.get('tolerance'), 3)} (top-1/top-2 margin {_f(d.get('margin'), 3)})")
+    return (["", "## ⚠ REAL DIVERGENCES", ""] + lines) if lines else []
+
+
+def agreement_summary_lines(document: dict) -> list[str]:
+    lines = []
+    for c in document.get("comparisons", []):
+        if "real_divergence_count" in c:
+            found = c.get("divergences", [])
+            ties = sum(1 for d in found if d.get("kind") == "near_tie")
+            lines.append(f"- {c['candidate']}: {len(found)} divergent samples, {ties} near-tie, "
+                         f"{c['real_divergence_count']} real · lossless up to numerics {_pct(c.get('lossless_up_to_numerics_rate'))}")
+    floor = document.get("numerical_floor")
+    if floor:
+        lines.append(f"- numerical floor (`--fp32-check`): the reference differs from its float32 re-run on "
+                     f"{floor.get('differs_from_fp32')} of {floor.get('samples')} samples "
+                     f"({_pct(floor.get('token_match_rate_vs_fp32'), 1)} of tokens equal, "
+                     f"{floor.get('real_divergence_count', 0)} real); judge bf16 candidates against this. {floor.get('note', '')}")
+    if lines:
+        lines.append("- near_tie: the candidate's token is within the dtype's rounding of the reference's top-1 there "
+                     "(fed the reference's own prefix); real: farther than rounding can explain.")
+    return (["", "## Agreement diagnosis", ""] + lines) if lines else []
+
+
+# ---- merging result files ---------------------------------------------------------------------------
+
+SAME_SAMPLES_KEYS = ("model", "data", "samples", "seed", "frames", "source", "max_new_tokens", "do_sample",
+                     "dtype_resolved", "synthetic_events")
+
+
+def _sample_ids(document: dict) -> list:
+    reference = document.get("config", {}).get("reference") or next(iter(document["runs"]))
+    return [s.get("id") for s in document["runs"][reference].get("samples", [])]
+
+
+def check_mergeable(documents: list[dict], labels: list[str]) -> None:
+    """Refuse files from different devices, sample sets or references, naming the first difference."""
+    first, label = documents[0], labels[0]
+    for document, other in zip(documents[1:], labels[1:]):
+        for key in ("device", "device_name"):
+            if first["env"].get(key) != document["env"].get(key):
+                raise EgptError(f"{other} ran on {document['env'].get(key)!r} but {label} on {first['env'].get(key)!r}; "
+                                "merge only results of one device.")
+        for key in SAME_SAMPLES_KEYS:
+            if first["config"].get(key) != document["config"].get(key):
+                raise EgptError(f"{other} has {key} = {document['config'].get(key)!r} but {label} has "
+                                f"{first['config'].get(key)!r}; merge only results of the same samples and settings.")
+        if _sample_ids(first) != _sample_ids(document):
+            raise EgptError(f"{other} counted other samples than {label}; merge only results of the same samples.")
+        if first["config"].get("reference") != document["config"].get("reference"):
+            raise EgptError(f"{other} compares against {document['config'].get('reference')!r} but {label} against "
+                            f"{first['config'].get('reference')!r}; merge only results with one reference.")
+
+
+def merge_documents(documents: list[dict], labels: list[str] | None = None) -> dict:
+    """One document ranking the candidates of several result files of one device and sample set.
+
+    Each comparison keeps its own same-run ratios (a candidate is only ever divided by the
+    reference it was interleaved with). A candidate present in several files keeps every
+    comparison, the later ones renamed `name [label]`. Raises EgptError when the files differ in
+    device, samples, settings or reference.
+    """
+    if not documents:
+        raise EgptError("name at least one result file to report.")
+    labels = labels or [f"file {i + 1}" for i in range(len(documents))]
+    check_mergeable(documents, labels)
+    merged = {**documents[0], "runs": dict(documents[0]["runs"]), "comparisons": list(documents[0].get("comparisons", [])),
+              "merged_from": [{"label": label, "created": d.get("created"), "command": d["env"].get("command"),
+                               "git_commit": d["env"].get("git_commit")} for d, label in zip(documents, labels)]}
+    reference = documents[0]["config"].get("reference")
+    for document, label in zip(documents[1:], labels[1:]):
+        for c in document.get("comparisons", []):
+            name = c["candidate"] if c["candidate"] not in merged["runs"] else f"{c['candidate']} [{label}]"
+            merged["runs"][name] = document["runs"][c["candidate"]]
+            merged["comparisons"].append({**c, "candidate": name, "reference": reference})
+    return merged
+
+
+def merge_result_files(paths: list[Path]) -> dict:
+    """Load each result file (schema checked) and merge them; labels are the file names."""
+    from egpt_speed.results import load_result
+
+    return merge_documents([load_result(Path(p)) for p in paths], [Path(p).name for p in paths])
