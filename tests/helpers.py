@@ -14,16 +14,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from egpt_speed.models import EventGPT, make_image_processor, sentencepiece_llama_tokenizer
+from egpt_speed.eventgpt import EventGPT
+from egpt_speed.tokenizers import sentencepiece_llama_tokenizer
+from egpt_speed.vision_tower import make_image_processor
 from egpt_speed.prompt import VICUNA_SYSTEM, PromptTemplate
 
 QUESTIONS_JSON = Path(__file__).resolve().parents[1] / "egpt_speed" / "resources" / "dsec_top50_questions.json"
 TOWER_NAME = "clip-vit-tiny-patch14-28"  # the checkpoint's mm_visual_tower
 IMAGE_SIZE, PATCH_SIZE = 28, 14  # → 2×2 patches + CLS = 5 tokens per frame
 VOCAB_SIZE = 400
-# A tower in the checkpoint without its CLIP dir: the loader can read every size from the weights but the head
-# count, which it takes as hidden/64 (true of every OpenAI CLIP ViT), so such a test tower has 64-dim heads.
-GUESSABLE_TOWER = {"vision_hidden": 64, "vision_heads": 1}
+# What make_tiny_eventgpt's tower is, as an entry of vision_tower.KNOWN_CLIP_TOWERS would state it.
+TINY_TOWER_CONFIG = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         patch_size=PATCH_SIZE, image_size=IMAGE_SIZE, projection_dim=512)
 
 GENERIC_TEXT = """
 The scene shows a road with cars, a cyclist and a pedestrian crossing near a traffic light. Buildings line
@@ -48,9 +50,12 @@ def _corpus() -> list[str]:
     return (questions + lines + prompt_bits) * 3
 
 
-@functools.lru_cache(maxsize=1)
-def sentencepiece_model_bytes() -> bytes:
-    """A BPE sentencepiece model with Llama's conventions (unk 0, bos 1 <s>, eos 2 </s>), trained once per session."""
+@functools.lru_cache(maxsize=2)
+def sentencepiece_model_bytes(normalization: str = "identity") -> bytes:
+    """A BPE sentencepiece model with Llama's conventions (unk 0, bos 1 <s>, eos 2 </s>), trained once per session.
+
+    normalization: Vicuna's `identity`, or e.g. `nmt_nfkc`, which turns "\\n" into "▁" (transformers ignores it).
+    """
     import sentencepiece
 
     buffer = io.BytesIO()
@@ -58,16 +63,16 @@ def sentencepiece_model_bytes() -> bytes:
         sentence_iterator=iter(_corpus()), model_writer=buffer, vocab_size=VOCAB_SIZE, model_type="bpe",
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>",
         byte_fallback=True, character_coverage=1.0, add_dummy_prefix=True, split_digits=True,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, hard_vocab_limit=False,
+        normalization_rule_name=normalization, remove_extra_whitespaces=False, hard_vocab_limit=False,
         num_threads=1, minloglevel=2)
     return buffer.getvalue()
 
 
-def write_sentencepiece_files(directory: Path) -> Path:
+def write_sentencepiece_files(directory: Path, normalization: str = "identity") -> Path:
     """What a slow (sentencepiece) Llama tokenizer saves, as EventGPT/Vicuna checkpoints ship it: no tokenizer.json."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "tokenizer.model").write_bytes(sentencepiece_model_bytes())
+    (directory / "tokenizer.model").write_bytes(sentencepiece_model_bytes(normalization))
 
     def token(content: str) -> dict:
         return {"__type": "AddedToken", "content": content, "lstrip": False, "normalized": False, "rstrip": False,
@@ -83,16 +88,17 @@ def write_sentencepiece_files(directory: Path) -> Path:
     return directory
 
 
-def make_sp_tokenizer(directory: Path):
+def make_sp_tokenizer(directory: Path, normalization: str = "identity"):
     """Train (once per session) and save a tiny Llama sentencepiece tokenizer in `directory`; return it loaded.
 
     The dir gets tokenizer.model, special_tokens_map.json, and the tokenizer.json + tokenizer_config.json
     transformers 5 writes, so `AutoTokenizer.from_pretrained(directory)` loads it as a LlamaTokenizer even
-    without protobuf (which transformers needs to convert a bare tokenizer.model).
+    without protobuf (which transformers needs to convert a bare tokenizer.model). `normalization`: see
+    `sentencepiece_model_bytes`; the saved tokenizer.json ignores it, as transformers 5 does.
     """
     from transformers import AutoTokenizer
 
-    directory = write_sentencepiece_files(directory)
+    directory = write_sentencepiece_files(directory, normalization)
     sentencepiece_llama_tokenizer(directory).save_pretrained(str(directory))
     return AutoTokenizer.from_pretrained(str(directory))
 
@@ -192,21 +198,21 @@ def write_weights(directory: Path, tensors: dict[str, torch.Tensor], sharded: bo
 
 
 def write_eventgpt_checkpoint(directory: Path, seed: int = 0, tower_in_checkpoint: bool = True, *,
-                              sharded: bool = False, tower_dir: bool | None = None, model: EventGPT | None = None) -> Path:
+                              sharded: bool = False, tower_dir: bool = True, model: EventGPT | None = None,
+                              normalization: str = "identity") -> Path:
     """An EventGPT checkpoint dir in the released format, from `make_tiny_eventgpt(seed)` (or `model`).
 
-    tower_in_checkpoint: the CLIP weights live under `model.visual_tower.visual_tower.vision_model.*`;
-    else (and whenever tower_dir is true) a CLIP dir named like `mm_visual_tower` is written beside it.
-    Without that dir the tower is `GUESSABLE_TOWER`-sized (see there); pass `model` to fix the weights.
+    tower_in_checkpoint: the CLIP weights live under `model.visual_tower.visual_tower.vision_model.*`.
+    tower_dir: a CLIP dir named like `mm_visual_tower` is written beside it (required by a checkpoint
+    without the tower; without it an embedded tower's head count is known only for the named OpenAI CLIPs).
     The tokenizer is the bare sentencepiece model + configs (no tokenizer.json), as Vicuna ships it.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_sentencepiece_files(directory)
-    with_dir = bool(tower_dir) or (tower_dir is None and not tower_in_checkpoint)
+    write_sentencepiece_files(directory, normalization)
+    with_dir = tower_dir or not tower_in_checkpoint
     if model is None:
-        model = make_tiny_eventgpt(seed, tokenizer=sentencepiece_llama_tokenizer(directory),
-                                   **({} if with_dir else GUESSABLE_TOWER))
+        model = make_tiny_eventgpt(seed, tokenizer=sentencepiece_llama_tokenizer(directory))
     (directory / "config.json").write_text(json.dumps(eventgpt_config(model), indent=1))
     write_weights(directory, checkpoint_tensors(model, tower_in_checkpoint), sharded)
     if with_dir:

@@ -16,9 +16,12 @@ from egpt_speed.baselines.runner import RunConfig, execute
 from egpt_speed.cli import app
 from egpt_speed.datasets import discover_samples
 from egpt_speed.errors import EgptError
-from egpt_speed.models import load_eventgpt_checkpoint
+from egpt_speed.checkpoint import load_eventgpt_checkpoint
+from egpt_speed.models import check_model_spec
+from egpt_speed.prompt import tokenize_with_event_placeholder
 from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
-from helpers import GUESSABLE_TOWER, TOWER_NAME, make_tiny_eventgpt, write_eventgpt_checkpoint
+from egpt_speed.vision_tower import KNOWN_CLIP_TOWERS, embedded_tower_config
+from helpers import TINY_TOWER_CONFIG, TOWER_NAME, make_tiny_eventgpt, write_eventgpt_checkpoint
 
 CPU = torch.device("cpu")
 VICUNA = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -83,18 +86,20 @@ def reference_generate(model, sp, npy: Path, query: str, frames: int, max_new_to
 
 
 VARIANTS = {
-    # name: (tower in checkpoint, CLIP dir beside it, sharded weights, tower size)
-    "tower-in-checkpoint": (True, False, False, GUESSABLE_TOWER),
-    "tower-in-checkpoint-sharded-with-dir": (True, True, True, {}),
-    "separate-tower-dir": (False, True, False, {}),
+    # name: (tower in checkpoint, CLIP dir beside it, sharded weights)
+    "tower-in-checkpoint-named-known-clip": (True, False, False),
+    "tower-in-checkpoint-sharded-with-dir": (True, True, True),
+    "separate-tower-dir": (False, True, False),
 }
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_checkpoint_pipeline_equals_hand_written_reference(variant, tmp_path, tiny_dataset, sp_tokenizer, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no stray ./checkpoints/ may satisfy the tower lookup
-    in_checkpoint, with_dir, sharded, tower = VARIANTS[variant]
-    original = make_tiny_eventgpt(3, hidden=96, layers=3, tokenizer=sp_tokenizer, **tower)
+    # Without a CLIP dir the tower's config comes from the table of known towers: make the test tower one of them.
+    monkeypatch.setitem(KNOWN_CLIP_TOWERS, TOWER_NAME, TINY_TOWER_CONFIG)
+    in_checkpoint, with_dir, sharded = VARIANTS[variant]
+    original = make_tiny_eventgpt(3, hidden=96, layers=3, tokenizer=sp_tokenizer)
     checkpoint = write_eventgpt_checkpoint(tmp_path / "EventGPT-tiny", tower_in_checkpoint=in_checkpoint,
                                            sharded=sharded, tower_dir=with_dir, model=original)
     assert (checkpoint / "model.safetensors.index.json").exists() == sharded
@@ -244,3 +249,86 @@ def test_vision_tower_override_through_cli(good_checkpoint, tiny_dataset, tmp_pa
     assert result.exit_code == 0, result.output
     document = json.loads(next(out.glob("*.json")).read_text())
     assert document["config"]["vision_tower"] == str(elsewhere)
+
+
+# ---------------------------------------------------------------------------------------------- vision tower
+
+
+def _meta_clip_weights(config: dict) -> dict[str, torch.Tensor]:
+    """A CLIP vision state dict of the given config with no storage (keys as transformers 5 names them)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    with torch.device("meta"):
+        return CLIPVisionModel(CLIPVisionConfig(**config)).state_dict()
+
+
+def test_embedded_tower_named_like_openai_clip_gets_its_published_config():
+    weights = _meta_clip_weights(KNOWN_CLIP_TOWERS["clip-vit-large-patch14-336"])
+    config = embedded_tower_config("openai/clip-vit-large-patch14-336", weights, None)
+    assert (config.num_attention_heads, config.num_hidden_layers, config.hidden_size) == (16, 24, 1024)
+    assert (config.intermediate_size, config.patch_size, config.image_size, config.projection_dim) == (4096, 14, 336, 768)
+
+
+def test_embedded_tower_that_contradicts_its_name_is_refused():
+    weights = _meta_clip_weights(KNOWN_CLIP_TOWERS["clip-vit-base-patch16"])
+    with pytest.raises(EgptError, match="not clip-vit-large-patch14-336: hidden_size 768") as raised:
+        embedded_tower_config("clip-vit-large-patch14-336", weights, None)
+    assert "--vision-tower" in str(raised.value)
+
+
+def test_embedded_tower_of_unknown_name_without_config_is_refused_not_guessed(tmp_path, sp_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_eventgpt_checkpoint(tmp_path / "ck", tower_dir=False, model=make_tiny_eventgpt(0, tokenizer=sp_tokenizer))
+    with pytest.raises(EgptError, match="attention-head count is not in the weights") as raised:
+        load_eventgpt_checkpoint(checkpoint, torch.float32, CPU)
+    assert TOWER_NAME in str(raised.value) and "--vision-tower" in str(raised.value)
+
+
+@pytest.mark.parametrize("tower_in_checkpoint", [True, False])
+def test_vision_tower_override_that_does_not_exist_is_an_error(tower_in_checkpoint, tmp_path, sp_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_eventgpt_checkpoint(tmp_path / "ck", tower_in_checkpoint=tower_in_checkpoint,
+                                           model=make_tiny_eventgpt(0, tokenizer=sp_tokenizer))
+    nowhere = tmp_path / "no-such-clip"
+    with pytest.raises(EgptError, match="does not exist"):
+        check_model_spec(str(checkpoint), nowhere)
+    with pytest.raises(EgptError, match=f"--vision-tower {nowhere} does not exist"):
+        load_eventgpt_checkpoint(checkpoint, torch.float32, CPU, vision_tower=nowhere)
+
+
+# ---------------------------------------------------------------------------------------------- tokenizer guard
+
+
+@pytest.fixture(scope="module")
+def nfkc_checkpoint(tmp_path_factory):
+    """A checkpoint whose sentencepiece model normalises with nmt_nfkc ("\\n" → "▁"), which transformers ignores."""
+    root = tmp_path_factory.mktemp("nfkc")
+    return write_eventgpt_checkpoint(root / "ck", normalization="nmt_nfkc")
+
+
+def test_tokenizer_that_ignores_the_sentencepiece_normaliser_is_refused(nfkc_checkpoint):
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(nfkc_checkpoint / "tokenizer.model"))
+    assert sp.encode("<ev_end>\nWhat") == sp.encode("<ev_end> What")  # the normaliser at work
+    with pytest.raises(EgptError, match="--allow-tokenizer-mismatch") as raised:
+        load_eventgpt_checkpoint(nfkc_checkpoint, torch.float32, CPU)
+    message = str(raised.value)
+    assert "\n" not in message and "tokenizer gives ids [" in message and "sentencepiece gives [" in message
+
+
+def test_allowed_tokenizer_mismatch_is_recorded_with_the_differing_ids(nfkc_checkpoint):
+    loaded = load_eventgpt_checkpoint(nfkc_checkpoint, torch.float32, CPU, allow_tokenizer_mismatch=True)
+    mismatch = loaded.tokenizer_mismatch
+    assert mismatch is not None and mismatch.tokenizer_ids[0] != mismatch.sentencepiece_ids[0]
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(nfkc_checkpoint / "tokenizer.model"))
+    reference = reference_prompt_ids(sp, mismatch.query)
+    assert reference[mismatch.position:mismatch.position + len(mismatch.sentencepiece_ids)] == mismatch.sentencepiece_ids
+    prompt = f"{VICUNA} USER: <ev_start><event><ev_end>\n{mismatch.query} ASSISTANT:"
+    ours = tokenize_with_event_placeholder(prompt, loaded.tokenizer)
+    assert ours[:mismatch.position] == reference[:mismatch.position] and ours[mismatch.position] != reference[mismatch.position]
+    assert ours[mismatch.position:mismatch.position + len(mismatch.tokenizer_ids)] == mismatch.tokenizer_ids
+
+
+def test_identity_normaliser_checkpoint_passes_the_guard(tmp_path, sp_tokenizer, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    checkpoint = write_eventgpt_checkpoint(tmp_path / "ck", model=make_tiny_eventgpt(0, tokenizer=sp_tokenizer))
+    assert load_eventgpt_checkpoint(checkpoint, torch.float32, CPU).tokenizer_mismatch is None
