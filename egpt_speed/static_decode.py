@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from transformers import StaticCache
 
-from egpt_speed.decoding import DecodeResult, truncate_at_eos
+from egpt_speed.decoding import DecodeResult, truncate_at_eos, with_cache
 from egpt_speed.errors import EgptError
 from egpt_speed.timing import Clock, synchronize
 
@@ -147,12 +148,14 @@ class StaticEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prepare_step(self, name: str, body: Callable[[], None]) -> None:
-        """Make `body` (reads and writes engine buffers only) runnable as self._steps[name], captured on CUDA."""
-        if self.compile_mode is not None:
+    def _prepare_step(self, name: str, body: Callable[[], None], compile: bool = True) -> None:
+        """Make `body` (reads and writes engine buffers only) runnable as self._steps[name], captured on CUDA.
+
+        compile=False captures the eager body (index copies: nothing for inductor to fuse)."""
+        if self.compile_mode is not None and compile:
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
         if not self.manual_graph:
-            if self.compile_mode is not None:  # compile (and record cudagraph trees) now, inside setup's timing
+            if self.compile_mode is not None and compile:  # compile (and record cudagraph trees) now, inside setup's timing
                 for _ in range(3):
                     body()
             self._steps[name] = body
@@ -192,16 +195,19 @@ class StaticEngine:
             return allowed  # boolean: True = attend
         return torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: [1, q] at positions: [q] → (logits [1, q, V], final-norm hidden states [1, q, H]).
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [1, q] written at cache slots positions: [q] → (logits [1, q, V], final-norm hidden states [1, q, H]).
 
-        Writes the tokens' keys/values at those positions. The hidden states are what an EAGLE-style
+        Writes the tokens' keys/values at those slots. A draft tree passes its own RoPE
+        `position_ids` [1, q] (base + depth) and `mask` [1, 1, q, M]; a chain uses the slots for both. The hidden states are what an EAGLE-style
         drafter reads; LlamaForCausalLM.forward is exactly model → lm_head, so logits are unchanged.
         """
         self.cache.cache_position = positions
-        hidden = self.llm.model(input_ids=tokens, position_ids=positions.view(1, -1),
-                                attention_mask=self._attention_mask(positions), past_key_values=self.cache,
-                                use_cache=True).last_hidden_state
+        position_ids = positions.view(1, -1) if position_ids is None else position_ids
+        mask = self._attention_mask(positions) if mask is None else mask
+        hidden = self.llm.model(**with_cache(self.cache, input_ids=tokens, position_ids=position_ids,
+                                             attention_mask=mask)).last_hidden_state
         return self.llm.lm_head(hidden), hidden
 
     # ---- prefill and decode ------------------------------------------------------------------------
@@ -224,8 +230,8 @@ class StaticEngine:
             raise EgptError(f"the prompt ({length} tokens) does not fit the static cache ({self.cache.max_len}); call setup() with a larger size.")
         self.cache.length = 0
         self.cache.cache_position = torch.arange(length, device=self.device)
-        hidden = self.llm.model(inputs_embeds=embeds.to(self.dtype), position_ids=self.cache.cache_position.view(1, -1),
-                                past_key_values=self.cache, use_cache=True).last_hidden_state
+        hidden = self.llm.model(**with_cache(self.cache, inputs_embeds=embeds.to(self.dtype),
+                                             position_ids=self.cache.cache_position.view(1, -1))).last_hidden_state
         self.cache.length = length
         return self.llm.lm_head(hidden[:, -1:]), hidden
 
@@ -322,12 +328,19 @@ class StaticTarget:
         self.length = 0
         self.last_hidden: torch.Tensor | None = None
         self._buffers: dict[int, tuple[torch.Tensor, ...]] = {}
+        self.tree_width = 0  # padded node budget of verify_tree: the largest tree seen (one capture serves all)
+        self._tree_base = 0  # cache length before the last verify_tree
+        self._tree_buffers: dict[int, TreeVerifyBuffers] = {}
+        self._keep: tuple[torch.Tensor, ...] | None = None  # keep_path's (source slots, target slots, arange) [W]
 
-    def setup(self, max_seq: int) -> float:
-        """Cache room for max_seq positions plus a padded verify past the end; returns ms spent (0 if it fit)."""
-        spent = self.engine.setup(1, max_seq + self.width)
-        if spent:
-            self._buffers.clear()  # the engine re-allocated: graphs of the old cache are gone
+    def setup(self, max_seq: int, tree_nodes: int = 0) -> float:
+        """Cache room for max_seq positions plus a padded verify (chain, or a tree of tree_nodes drafted
+        nodes) past the end; returns ms spent (0 if it fit)."""
+        spent = self.engine.setup(1, max_seq + max(self.width, tree_nodes + 1))
+        if spent:  # the engine re-allocated: graphs of the old cache are gone
+            self._buffers.clear()
+            self._tree_buffers.clear()
+            self._keep = None
         return spent
 
     @torch.inference_mode()
@@ -393,3 +406,142 @@ class StaticTarget:
             # verify writes, and the replay below computes them for real
             self.engine._prepare_step(name, body)
         self.engine._steps[name]()
+
+    # ---- draft trees ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def verify_tree(self, tree) -> torch.Tensor:
+        """All N+1 nodes of a DraftTree in one captured forward → logits [N+1, V].
+
+        Node i is written at slot length+i, at RoPE position length+depth(i), and sees the cache
+        and its ancestors (the tree mask over the static cache). The forward is padded to a fixed
+        node budget (`tree_width`): padding nodes see the cache and themselves, their outputs are
+        dropped and their slots overwritten later. A `static_draft.DeviceTree` brings its mask
+        inputs as device tensors (no host-to-device copy); a plain DraftTree is copied once.
+        """
+        count = len(tree.tokens)
+        self.tree_width = width = max(self.tree_width, count)
+        engine = self.engine
+        if self.length + width > engine.cache.max_len:
+            raise EgptError(f"tree verify at {self.length}+{width} does not fit the static cache ({engine.cache.max_len}).")
+        buffers = self._tree_buffers_for(width)
+        tokens, depths, ancestry = tree_device_inputs(tree, engine.device)
+        buffers.load(tokens, depths, ancestry, self.length)
+        self._run_tree(width)
+        self._tree_base = self.length
+        self.length += count
+        engine.cache.length = self.length
+        self.last_hidden = buffers.hidden[:, :count].clone()
+        return buffers.logits[:count].clone()
+
+    @torch.inference_mode()
+    def keep_path(self, keep: list[int]) -> None:
+        """After verify_tree: block offsets `keep` (root 0, then the accepted path) move to slots
+        base, base+1, ... by index copies on the device (one captured graph over every layer)."""
+        if keep == list(range(len(keep))):
+            return  # already in place
+        source, target, arange = self._keep_buffers()
+        width = source.shape[0]
+        assert len(keep) <= width, (keep, width)
+        base = self._tree_base
+        torch.add(arange, base, out=target)
+        offsets = torch.tensor(keep + list(range(len(keep), width)), dtype=torch.long)  # identity past the path
+        source.copy_(offsets.to(self.engine.device, non_blocking=True)).add_(base)
+        self.engine._steps["keep"]()
+
+    def _keep_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self._keep is None:
+            device = self.engine.device
+            width = max(self.width, 2)
+            # identity while capturing: the warm-up and capture runs must not move anything
+            source = torch.arange(width, device=device)
+            target = torch.arange(width, device=device)
+            self._keep = (source, target, torch.arange(width, device=device))
+            cache = self.engine.cache
+
+            def body() -> None:
+                for layer in cache.layers:
+                    layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
+                    layer.values.index_copy_(2, target, layer.values.index_select(2, source))
+
+            self.engine._prepare_step("keep", body, compile=False)
+        return self._keep
+
+    def _tree_buffers_for(self, width: int) -> "TreeVerifyBuffers":
+        if width not in self._tree_buffers:
+            engine = self.engine
+            vocab, hidden_size = engine.llm.get_output_embeddings().weight.shape
+            self._tree_buffers[width] = TreeVerifyBuffers.allocate(width, engine.cache.max_len, vocab, hidden_size,
+                                                                    engine.dtype, engine.device)
+        return self._tree_buffers[width]
+
+    def _run_tree(self, width: int) -> None:
+        name = f"tree{width}"
+        if name not in self.engine._steps:
+            buffers = self._tree_buffers[width]
+            engine = self.engine
+
+            def body() -> None:
+                allowed = buffers.mask(engine._kv_positions)
+                if engine.llm.config._attn_implementation != "sdpa":
+                    allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(
+                        ~allowed, torch.finfo(engine.dtype).min)
+                step_logits, step_hidden = engine._forward(buffers.tokens, buffers.slots,
+                                                           buffers.positions.view(1, -1), allowed)
+                buffers.logits.copy_(step_logits[0])
+                buffers.hidden.copy_(step_hidden)
+
+            engine._prepare_step(name, body)
+        self.engine._steps[name]()
+
+
+@dataclass
+class TreeVerifyBuffers:
+    """Static inputs and outputs of a width-W tree verify over a cache of M slots."""
+
+    tokens: torch.Tensor  # [1, W] node tokens (padding repeats the root)
+    slots: torch.Tensor  # [W] cache slots written: base + node index
+    positions: torch.Tensor  # [W] RoPE positions: base + depth
+    base: torch.Tensor  # [1] cache length before the tree
+    ancestry: torch.Tensor  # [W, W] bool: [i, j] = j is i or an ancestor of i (padding: itself only)
+    arange: torch.Tensor  # [W]
+    logits: torch.Tensor  # [W, V]
+    hidden: torch.Tensor  # [1, W, H]
+
+    @classmethod
+    def allocate(cls, width: int, max_len: int, vocab: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device) -> "TreeVerifyBuffers":
+        long = dict(dtype=torch.long, device=device)
+        return cls(torch.zeros(1, width, **long), torch.arange(width, **long), torch.zeros(width, **long),
+                   torch.zeros(1, **long), torch.eye(width, dtype=torch.bool, device=device), torch.arange(width, **long),
+                   torch.zeros(width, vocab, dtype=dtype, device=device),
+                   torch.zeros(1, width, hidden_size, dtype=dtype, device=device))
+
+    def load(self, tokens: torch.Tensor, depths: torch.Tensor, ancestry: torch.Tensor, base: int) -> None:
+        """tokens, depths: [n] ; ancestry: [n, n] bool, for the first n ≤ W nodes; the rest is padding."""
+        count = tokens.shape[0]
+        self.tokens[0, :count].copy_(tokens)
+        self.tokens[0, count:].copy_(tokens[:1].expand(self.tokens.shape[1] - count))
+        self.positions.zero_()
+        self.positions[:count].copy_(depths)
+        self.positions.add_(base)
+        torch.add(self.arange, base, out=self.slots)
+        self.base.fill_(base)
+        self.ancestry.copy_(torch.eye(self.ancestry.shape[0], dtype=torch.bool, device=self.ancestry.device))
+        self.ancestry[:count, :count].copy_(ancestry)
+
+    def mask(self, kv_positions: torch.Tensor) -> torch.Tensor:
+        """kv_positions: [1, 1, 1, M] → [1, 1, W, M] bool: the cache before base, and the node's ancestors' slots."""
+        width = self.tokens.shape[1]
+        allowed = (kv_positions < self.base).expand(1, 1, width, kv_positions.shape[-1]).clone()
+        allowed[0, 0].index_copy_(1, self.slots, self.ancestry)
+        return allowed
+
+
+def tree_device_inputs(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A DraftTree → (tokens [n], depths [n], ancestry [n, n] bool) on the device; a DeviceTree already has them."""
+    on_device = getattr(tree, "device_inputs", None)
+    if on_device is not None:
+        return on_device
+    return (torch.tensor(tree.tokens, device=device), torch.tensor(tree.depths(), device=device),
+            tree.ancestry().to(device))

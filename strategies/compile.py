@@ -65,5 +65,23 @@ class Compile(Strategy):
         target = getattr(self, "_target", None)
         if target is None or target.width != gamma + 1:
             target = self._target = StaticTarget(self.engine, gamma)
-        target.setup(max_seq)
+        drafter = getattr(self, "_drafter", None)
+        target.setup(max_seq, tree_nodes=drafter.max_nodes if drafter is not None else 0)
         return target
+
+    def lend_drafter(self, head, model, prefix_embeds, settings, gamma: int, tree=None):
+        """A captured EAGLE drafter (static_draft.StaticEagleDrafter) for one sample, reused across
+        samples; None when sampling (it drafts greedily: the eager EagleProposer serves sampled runs).
+
+        prefix_embeds: [1, L, H]; tree: the decoder's TreeShape, or None for chains."""
+        if settings.do_sample:
+            return None
+        from egpt_speed.static_draft import StaticEagleDrafter
+        from egpt_speed.tree import TreeShape
+
+        shape = tree or TreeShape()
+        key = (id(head), gamma, shape.topk, shape.max_nodes)
+        if getattr(self, "_drafter_key", None) != key:
+            self._drafter = StaticEagleDrafter(head, model.llm, gamma, shape.topk, shape.max_nodes)
+            self._drafter_key = key
+        return self._drafter.begin(prefix_embeds, settings.max_new_tokens)

@@ -21,7 +21,7 @@ TREE_ATTENTION = ("sdpa", "eager")  # implementations that take an arbitrary 4-D
 @register
 class EagleTree(Eagle):
     name = "eagle-tree"
-    accepts_lent_target = False  # the compiled static target verifies chains only
+    accepts_lent_target = True  # compile+eagle-tree: static_decode.StaticTarget.verify_tree
     summary = "EAGLE head drafts a dynamic tree (γ deep, --tree-topk, --tree-nodes), verified in one forward under a tree mask; lossless (greedy or tree rejection sampling)"
 
     def prepare(self, model) -> None:

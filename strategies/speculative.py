@@ -21,7 +21,10 @@ class Speculative(Strategy):
 
     def proposer_for(self, model, request, prefix_embeds) -> Proposer:
         if self.draft.head is not None:
-            return EagleProposer(self.draft.head, model.llm, prefix_embeds)
+            # a compiled lender drafts with the head captured on a static cache (greedy); else the eager head
+            lent = self.lender.lend_drafter(self.draft.head, model, prefix_embeds, request.settings, self.ctx.gamma,
+                                            self.tree_shape()) if hasattr(self.lender, "lend_drafter") else None
+            return lent or EagleProposer(self.draft.head, model.llm, prefix_embeds)
         if not self.draft.multimodal:
             return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
         if self.draft.eventgpt is not None:

@@ -1,0 +1,148 @@
+"""The captured EAGLE drafter and the static tree verify (CPU: graphs off, same code path).
+
+- StaticEagleDrafter drafts the same chains and trees as the eager EagleProposer (float32);
+- compile+eagle-tree (StaticTarget.verify_tree / keep_path) gives baseline's greedy tokens;
+- an oracle tree whose true branch is not the first child makes keep_path move slots.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from egpt_speed.decoding import GenerationSettings
+from egpt_speed.eagle import EagleHead, head_config_from_target
+from egpt_speed.proposers import EagleProposer, Proposer
+from egpt_speed.speculation import DynamicTarget, speculative_decode
+from egpt_speed.static_decode import StaticEngine, StaticTarget
+from egpt_speed.static_draft import StaticEagleDrafter
+from egpt_speed.timing import Clock
+from egpt_speed.tree import DraftTree, TreeShape
+from helpers import make_tiny_eventgpt
+
+CPU = torch.device("cpu")
+NEW = 24
+
+
+@pytest.fixture(scope="module")
+def model(sp_tokenizer):
+    tiny = make_tiny_eventgpt(0, tokenizer=sp_tokenizer)
+    with torch.no_grad():  # sharper logits: fewer near-ties, so equality tests the code, not rounding
+        tiny.llm.lm_head.weight.mul_(4.0)
+    return tiny
+
+
+@pytest.fixture(scope="module")
+def head(model):
+    torch.manual_seed(0)
+    return EagleHead(head_config_from_target(model.llm.config)).eval()
+
+
+def prefix(model, seed: int, length: int = 9) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(1, length, model.hidden_size, generator=generator) * 0.5  # [1, L, H]
+
+
+def reference(model, embeds: torch.Tensor, new: int = NEW) -> list[int]:
+    with torch.inference_mode():
+        out = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                 max_new_tokens=new, do_sample=False, eos_token_id=None)
+    return out[0].tolist()
+
+
+def decode(target, embeds, proposer, gamma: int = 4, tree: TreeShape | None = None, new: int = NEW):
+    clock = Clock(CPU)
+    clock.begin()
+    return speculative_decode(target, embeds, proposer, GenerationSettings(max_new_tokens=new), gamma, set(), clock,
+                              tree=tree)
+
+
+def recording(cls):
+    """A proposer subclass that logs every chain (token list) or tree (tokens, parents) it drafts."""
+
+    class Recording(cls):
+        def propose(self, *args, **kwargs):
+            draft = super().propose(*args, **kwargs)
+            self.log.append(draft.tokens.tolist())
+            return draft
+
+        def propose_tree(self, *args, **kwargs):
+            tree = super().propose_tree(*args, **kwargs)
+            self.log.append((tree.tokens, tree.parents))
+            return tree
+
+    return Recording
+
+
+def static_target(model, gamma: int, embeds: torch.Tensor, tree_nodes: int = 0) -> StaticTarget:
+    target = StaticTarget(StaticEngine(model.llm, cuda_graph=False), gamma)
+    target.setup(embeds.shape[1] + NEW, tree_nodes=tree_nodes)
+    return target
+
+
+@pytest.mark.parametrize("seed,gamma", [(0, 4), (1, 2), (2, 5)])
+def test_captured_chain_drafts_equal_eager(model, head, seed, gamma):
+    embeds = prefix(model, seed)
+    eager = recording(EagleProposer)(head, model.llm, embeds)
+    eager.log = []
+    expected = decode(DynamicTarget(model.llm), embeds, eager, gamma).token_ids
+    static = recording(StaticEagleDrafter)(head, model.llm, gamma, cuda_graph=False).begin(embeds, NEW)
+    static.log = []
+    got = decode(DynamicTarget(model.llm), embeds, static, gamma).token_ids
+    assert got == expected == reference(model, embeds)
+    assert len(static.log) > 3 and static.log == eager.log
+
+
+@pytest.mark.parametrize("seed,topk,nodes", [(0, 4, 10), (3, 8, 32)])
+def test_captured_tree_drafts_equal_eager(model, head, seed, topk, nodes):
+    embeds, shape = prefix(model, seed), TreeShape(topk=topk, max_nodes=nodes)
+    eager = recording(EagleProposer)(head, model.llm, embeds)
+    eager.log = []
+    decode(DynamicTarget(model.llm), embeds, eager, 4, shape)
+    static = recording(StaticEagleDrafter)(head, model.llm, 4, topk, nodes, cuda_graph=False).begin(embeds, NEW)
+    static.log = []
+    decode(DynamicTarget(model.llm), embeds, static, 4, shape)
+    assert len(static.log) > 3 and static.log == eager.log
+
+
+@pytest.mark.parametrize("seed,gamma,topk,nodes", [(0, 4, 8, 32), (4, 3, 4, 10)])
+def test_static_tree_verify_equals_baseline(model, head, seed, gamma, topk, nodes):
+    embeds = prefix(model, seed)
+    drafter = StaticEagleDrafter(head, model.llm, gamma, topk, nodes, cuda_graph=False).begin(embeds, NEW)
+    result = decode(static_target(model, gamma, embeds, nodes), embeds, drafter, gamma, TreeShape(topk, nodes))
+    assert result.token_ids == reference(model, embeds)
+
+
+class OracleTree(Proposer):
+    """Knows the answer: each tree's first root child is wrong (with a child of its own), the true
+    continuation hangs off the second, so every accepted path sits at non-contiguous node offsets."""
+
+    def __init__(self, answer: list[int], vocab: int):
+        self.answer, self.vocab = answer, vocab
+
+    def propose_tree(self, committed, depth, topk, max_nodes, settings=None, generator=None) -> DraftTree:
+        truth = self.answer[len(committed):len(committed) + depth]
+        wrong = (truth[0] + 1) % self.vocab if truth else 0
+        tokens, parents = [committed[-1], wrong, wrong], [-1, 0, 1]
+        for index, token in enumerate(truth):
+            tokens.append(token)
+            parents.append(0 if index == 0 else len(tokens) - 2)
+        return DraftTree(tokens, parents)
+
+
+def test_keep_path_compacts_accepted_branch(model):
+    embeds = prefix(model, 5)
+    answer = reference(model, embeds)
+    oracle = OracleTree(answer, model.llm.config.vocab_size)
+    result = decode(static_target(model, 4, embeds, 8), embeds, oracle, 4, TreeShape(topk=2, max_nodes=8))
+    assert result.token_ids == answer
+    assert result.metrics["target_forwards"] <= 1 + -(-(NEW - 1) // 5)  # every step accepts the whole branch
+
+
+def test_static_tree_logits_equal_dynamic(model):
+    embeds = prefix(model, 6)
+    tree = DraftTree([5, 7, 9, 11, 13], [-1, 0, 0, 1, 3])
+    dynamic, static = DynamicTarget(model.llm), static_target(model, 4, embeds, 8)
+    dynamic.prefill(embeds)
+    static.prefill(embeds)
+    torch.testing.assert_close(static.verify_tree(tree), dynamic.verify_tree(tree), rtol=1e-5, atol=1e-5)
