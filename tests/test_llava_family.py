@@ -243,3 +243,18 @@ def test_stage1_reads_frames_from_the_dsec_video_folder(tmp_path):
     missing = Spec("000004", tmp_path / "event_npy" / "interlaken_00_a" / "000004.npy")
     with pytest.raises(EgptError, match="no video frame folder"):
         load_clip_frames(missing, "llava")
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_stage3_and_stage4_functions_take_the_adapter(family, checkpoints):
+    from egpt_speed.stages import PreprocessedSample, stage3_vision, stage4_decode
+
+    model = load_llava_checkpoint(checkpoints[family], torch.float32, CPU)
+    spec = Spec("s0", Path("event_npy/seq/s0.npy"))
+    pixel_values, prompt_ids = model.preprocess(frames_for(family, 0), QUESTIONS[0])
+    encoded = stage3_vision(PreprocessedSample(spec, pixel_values, prompt_ids), model)
+    settings = GenerationSettings(max_new_tokens=MAX_NEW)
+    tokens = stage4_decode(encoded, model, registry.build("baseline", RunContext(CPU, torch.float32)), settings,
+                           started_clock()).token_ids
+    request = stage_request(model, frames_for(family, 0), QUESTIONS[0])
+    assert tokens == generate_baseline(model, request, started_clock()).token_ids
