@@ -5,15 +5,13 @@ CPU tests run the static-cache path uncaptured; the CUDA-graph tests skip withou
 
 from __future__ import annotations
 
-import inspect
-
 import pytest
 import torch
 
 from egpt_speed.decoding import DecodeRequest, GenerationSettings, eos_ids
 from egpt_speed.errors import EgptError
 from egpt_speed.prompt import EVENT_TOKEN_INDEX
-from egpt_speed.speculation import greedy_accept
+from egpt_speed.verify import greedy_accept
 from egpt_speed.static_decode import StaticEngine, StaticTarget, round_up
 from egpt_speed.timing import Clock
 from helpers import make_tiny_eventgpt
@@ -248,28 +246,23 @@ def test_static_target_verify_and_crop_reproduce_greedy(model, gamma):
 
 
 def test_speculative_loop_on_a_static_target(model):
-    """Runs once egpt_speed.speculation.speculative_decode takes `target=` (benchmarks/compile_speculative.patch)."""
     from egpt_speed import speculation
+    from egpt_speed.proposers import CausalLMProposer
 
-    if "target" not in inspect.signature(speculation.speculative_decode).parameters:
-        pytest.skip("speculative_decode takes no target= yet (apply benchmarks/compile_speculative.patch)")
     request = request_for(model, 30, 10, 6, 30)
     embeds = spliced(model, request)
     target = StaticTarget(StaticEngine(model.llm), 3)
     target.setup(embeds.shape[1] + 30)
-    proposer = speculation.CausalLMProposer(model.llm, prefix_embeds=embeds)  # the target drafting itself
+    proposer = CausalLMProposer(model.llm, prefix_embeds=embeds)  # the target drafting itself
     clock = Clock(CPU)
     clock.begin()
-    result = speculation.speculative_decode(model.llm, embeds, proposer, request.settings, 3, eos_ids(model), clock,
-                                            target=target)
+    result = speculation.speculative_decode(target, embeds, proposer, request.settings, 3, eos_ids(model), clock)
     assert result.token_ids == decode("baseline", model, request)
 
 
 @pytest.mark.parametrize("loop", ["pld", "early-exit"])
 def test_compile_plus_speculative_loop_equals_baseline(model, loop):
-    """compile lends the loop a StaticTarget (runs once the registry has `supplies_target`, see the patch)."""
-    if not hasattr(registry.Strategy, "accepts_lent_target"):
-        pytest.skip("the registry cannot compose compile with a speculative loop yet (apply benchmarks/compile_speculative.patch)")
+    """compile lends the loop a StaticTarget."""
     for seed in (31, 32):
         request = request_for(model, seed, 12, 6, 30)
         assert decode(f"compile+{loop}", model, request) == decode("baseline", model, request)

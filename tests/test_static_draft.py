@@ -146,3 +146,31 @@ def test_static_tree_logits_equal_dynamic(model):
     dynamic.prefill(embeds)
     static.prefill(embeds)
     torch.testing.assert_close(static.verify_tree(tree), dynamic.verify_tree(tree), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["compile+eagle", "compile+eagle-tree"])
+def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
+    """The registry path: compile lends its StaticTarget and the captured drafter (Compile.lend_drafter)."""
+    from egpt_speed.decoding import DecodeRequest
+    from egpt_speed.prompt import EVENT_TOKEN_INDEX
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
+
+    head.save(tmp_path / "head")
+    generator = torch.Generator().manual_seed(7)
+    text = torch.randint(3, model.llm.config.vocab_size, (8,), generator=generator)
+    prompt = torch.cat([torch.tensor([1]), text[:4], torch.tensor([EVENT_TOKEN_INDEX]), text[4:]])
+    request = DecodeRequest("s", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
+                            GenerationSettings(max_new_tokens=NEW))
+    results = {}
+    for strategy_name in ("baseline", name):
+        context = RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"), options={"tree_nodes": 10})
+        strategy = registry.build(strategy_name, context)
+        strategy.prepare(model)
+        clock = Clock(CPU)
+        clock.begin()
+        results[strategy_name] = strategy.decode(model, request, clock)
+    assert results[name].token_ids == results["baseline"].token_ids
+    assert results[name].metrics["drafted"] > 0
+    lender = next(part for part in strategy.parts if part.lends_target)
+    assert isinstance(lender._drafter, StaticEagleDrafter)  # the captured drafter, not the eager head
