@@ -99,7 +99,7 @@ def tiny_loader(monkeypatch, sp_tokenizer):
     """Make the runner load `make_tiny_eventgpt(seed=0)` whatever --model says; returns the built models."""
     built = []
 
-    def load(spec, dtype, device, vision_tower=None):
+    def load(spec, dtype, device, vision_tower=None, allow_tokenizer_mismatch=False):
         model = make_tiny_eventgpt(0, tokenizer=sp_tokenizer).to(dtype=dtype)
         built.append(model)
         return model
