@@ -17,6 +17,8 @@ from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, DecodeResult, GenerationSettings
 from egpt_speed.errors import EgptError
 from egpt_speed.events import EventStream, load_event_npy, load_png_frames, render_frames
+from egpt_speed.preprocess import (Preprocess, check_preprocess, clip_spec, events_pixel_values, frames_pixel_values,
+                                   max_pixel_diff)
 from egpt_speed.prompt import MAX_CONTEXT, tokenize_with_event_placeholder
 from egpt_speed.timing import Clock
 
@@ -30,6 +32,11 @@ class LoadedSample:
     spec: SampleSpec
     events: EventStream | None
     frames: list[np.ndarray] | None  # [H, W, 3] uint8 each, png source only
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Input oddities that did not stop the sample (unsorted/negative timestamps), for the result."""
+        return self.events.warnings if self.events is not None else ()
 
 
 @dataclass
@@ -61,11 +68,58 @@ def stage1_load(spec: SampleSpec, source: Source, frames: int) -> LoadedSample:
     return LoadedSample(spec, None, load_png_frames(paths))
 
 
-def stage2_preprocess(loaded: LoadedSample, model, frames: int) -> PreprocessedSample:
+def default_preprocess(device: torch.device) -> Preprocess:
+    """Where Stage 2's image work runs unless the user says: on the GPU when there is one."""
+    return "device" if device.type == "cuda" else "cpu"
+
+
+def stage2_preprocess(loaded: LoadedSample, model, frames: int, preprocess: Preprocess = "cpu") -> PreprocessedSample:
+    """Render + CLIP processor (+ device copy) and tokenisation.
+
+    preprocess "cpu": numpy renderer + the model's transformers processor, then a copy to the device;
+    "device": the same pixels as tensor ops on the model's device (bit-exact to the PIL processor).
+    """
+    check_preprocess(preprocess)
+    make = device_pixel_values if preprocess == "device" else cpu_pixel_values
+    return PreprocessedSample(loaded.spec, make(loaded, model, frames), prompt_ids_for(model, loaded.spec.query))
+
+
+def cpu_pixel_values(loaded: LoadedSample, model, frames: int) -> torch.Tensor:
+    """[T, 3, S, S] in the model's dtype on its device, via the CPU renderer and processor."""
     images = loaded.frames if loaded.frames is not None else render_frames(loaded.events, frames)
     pixel_values = model.image_processor(images=images, return_tensors="pt")["pixel_values"]
-    pixel_values = pixel_values.to(device=model.device, dtype=model.llm.dtype, non_blocking=True)
-    return PreprocessedSample(loaded.spec, pixel_values, prompt_ids_for(model, loaded.spec.query))
+    return pixel_values.to(device=model.device, dtype=model.llm.dtype, non_blocking=True)
+
+
+def device_pixel_values(loaded: LoadedSample, model, frames: int) -> torch.Tensor:
+    """[T, 3, S, S] in the model's dtype, rendered and processed on the model's device."""
+    spec = clip_spec(model.image_processor)
+    if loaded.frames is not None:
+        return frames_pixel_values(loaded.frames, spec, model.device, model.llm.dtype)
+    return events_pixel_values(loaded.events, frames, spec, model.device, model.llm.dtype)
+
+
+def preprocess_pixel_diff(loaded: LoadedSample, model, frames: int) -> float:
+    """Largest |device − cpu| pixel value (CLIP-normalised units, before the dtype cast) on this sample.
+
+    For the result's `preprocess_max_pixel_diff`; untimed, call it outside the Stage-2 region.
+    """
+    spec = clip_spec(model.image_processor)
+    cpu_model = _AsFloat32(model)
+    reference = cpu_pixel_values(loaded, cpu_model, frames)
+    if loaded.frames is not None:
+        got = frames_pixel_values(loaded.frames, spec, model.device, torch.float32)
+    else:
+        got = events_pixel_values(loaded.events, frames, spec, model.device, torch.float32)
+    return max_pixel_diff(got, reference)
+
+
+class _AsFloat32:
+    """The model's processor and device with a float32 target dtype, so the diff is not hidden by bf16 rounding."""
+
+    def __init__(self, model):
+        self.image_processor, self.device = model.image_processor, model.device
+        self.llm = torch.empty(0, dtype=torch.float32)
 
 
 def prompt_ids_for(model, question: str) -> torch.Tensor:
@@ -79,6 +133,14 @@ def prompt_ids_for(model, question: str) -> torch.Tensor:
 def stage3_vision(pre: PreprocessedSample, model) -> EncodedSample:
     frame_features = model.encode_frames(pre.pixel_values)  # [T, P, H]
     return EncodedSample(pre.spec, model.pool(frame_features), pre.prompt_ids)
+
+
+@torch.inference_mode()
+def stage3_vision_batch(pres: list[PreprocessedSample], model) -> list[EncodedSample]:
+    """Stage 3 for several samples in one vision-tower call (all their frames batched), for batched strategies."""
+    counts = [int(pre.pixel_values.shape[0]) for pre in pres]
+    features = model.encode_frames(torch.cat([pre.pixel_values for pre in pres]))  # [sum T, P, H]
+    return [EncodedSample(pre.spec, model.pool(f), pre.prompt_ids) for pre, f in zip(pres, features.split(counts))]
 
 
 def stage4_decode(encoded: EncodedSample, model, strategy, settings: GenerationSettings, clock: Clock) -> DecodeResult:

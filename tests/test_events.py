@@ -2,6 +2,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from egpt_speed.errors import EgptError
@@ -266,3 +267,30 @@ def test_synthesize_clip_rejects_bad_config():
         synthesize_clip(SyntheticClipConfig(num_events=0), 0)
     with pytest.raises(EgptError):
         synthesize_clip(SyntheticClipConfig(noise_fraction=1.5), 0)
+
+
+# ---------------------------------------------------------------- torch renderer (Stage 2 on the device)
+
+
+@pytest.mark.parametrize("seed,n", [(0, 1000), (1, 1003), (2, 2999), (3, 7), (4, 5)])
+@pytest.mark.parametrize("n_frames", [5, 1])
+def test_torch_renderer_pixel_identical_to_reference(seed, n, n_frames):
+    from egpt_speed.render_torch import render_frames_torch
+
+    s = small_stream(seed, n)
+    ours = render_frames_torch(s, n_frames, "cpu")
+    ref = reference_frames(s.x, s.y, s.p, n_frames)
+    assert len(ours) == n_frames
+    for a, b in zip(ours, ref):
+        assert a.dtype == torch.uint8
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_torch_renderer_on_a_synthetic_clip_and_uint16_input():
+    from egpt_speed.render_torch import render_frames_torch
+
+    s = synthesize_clip(SyntheticClipConfig(width=64, height=48, num_events=5003), seed=3)
+    s16 = EventStream(x=s.x.astype(np.uint16), y=s.y.astype(np.uint16), t=s.t, p=s.p)  # as EventGPT files store them
+    for n in (5, 1):
+        for a, b in zip(render_frames_torch(s16, n), reference_frames(s.x, s.y, s.p, n)):
+            np.testing.assert_array_equal(a.numpy(), b)
