@@ -167,3 +167,38 @@ def numerical_floor(model_fp32, requests: Sequence[DecodeRequest], reference_tok
             "divergences": [d.to_dict() for d in diagnosed if d is not None],
             "real_divergence_count": sum(1 for d in diagnosed if d is not None and d.kind == REAL),
             "note": FP32_COPY_NOTE}
+
+
+# ---- wiring helpers: per-sample record key "divergence", per-comparison keys --------------------------
+
+RECORD_KEY = "divergence"  # on a candidate's sample record: the Divergence as a dict, None when exact
+
+
+def diagnose_record(reference_model, request: DecodeRequest, reference_tokens: Sequence[int],
+                    candidate_tokens: Sequence[int]) -> dict | None:
+    """What the runner stores under RECORD_KEY for one candidate sample (untimed; greedy runs only)."""
+    found = diagnose(reference_model, request, reference_tokens, candidate_tokens)
+    return found.to_dict() if found is not None else None
+
+
+def comparison_keys(reference_samples: Sequence[dict], candidate_samples: Sequence[dict]) -> dict:
+    """`divergences`, `real_divergence_count`, `lossless_up_to_numerics_rate` (+ near-tie and undiagnosed counts).
+
+    Reads RECORD_KEY from each candidate record. A divergent sample without a diagnosis (sampling,
+    a batched candidate, a result written before diagnosis existed) counts as undiagnosed and
+    never as lossless.
+    """
+    found, undiagnosed = [], 0
+    for reference, candidate in zip(reference_samples, candidate_samples):
+        if list(reference["token_ids"]) == list(candidate["token_ids"]):
+            continue
+        if candidate.get(RECORD_KEY) is None:
+            undiagnosed += 1
+            continue
+        found.append(Divergence(**candidate[RECORD_KEY]))
+    count = min(len(reference_samples), len(candidate_samples))
+    keys = agreement_keys([str(i) for i in range(count)], found)
+    keys["undiagnosed_count"] = undiagnosed
+    if count:
+        keys["lossless_up_to_numerics_rate"] = (count - keys["real_divergence_count"] - undiagnosed) / count
+    return keys

@@ -204,3 +204,12 @@ def test_numerical_floor_of_a_float32_reference_is_zero_and_a_bfloat16_one_is_di
     floor = dv.numerical_floor(fp32, bf16_requests, bf16_tokens, decode, torch.bfloat16)
     assert floor["samples"] == 4 and len(floor["divergences"]) == floor["differs_from_fp32"]
     assert "second" in floor["note"]
+
+
+def test_comparison_keys_read_the_per_sample_diagnosis_and_count_undiagnosed_samples():
+    tie = dv.Divergence("b", 1, dv.NEAR_TIE, 0.1, 0.0, 0.2, 7, 8, True).to_dict()
+    reference = [{"token_ids": [1, 2, 3]}, {"token_ids": [1, 7, 3]}, {"token_ids": [1, 2]}]
+    candidate = [{"token_ids": [1, 2, 3]}, {"token_ids": [1, 8, 3], dv.RECORD_KEY: tie}, {"token_ids": [1, 5]}]
+    keys = dv.comparison_keys(reference, candidate)
+    assert keys["near_tie_count"] == 1 and keys["real_divergence_count"] == 0 and keys["undiagnosed_count"] == 1
+    assert keys["lossless_up_to_numerics_rate"] == pytest.approx(2 / 3)
