@@ -155,6 +155,11 @@ class LlavaFamilyModel(nn.Module):
         return self.tokenizer.apply_chat_template(conversation, chat_template=template, add_generation_prompt=True,
                                                   tokenize=False)
 
+    def prompt_ids(self, question: str) -> torch.Tensor:
+        """Stage 2's text half alone (for callers without frames, e.g. train-draft): [L] with one −200, on the device."""
+        ids = self.tokenizer(self.prompt_text(question), return_tensors="pt")["input_ids"][0]
+        return collapse_placeholder(ids, self.placeholder_id).to(self.device)
+
     def preprocess(self, frames: list[np.ndarray], question: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: frames ([H, W, 3] uint8 each) + question → (pixel_values [T, 3, S, S], prompt_ids [L]).
 
@@ -173,7 +178,7 @@ class LlavaFamilyModel(nn.Module):
             out = processor(text=prompt, videos=[np.stack(frames)], return_tensors="pt")
             ids, pixel_values = out["input_ids"][0], out["pixel_values_videos"][0]
         else:
-            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"][0]  # as the processor tokenises
             out = self.image_processor(images=list(frames), return_tensors="pt")
             # VideoLlavaImageProcessor still names its output pixel_values_images unless told otherwise
             pixel_values = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]

@@ -175,6 +175,7 @@ def test_stage3_feature_counts(family, checkpoints):
     per_frame = (SIZE // PATCH) ** 2 + (0 if family == "llava" else 1)  # LLaVA drops CLS, Video-LLaVA keeps it
     assert tuple(frame_features.shape) == (FRAMES[family], per_frame, model.hidden_size)
     assert int((prompt_ids == EVENT_TOKEN_INDEX).sum()) == 1
+    assert torch.equal(model.prompt_ids(QUESTIONS[0]), prompt_ids)  # the text half alone tokenises the same
 
 
 def test_llm_view_shares_the_checkpoint_modules(checkpoints):
