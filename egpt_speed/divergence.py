@@ -142,13 +142,24 @@ def agreement_keys(sample_ids: Sequence[str], divergences: Sequence[Divergence |
             "lossless_up_to_numerics_rate": (count - real) / count if count else None}
 
 
+def hf_generate_tokens(model, request: DecodeRequest) -> list[int]:
+    """The baseline's decoding (transformers generate), untimed: the default reference for the floor."""
+    from egpt_speed.hf_generate import generate_baseline
+    from egpt_speed.timing import Clock
+
+    clock = Clock(request.event_features.device)
+    clock.begin()
+    return generate_baseline(model, request, clock).token_ids
+
+
 def numerical_floor(model_fp32, requests: Sequence[DecodeRequest], reference_tokens: Sequence[Sequence[int]],
-                    decode: Callable[[object, DecodeRequest], list[int]], dtype: torch.dtype) -> dict:
+                    dtype: torch.dtype, decode: Callable[[object, DecodeRequest], list[int]] = hf_generate_tokens) -> dict:
     """How often the reference decoding itself changes between its dtype and float32 (the noise floor).
 
     model_fp32: a float32 copy of the reference model; requests: the counted samples (their
     Stage-3 features are cast to float32); reference_tokens: what the reference produced in its
-    own dtype (`dtype`); decode(model, request) → tokens: the reference strategy's decoding. Each
+    own dtype (`dtype`); decode(model, request) → tokens: the reference's decoding (default:
+    transformers generate, as `baseline`). Each
     sample where they differ is diagnosed on the float32 model with `dtype`'s tolerance: a
     `real` one would mean the reduced-precision reference is itself wrong, not merely rounded.
     """

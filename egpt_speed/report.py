@@ -176,6 +176,8 @@ def plot_pareto(ax, rows: list[Ranked]) -> None:
     frontier = sorted(((gb, s) for gb, s, _ in points if not any(g2 <= gb and s2 > s for g2, s2, _ in points)))
     if len(frontier) > 1:
         ax.plot(*zip(*frontier), color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(left=0)  # from zero: a 5 % memory difference must not look like a factor
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("memory GB (weights + draft + Stage-4 working)")
     ax.set_ylabel("Stage-4 speedup")
     ax.set_title("Pareto: speedup vs memory (o lossless, x lossy)")

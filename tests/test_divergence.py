@@ -195,13 +195,13 @@ def test_a_wrong_strategy_from_the_registry_is_classified_real(tokenizer, dtype)
 def test_numerical_floor_of_a_float32_reference_is_zero_and_a_bfloat16_one_is_diagnosed(tokenizer):
     fp32 = sharp_model(tokenizer)
     requests = requests_for(fp32)
-    decode = lambda m, r: generate_baseline(m, r, started_clock()).token_ids  # noqa: E731
-    same = dv.numerical_floor(fp32, requests, [decode(fp32, r) for r in requests], decode, torch.float32)
+    decode = dv.hf_generate_tokens
+    same = dv.numerical_floor(fp32, requests, [decode(fp32, r) for r in requests], torch.float32)
     assert same["differs_from_fp32"] == 0 and same["exact_match_rate_vs_fp32"] == 1.0
     bf16 = sharp_model(tokenizer, torch.bfloat16)
     bf16_requests = requests_for(bf16, max_new_tokens=24)
     bf16_tokens = [decode(bf16, r) for r in bf16_requests]
-    floor = dv.numerical_floor(fp32, bf16_requests, bf16_tokens, decode, torch.bfloat16)
+    floor = dv.numerical_floor(fp32, bf16_requests, bf16_tokens, torch.bfloat16)
     assert floor["samples"] == 4 and len(floor["divergences"]) == floor["differs_from_fp32"]
     assert "second" in floor["note"]
 
