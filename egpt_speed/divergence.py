@@ -20,6 +20,10 @@ The tolerance (one formula, `near_tie_tolerance`):
 - K = 8 (`NEAR_TIE_K`): two paths that group the same sums differently (KV cache vs one
   forward, several verified tokens, fused kernels) do not differ by one rounding but by what
   every layer's rounding adds up to in the residual stream; K covers that amplification.
+  Measured on `tiny` (SmolLM2-135M, bfloat16, CPU, 582 event tokens + 40 answer tokens): one
+  forward vs the same tokens fed in 5-token cached chunks (what verification does) moved the gap
+  between top-1 and each of the next 19 tokens by at most 2.06 · u · (...) (0.375 logits, logits
+  ≈ 21); K = 8 leaves a factor 4 for other kernels and devices.
 
 So a float32 gap of 1e-5 on logits of size 10 is a tie (tol ≈ 1e-5), a gap of several logits
 is real in every dtype, and bfloat16's tolerance on logits of size ~15 is roughly 0.3–1 logit.
