@@ -3,62 +3,51 @@
 Per sample: Stages 1–3 run once (timed, features cached); then every strategy decodes from the
 same cache, in an order that alternates between samples so drift (clocks, thermals, caches) hits
 all strategies alike. Warm-up samples run the same path and are dropped from every statistic.
+Each counted sample is journaled (all its strategies' records) before the next one starts, and
+the result files are written from the journal, so `--resume` can continue an interrupted run.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from egpt_speed import metrics
-from egpt_speed import datasets
+from egpt_speed import datasets, journal, metrics, results
+from egpt_speed.baselines.checks import check_sampling, check_strategy_names
+from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
+from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
+                                         decode_one, decode_pending_batch, queue_for_batch)
 from egpt_speed.datasets import SampleSpec
-from egpt_speed.decoding import GenerationSettings, eos_ids, teacher_forced_top1
-from egpt_speed.errors import EgptError
+from egpt_speed.decoding import GenerationSettings
+from egpt_speed.errors import EgptError, RunInterrupted
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
-from egpt_speed.stages import (EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision, stage4_decode)
-from egpt_speed.timing import Clock, TimedRegion, measure_copy_bandwidth
+from egpt_speed.options import MeasureOptions, RunOptions, default_strategy_options
+from egpt_speed.results import batch_summary  # noqa: F401 - re-exported for benchmarks/batch_sweep.py
+from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.strategies import registry
 from egpt_speed.strategies.registry import RunContext, Strategy
+from egpt_speed.timing import TimedRegion, measure_copy_bandwidth
+
+__all__ = ["RunConfig", "StrategyState", "decode_one", "execute", "run", "Outcome"]
 
 
 @dataclass
-class RunConfig:
-    """Everything a run needs; the CLI fills it, tests build it directly."""
+class RunConfig(MeasureOptions):
+    """Everything a run measures with; the defaults are the CLI's (egpt_speed.options)."""
 
-    strategies: list[str]
-    model: str = "tiny"
-    draft: str | None = None
-    data: str = "synthetic"
-    samples: int = 8
-    max_new_tokens: int = 64
-    dtype: str = "auto"
-    device: str = "auto"
-    warmup: int = 2
-    frames: int = 5
-    gamma: int = 4
-    batch_size: int = 1
-    seed: int = 0
-    source: str = "npy"
-    vision_tower: Path | None = None
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    synthetic_events: int = 200_000
-    options: dict[str, Any] = field(default_factory=dict)
+    strategies: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=default_strategy_options)  # strategy-specific (RunContext)
 
+    @classmethod
+    def from_options(cls, strategies: list[str], options: RunOptions) -> "RunConfig":
+        return cls(strategies=list(strategies), **options.measure(), options=options.strategy_options())
 
-@dataclass
-class StrategyState:
-    strategy: Strategy
-    model: EventGPT
-    records: list[dict] = field(default_factory=list)
-    batches: int = 0  # counted batches decoded so far (batched strategies only)
-    llm_bytes: int | None = None  # device bytes of this strategy's LLM (measured on CUDA)
-    extra_bytes: int | None = None  # device bytes its prepare added beside the model (draft model/head)
+    def record(self) -> dict[str, Any]:
+        """The configuration as the result file's `config` holds it (and the journal's hash covers)."""
+        return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Path) else v) for f in fields(self)}
 
 
 def validate(config: RunConfig) -> None:
@@ -67,21 +56,16 @@ def validate(config: RunConfig) -> None:
         raise EgptError(f"--frames {config.frames} is not supported; use 5 (official pooled path) or 1.")
     if config.source not in ("npy", "png"):
         raise EgptError(f"--source {config.source!r} is not supported; use npy or png.")
-    if config.samples < 1:
-        raise EgptError("--samples must be at least 1.")
-    if config.warmup < 0:
-        raise EgptError("--warmup cannot be negative.")
-    if config.max_new_tokens < 1:
-        raise EgptError("--max-new-tokens must be at least 1.")
-    if config.gamma < 1:
-        raise EgptError("--gamma must be at least 1.")
-    if config.batch_size < 1:
-        raise EgptError("--batch-size must be at least 1.")
+    for flag, value, least in (("--samples", config.samples, 1), ("--warmup", config.warmup, 0),
+                               ("--max-new-tokens", config.max_new_tokens, 1), ("--gamma", config.gamma, 1),
+                               ("--batch-size", config.batch_size, 1)):
+        if value < least:
+            raise EgptError(f"{flag} must be at least {least}.")
     resolve_dtype(config.dtype)
     resolve_device(config.device)
-    check_model_spec(config.model)
-    if not config.strategies:
-        raise EgptError("name at least one strategy, e.g. `egpt-speed run baseline`.")
+    check_model_spec(config.model, config.vision_tower)
+    check_strategy_names(config.strategies)
+    check_sampling(config.do_sample, config.temperature, config.top_p)
 
 
 def context_for(config: RunConfig) -> RunContext:
@@ -143,173 +127,60 @@ def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy
     return base, states
 
 
-def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
-                settings: GenerationSettings, progress: Callable[[int], None] | None = None) -> None:
-    """The measured loop. Appends one record per counted sample to each state's `records`.
-
-    A batched strategy (`strategy.batched`) queues encoded samples and decodes `--batch-size` of
-    them in one call; its records follow the same sample order as everyone else's.
-    """
+def encode(spec: SampleSpec, config: RunConfig, base: EventGPT):
+    """Stages 1–3 of one sample, each timed → (encoded sample, the record fields they fill)."""
     device = base.device
+    with TimedRegion(device) as r1:
+        loaded = stage1_load(spec, config.source, config.frames)
+    with TimedRegion(device) as r2:
+        pre = stage2_preprocess(loaded, base, config.frames)
+    with TimedRegion(device) as r3:
+        encoded = stage3_vision(pre, base)
+    events = int(encoded.event_features.shape[0])
+    common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
+              "stage3_peak_bytes": r3.peak_bytes, "event_tokens": events,
+              "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + events}
+    return encoded, common
+
+
+def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
+                settings: GenerationSettings, progress: Callable[[int], None] | None = None,
+                sink: SampleSink | None = None, skip: int = 0) -> None:
+    """The measured loop: records each counted sample into every state's `records` and into `sink`.
+
+    The first `skip` counted samples are already journaled and are not run. A batched strategy
+    queues encoded samples and decodes `--batch-size` of them in one call.
+    """
+    sink = sink or SampleSink(None, [s.strategy.name for s in states], skip)
     pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
+    warmups = sum(1 for _, counted in plan if not counted)
     for index, (spec, counted) in enumerate(plan):
-        with TimedRegion(device) as r1:
-            loaded = stage1_load(spec, config.source, config.frames)
-        with TimedRegion(device) as r2:
-            pre = stage2_preprocess(loaded, base, config.frames)
-        with TimedRegion(device) as r3:
-            encoded = stage3_vision(pre, base)
-        del loaded, pre
-        stage_common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
-                        "stage3_peak_bytes": r3.peak_bytes, "event_tokens": int(encoded.event_features.shape[0]),
-                        "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + int(encoded.event_features.shape[0])}
-        for position in interleaved_order(len(states), index):
-            state = states[position]
-            order = list(interleaved_order(len(states), index)).index(position)
+        counted_index = index - warmups if counted else None
+        if counted_index is not None and counted_index < skip:
+            continue
+        encoded, common = encode(spec, config, base)
+        order = interleaved_order(len(states), index)
+        for rank, position in enumerate(order):
+            state, common_here = states[position], {**common, "order": rank}
             if state.strategy.batched:
-                queue_for_batch(state, pending.setdefault(position, []), PendingSample(encoded, stage_common, counted, order),
-                                settings, device)
+                queue_for_batch(state, pending.setdefault(position, []), PendingSample(encoded, common_here, counted_index),
+                                settings, base.device, sink)
                 continue
-            record = decode_one(state, encoded, settings, device)
+            record = decode_one(state, encoded, settings, base.device)
             if counted:
-                record.update(stage_common)
-                record["order"] = order
+                record.update(common_here)
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
                 state.records.append(record)
+                sink.add(counted_index, state.strategy.name, record)
         if counted:
             add_teacher_forced_top1(states, encoded, settings)
+        sink.flush()
         if progress:
             progress(1)
     for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy
         if queue:
-            decode_pending_batch(states[position], queue, settings, device)
-
-
-def add_teacher_forced_top1(states: list[StrategyState], encoded: EncodedSample, settings: GenerationSettings) -> None:
-    """For lossy candidates (quantisation), score the reference's tokens under the candidate's model (untimed)."""
-    reference = states[0]
-    if reference.strategy.batched or not reference.records:
-        return
-    for state in states[1:]:
-        if not state.strategy.lossless and not state.strategy.batched and state.records:
-            request = make_request(encoded, settings)
-            state.records[-1]["teacher_forced_top1"] = teacher_forced_top1(state.model, request, reference.records[-1]["token_ids"])
-
-
-def decode_one(state: StrategyState, encoded: EncodedSample, settings: GenerationSettings, device: torch.device) -> dict:
-    clock = Clock(device)
-    peak = TimedRegion(device)
-    with peak as region:
-        clock.begin()
-        result = stage4_decode(encoded, state.model, state.strategy, settings, clock)
-        prefill_ms, decode_ms = clock.end()
-    tokens = result.token_ids
-    record = {"stage4_ms": prefill_ms + decode_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms,
-              "num_tokens": len(tokens), "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
-              "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes, "stage4_working_bytes": region.working_bytes,
-              "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
-              "ended_with_eos": bool(tokens) and tokens[-1] in eos_ids(state.model)}
-    for name, ms in clock.phases_ms.items():
-        record[f"{name}_ms"] = ms
-    record.update(result.metrics)
-    return record
-
-
-# ---- batched strategies -------------------------------------------------------------------------
-
-@dataclass
-class PendingSample:
-    """An encoded sample waiting for its batch, with what its record needs from the sample loop."""
-
-    encoded: EncodedSample
-    common: dict  # id, query, stage 1-3 times, token counts
-    counted: bool
-    order: int
-
-
-def queue_for_batch(state: StrategyState, queue: list[PendingSample], item: PendingSample, settings: GenerationSettings,
-                    device: torch.device) -> None:
-    """Add a sample to a batched strategy's queue; decode the queue once it holds a full batch.
-
-    Warm-up and counted samples never share a batch: a counted sample arriving after warm-up ones
-    first sends the warm-up batch off.
-    """
-    if queue and queue[-1].counted != item.counted:
-        decode_pending_batch(state, queue, settings, device)
-    queue.append(item)
-    if len(queue) >= state.strategy.ctx.batch_size:
-        decode_pending_batch(state, queue, settings, device)
-
-
-def decode_pending_batch(state: StrategyState, queue: list[PendingSample], settings: GenerationSettings,
-                         device: torch.device) -> None:
-    """Decode the queued samples as one batch and record each counted one; empties the queue.
-
-    A warm-up batch shorter than --batch-size is filled by repeating its samples, so the first timed
-    batch finds the kernels for its shape already warm; its results are dropped.
-    """
-    items = list(queue)
-    queue.clear()
-    requests = [make_request(item.encoded, settings) for item in items]
-    counted = items[0].counted
-    if not counted:
-        size = state.strategy.ctx.batch_size
-        requests += [requests[k % len(requests)] for k in range(size - len(requests))]
-    records = decode_batch_records(state, requests, device)
-    if not counted:
-        return
-    for item, record in zip(items, records):
-        record.update(item.common)
-        record["order"] = item.order
-        record["batch_index"] = state.batches
-        record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
-        state.records.append(record)
-    state.batches += 1
-
-
-def batch_tokens_per_s(new_tokens: int, stage4_ms: float) -> float | None:
-    """Batch throughput: all new tokens of a batch over its Stage-4 time (prefill included)."""
-    return new_tokens / (stage4_ms / 1e3) if stage4_ms > 0 else None
-
-
-def decode_batch_records(state: StrategyState, requests: list, device: torch.device) -> list[dict]:
-    """One `decode_batch` call, timed like `decode_one`; one record per request, each with the batch's times."""
-    clock = Clock(device)
-    with TimedRegion(device) as region:
-        clock.begin()
-        results = state.strategy.decode_batch(state.model, requests, clock)
-        prefill_ms, decode_ms = clock.end()
-    stage4_ms = prefill_ms + decode_ms
-    new_tokens = sum(len(result.token_ids) for result in results)
-    stop = eos_ids(state.model)
-    records = []
-    for result in results:
-        tokens = result.token_ids
-        record = {"stage4_ms": stage4_ms, "prefill_ms": prefill_ms, "decode_ms": decode_ms, "num_tokens": len(tokens),
-                  "per_token_ms": metrics.per_token_ms(decode_ms, len(tokens)),
-                  "tokens_per_s": metrics.tokens_per_s(decode_ms, len(tokens)), "stage4_peak_bytes": region.peak_bytes, "stage4_working_bytes": region.working_bytes,
-                  "token_ids": tokens, "text": state.model.tokenizer.decode(tokens, skip_special_tokens=True),
-                  "ended_with_eos": bool(tokens) and tokens[-1] in stop,
-                  "batch_size": len(requests), "batch_tokens": new_tokens,
-                  "batch_tokens_per_s": batch_tokens_per_s(new_tokens, stage4_ms)}
-        for name, ms in clock.phases_ms.items():
-            record[f"{name}_ms"] = ms
-        record.update(result.metrics)
-        records.append(record)
-    return records
-
-
-def batch_summary(records: list[dict]) -> dict:
-    """Run-level batch figures: throughput over all counted batches (Σ tokens / Σ batch time) and per batch."""
-    batches: dict[int, dict] = {}
-    for record in records:
-        batches.setdefault(record["batch_index"], record)
-    tokens = sum(r["batch_tokens"] for r in batches.values())
-    seconds_ms = sum(r["stage4_ms"] for r in batches.values())
-    per_batch = metrics.quantiles([r["batch_tokens_per_s"] for r in batches.values()])
-    return {"batches": len(batches), "batch_tokens_per_s": batch_tokens_per_s(tokens, seconds_ms),
-            "batch_tokens_per_s_median": per_batch.get("median"),
-            "batch_size_mean": metrics.quantiles([r["batch_size"] for r in batches.values()]).get("mean")}
+            decode_pending_batch(states[position], queue, settings, base.device, sink)
+    sink.flush()
 
 
 def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
@@ -318,63 +189,72 @@ def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
     return load
 
 
-def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,
-            name: str | None = None) -> tuple[dict, Path]:
-    """Validate, load, run, and write `<out>/<name>_<stamp>.json` + `.md` (+ `.png`). Returns (document, json path)."""
-    from datetime import datetime
+def document_from_journal(config: RunConfig, ctx: RunContext, base: EventGPT, states: list[StrategyState],
+                          bandwidth: float | None, path: Path) -> dict:
+    entries = journal.read_journal(path).entries
+    runs = {}
+    for state in states:
+        name = state.strategy.name
+        facts = results.RunFacts(name, state.strategy.summary, state.strategy.lossless, state.strategy.settings(),
+                                 state.strategy.batched, state.model, state.llm_bytes, state.extra_bytes)
+        runs[name] = results.run_entry(facts, [entry["records"][name] for entry in entries], bandwidth)
+    first = entries[0]["records"][states[0].strategy.name] if entries else {}
+    facts = {"dtype_resolved": str(ctx.dtype).replace("torch.", ""),
+             "attn_implementation": base.llm.config._attn_implementation,
+             "event_tokens": first.get("event_tokens"), "prompt_tokens": first.get("prompt_tokens"),
+             "random_weights": base.random_weights, "vision_dtype": str(next(base.vision_tower.parameters()).dtype),
+             "image_processor": type(base.image_processor).__name__}
+    return results.build_document({**config.record(), **facts}, results.capture_env(ctx.device, bandwidth), runs)
 
-    from egpt_speed import report, results
 
+def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+        name: str | None = None, resume: bool = False) -> Outcome:
+    """Check, load, run (journaling each counted sample), write `<out>/<name>_<stamp>.json/.md/.png`."""
     validate(config)
+    results.check_writable_dir(out)
+    name = results.result_name(name or "_".join(config.strategies), config.strategies, results.name_max(out))
+    digest = journal.config_hash(config.record())
+    previous = journal.find_journal(out, digest) if resume else None
+    finished = finished_outcome(previous, config.samples) if previous else None
+    if finished:
+        return finished
     ctx = context_for(config)
     strategies = build_strategies(config, ctx)
-    specs = resolve_samples(config)
-    plan = warmup_then_counted(specs, config.samples, config.warmup)
+    plan = warmup_then_counted(resolve_samples(config), config.samples, config.warmup)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
                                   temperature=config.temperature, top_p=config.top_p, seed=config.seed)
     torch.manual_seed(config.seed)
-    base, states = prepare_states(config, ctx, strategies, load_for(config, ctx))
-    bandwidth = measure_copy_bandwidth(ctx.device, megabytes=1024 if ctx.device.type == "cuda" else 128)
-    progress = progress_factory(len(plan)) if progress_factory else None
-    run_samples(config, base, states, plan, settings, progress)
+    with sigterm_as_interrupt():
+        base, states, bandwidth = load_and_prepare(config, ctx, strategies)
+        records, done = open_journal(out, name, config.record(), digest, previous)
+        with records:
+            try:
+                for state in states:  # batch indices continue after the resumed ones
+                    state.batches = resumed_batches(records.path, state.strategy.name)
+                progress = progress_factory(len(plan) - done) if progress_factory else None
+                sink = SampleSink(records, [s.strategy.name for s in states], done)
+                run_samples(config, base, states, plan, settings, progress, sink, skip=done)
+            except KeyboardInterrupt:
+                kept = len(journal.read_journal(records.path).entries)
+                raise RunInterrupted(records.path, kept, config.samples) from None
+    document = document_from_journal(config, ctx, base, states, bandwidth, records.path)
+    json_path = records.path.with_name(records.path.name[:-len(journal.SUFFIX)] + ".json")
+    return Outcome(document, results.write_outputs(document, json_path) + [records.path], reused=done)
 
-    runs: dict[str, Any] = {}
-    for state in states:
-        summary = results.summarize(state.records)
-        summary["weight_bytes"] = state.llm_bytes if state.llm_bytes is not None else metrics.weight_bytes(state.model)
-        summary["weight_bytes_measured"] = state.llm_bytes is not None
-        summary["draft_bytes"] = state.extra_bytes
-        working = [r.get("stage4_working_bytes") for r in state.records if r.get("stage4_working_bytes") is not None]
-        summary["stage4_working_bytes"] = max(working) if working else None
-        summary["stage4_footprint_bytes"] = (summary["weight_bytes"] + (state.extra_bytes or 0) + max(working)) if working else None
-        context = (summary.get("distributions", {}).get("num_tokens", {}).get("mean", 0) / 2
-                   + (state.records[0]["prompt_tokens"] if state.records else 0))
-        summary["bytes_per_token"] = metrics.bytes_per_decoded_token(state.model, context, state.llm_bytes)
-        summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
-        if state.strategy.batched and state.records:
-            summary.update(batch_summary(state.records))
-        runs[state.strategy.name] = {"description": state.strategy.summary, "lossless": state.strategy.lossless,
-                                     "settings": state.strategy.settings(), "summary": summary, "samples": state.records}
-    reference = states[0].strategy.name
-    comparisons = [results.compare(reference, s.strategy.name, states[0].records, s.records) for s in states[1:]]
-    first = states[0].records[0] if states[0].records else {}
-    document = {
-        "schema": results.SCHEMA, "created": datetime.now().isoformat(timespec="seconds"),
-        "env": results.capture_env(ctx.device, bandwidth),
-        "config": {**{k: (str(v) if isinstance(v, Path) else v) for k, v in config.__dict__.items()},
-                   "reference": reference, "dtype_resolved": str(ctx.dtype).replace("torch.", ""), "attn_implementation": base.llm.config._attn_implementation,
-                   "event_tokens": first.get("event_tokens"), "prompt_tokens": first.get("prompt_tokens"),
-                   "random_weights": base.random_weights, "vision_dtype": str(next(base.vision_tower.parameters()).dtype),
-                   "image_processor": type(base.image_processor).__name__},
-        "runs": runs, "comparisons": comparisons,
-    }
-    stem = results.timestamped_name(name or "_".join(config.strategies))
-    json_path = out / f"{stem}.json"
-    suffix = 2
-    while json_path.exists():  # two runs within one second never overwrite each other
-        json_path = out / f"{stem}_{suffix}.json"
-        suffix += 1
-    results.write_json_atomic(document, json_path)
-    results.write_text_atomic(report.render_markdown(document), json_path.with_suffix(".md"))
-    report.write_plots(document, json_path.with_suffix(".png"))
-    return document, json_path
+
+def load_and_prepare(config: RunConfig, ctx: RunContext,
+                     strategies: list[Strategy]) -> tuple[EventGPT, list[StrategyState], float | None]:
+    """Models loaded and prepared, and the device's copy bandwidth (for MBU); no journal yet."""
+    try:
+        base, states = prepare_states(config, ctx, strategies, load_for(config, ctx))
+        bandwidth = measure_copy_bandwidth(ctx.device, megabytes=1024 if ctx.device.type == "cuda" else 128)
+    except KeyboardInterrupt:
+        raise RunInterrupted(None, 0, config.samples) from None
+    return base, states, bandwidth
+
+
+def execute(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,
+            name: str | None = None, resume: bool = False) -> tuple[dict, Path]:
+    """`run`, returning (document, json path)."""
+    outcome = run(config, out, progress_factory, name, resume)
+    return outcome.document, outcome.json_path

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -128,9 +130,150 @@ def compare(reference: str, candidate: str, ref_samples: list[dict], cand_sample
     }
 
 
+# ------------------------------------------------------------------------------------------ records
+
+
+@dataclass
+class SampleRecord:
+    """Stage 4 of one sample, decoded alone or in a batch (then the times are the whole batch's)."""
+
+    token_ids: list[int]
+    text: str
+    ended_with_eos: bool
+    prefill_ms: float
+    decode_ms: float
+    peak_bytes: int | None = None
+    working_bytes: int | None = None
+    phases_ms: dict[str, float] = field(default_factory=dict)  # draft / verify splits a strategy timed
+    metrics: dict[str, Any] = field(default_factory=dict)  # a strategy's counters (drafted, accepted, ...)
+    batch: dict[str, Any] | None = None  # batch_size, batch_tokens, batch_tokens_per_s
+
+    def to_dict(self) -> dict[str, Any]:
+        tokens = len(self.token_ids)
+        record = {"stage4_ms": self.prefill_ms + self.decode_ms, "prefill_ms": self.prefill_ms,
+                  "decode_ms": self.decode_ms, "num_tokens": tokens,
+                  "per_token_ms": metrics.per_token_ms(self.decode_ms, tokens),
+                  "tokens_per_s": metrics.tokens_per_s(self.decode_ms, tokens),
+                  "stage4_peak_bytes": self.peak_bytes, "stage4_working_bytes": self.working_bytes,
+                  "token_ids": self.token_ids, "text": self.text, "ended_with_eos": self.ended_with_eos,
+                  **(self.batch or {})}
+        record.update({f"{name}_ms": ms for name, ms in self.phases_ms.items()})
+        record.update(self.metrics)
+        return record
+
+
+def batch_tokens_per_s(new_tokens: int, stage4_ms: float) -> float | None:
+    """Batch throughput: all new tokens of a batch over its Stage-4 time (prefill included)."""
+    return new_tokens / (stage4_ms / 1e3) if stage4_ms > 0 else None
+
+
+def batch_summary(records: list[dict]) -> dict:
+    """Run-level batch figures: throughput over all counted batches (Σ tokens / Σ batch time) and per batch."""
+    batches: dict[int, dict] = {}
+    for record in records:
+        batches.setdefault(record["batch_index"], record)
+    tokens = sum(r["batch_tokens"] for r in batches.values())
+    seconds_ms = sum(r["stage4_ms"] for r in batches.values())
+    per_batch = metrics.quantiles([r["batch_tokens_per_s"] for r in batches.values()])
+    return {"batches": len(batches), "batch_tokens_per_s": batch_tokens_per_s(tokens, seconds_ms),
+            "batch_tokens_per_s_median": per_batch.get("median"),
+            "batch_size_mean": metrics.quantiles([r["batch_size"] for r in batches.values()]).get("mean")}
+
+
+# ------------------------------------------------------------------------------------------ document
+
+
+@dataclass
+class RunFacts:
+    """What the runner knows about one strategy's run beyond its sample records."""
+
+    name: str
+    description: str
+    lossless: bool
+    settings: dict[str, Any]
+    batched: bool
+    model: Any  # the EventGPT it decoded with (weight and byte accounting)
+    llm_bytes: int | None = None  # device bytes of its LLM, measured on CUDA
+    extra_bytes: int | None = None  # device bytes its prepare added beside the model (draft model/head)
+
+
+def footprint(summary: dict, facts: RunFacts, records: list[dict], bandwidth: float | None) -> None:
+    """Weights, working memory, bytes per decoded token and MBU, added to `summary`."""
+    summary["weight_bytes"] = facts.llm_bytes if facts.llm_bytes is not None else metrics.weight_bytes(facts.model)
+    summary["weight_bytes_measured"] = facts.llm_bytes is not None
+    summary["draft_bytes"] = facts.extra_bytes
+    working = [r["stage4_working_bytes"] for r in records if r.get("stage4_working_bytes") is not None]
+    summary["stage4_working_bytes"] = max(working) if working else None
+    summary["stage4_footprint_bytes"] = (summary["weight_bytes"] + (facts.extra_bytes or 0) + max(working)) if working else None
+    context = (summary.get("distributions", {}).get("num_tokens", {}).get("mean", 0) / 2
+               + (records[0]["prompt_tokens"] if records else 0))
+    summary["bytes_per_token"] = metrics.bytes_per_decoded_token(facts.model, context, facts.llm_bytes)
+    summary["mbu"] = metrics.mbu(summary["bytes_per_token"], summary.get("per_token_ms"), bandwidth)
+
+
+def run_entry(facts: RunFacts, records: list[dict], bandwidth: float | None) -> dict[str, Any]:
+    summary = summarize(records)
+    footprint(summary, facts, records, bandwidth)
+    if facts.batched and records:
+        summary.update(batch_summary(records))
+    return {"description": facts.description, "lossless": facts.lossless, "settings": facts.settings,
+            "summary": summary, "samples": records}
+
+
+def build_document(config: dict[str, Any], env: dict[str, Any], runs: dict[str, dict]) -> dict[str, Any]:
+    """The result document; the first run is the reference every other one is compared with."""
+    names = list(runs)
+    reference = names[0]
+    comparisons = [compare(reference, name, runs[reference]["samples"], runs[name]["samples"]) for name in names[1:]]
+    return {"schema": SCHEMA, "created": datetime.now().isoformat(timespec="seconds"), "env": env,
+            "config": {**config, "reference": reference}, "runs": runs, "comparisons": comparisons}
+
+
+# ------------------------------------------------------------------------------------------ files
+
+# the longest suffix a result stem gets: "_NN" against a same-second clash, then ".journal.jsonl"
+_LONGEST_SUFFIX = len("_99") + len(".journal.jsonl")
+
+
+def safe_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
+
+
+def result_name(name: str, strategies: list[str], name_max: int = 255) -> str:
+    """`name`, or a short one naming the reference and the count when the file name would not fit.
+
+    The full strategy list is inside the file either way (`config.strategies`).
+    """
+    stamp = len("_YYYYMMDD_HHMMSS")
+    if len(safe_name(name).encode()) + stamp + _LONGEST_SUFFIX <= name_max:
+        return name
+    digest = hashlib.sha256("\n".join(strategies).encode()).hexdigest()[:8]
+    short = f"compare_{safe_name(strategies[0])[:40]}_vs_{len(strategies) - 1}-strategies_{digest}"
+    return short if len(short) + stamp + _LONGEST_SUFFIX <= name_max else f"run_{digest}"
+
+
 def timestamped_name(name: str, now: datetime | None = None) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in name)
-    return f"{safe}_{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}"
+    return f"{safe_name(name)}_{(now or datetime.now()).strftime('%Y%m%d_%H%M%S')}"
+
+
+def free_stem(out: Path, name: str) -> str:
+    """A timestamped stem no result or journal in `out` uses yet (two runs in one second never clash)."""
+    stem = base = timestamped_name(name)
+    suffix = 2
+    while (out / f"{stem}.json").exists() or (out / f"{stem}.journal.jsonl").exists():
+        stem = f"{base}_{suffix}"
+        suffix += 1
+    return stem
+
+
+def write_outputs(document: dict, json_path: Path) -> list[Path]:
+    """The .json, .md and (with matplotlib) .png of a result, each written atomically; returns them."""
+    from egpt_speed import report
+
+    write_json_atomic(document, json_path)
+    write_text_atomic(report.render_markdown(document), json_path.with_suffix(".md"))
+    plot = report.write_plots(document, json_path.with_suffix(".png"))
+    return [json_path, json_path.with_suffix(".md")] + ([plot] if plot else [])
 
 
 def write_json_atomic(document: dict, path: Path) -> None:
@@ -159,3 +302,35 @@ def load_result(path: Path) -> dict:
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise EgptError(f"{path} is not an egpt-speed result (schema {SCHEMA!r} expected).")
     return document
+
+
+def check_writable_dir(path: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, a directory that cannot be created or written (a file, read-only, ...).
+
+    A directory without write permission bits is refused even for root, who could write there: the
+    user marked it read-only.
+    """
+    from egpt_speed.errors import EgptError
+
+    if path.exists() and not path.is_dir():
+        raise EgptError(f"{flag} {path} is a file, not a directory; pass a directory.")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EgptError(f"{flag} {path} cannot be created ({error.strerror}); pass a writable directory.") from None
+    if not path.stat().st_mode & 0o222:
+        raise EgptError(f"{flag} {path} is read-only; make it writable or pass another directory.")
+    probe = path / f".egpt-speed-probe-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise EgptError(f"{flag} {path} is not writable ({error.strerror}); pass a writable directory.") from None
+
+
+def name_max(directory: Path) -> int:
+    """The file-system limit on one file name in `directory` (255 where it cannot be asked)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        return 255

@@ -26,7 +26,8 @@ from egpt_speed.datasets import SampleSpec, resolve_samples
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.errors import EgptError
-from egpt_speed.models import cache_root
+from egpt_speed.models import cache_root, load_model
+from egpt_speed.options import TrainDraftOptions
 from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
 from egpt_speed.hf_generate import generate_batch
@@ -35,8 +36,10 @@ from egpt_speed.hf_generate import generate_batch
 # clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).
 TRAIN_SEED_OFFSET = 7919
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TrainDraftConfig = TrainDraftOptions  # the CLI's options are the run's configuration
 
 Progress = Callable[[int], None]
+AnswerSink = Callable[[int, list[list[int]]], None]  # (index of the first pair, its batch's answers)
 
 
 @dataclass
@@ -130,16 +133,19 @@ def collect_sequence(model, spec: SampleSpec, question: str, settings: Generatio
 
 @torch.no_grad()
 def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: GenerationSettings, frames: int,
-                  batch_size: int, store_dtype: torch.dtype = torch.float32,
-                  progress: Progress | None = None) -> list[TrainingSequence]:
+                  batch_size: int, store_dtype: torch.dtype = torch.float32, progress: Progress | None = None,
+                  known: list[list[int]] | None = None, on_answers: AnswerSink | None = None) -> list[TrainingSequence]:
     """Training sequences for `pairs`, in order: Stage 3 once per clip, `batch_size` answers per `generate`.
 
+    `known` answers (journaled by an interrupted run) are not generated again, only teacher-forced;
+    `on_answers(first, answers)` receives each batch's new answers before the next batch starts.
     Left-padded batched greedy answers can differ from batch-1 ones at rare near-ties (padding changes
     reduction order); that is fine for training data, whose labels are the target's own
     teacher-forced argmax over whatever answer it gave.
     """
     if batch_size < 1:
         raise EgptError("--batch-size must be at least 1.")
+    known = known or []
     event_features: dict[Path | None, torch.Tensor] = {}  # Stage 3 depends only on the clip (and frames)
     clock = Clock(model.device, enabled=False)
     sequences: list[TrainingSequence] = []
@@ -150,8 +156,13 @@ def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: Generati
                 event_features[spec.event_path] = clip_features(model, spec, frames)
             encoded = EncodedSample(spec, event_features[spec.event_path], prompt_ids_for(model, question))
             requests.append(make_request(encoded, settings))
-        clock.begin()
-        answers = [result.token_ids for result in generate_batch(model, requests, clock)]  # cut after EOS
+        answers = known[first:first + len(requests)]
+        if len(answers) < len(requests):
+            clock.begin()
+            new = [r.token_ids for r in generate_batch(model, requests[len(answers):], clock)]  # cut after EOS
+            if on_answers:
+                on_answers(first + len(answers), new)
+            answers = answers + new
         sequences += teacher_forced(model, requests, answers, store_dtype)
         if progress:
             progress(len(requests))
@@ -325,7 +336,7 @@ def _save_checkpoint(path: Path, settings: dict, epochs_done: int, last: float, 
 
 
 def _restore(path: Path, settings: dict, head: EagleHead, optimizer, scheduler, rng: random.Random) -> tuple[int, float]:
-    saved = torch.load(path, weights_only=False, map_location=next(head.parameters()).device)
+    saved = _load_plain(path, map_location=next(head.parameters()).device)
     changed = sorted(k for k in settings.keys() | saved["settings"].keys() if settings.get(k) != saved["settings"].get(k))
     if changed:
         raise EgptError(f"--resume: {path} was trained with other settings ({', '.join(changed)}); "
@@ -355,12 +366,13 @@ def save_collected(path: Path, collection: dict, train: list[TrainingSequence],
     """The sequences and the settings that made them, written atomically: --resume trusts a whole file only."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    torch.save({"collection": collection, "train": train, "heldout": heldout}, partial)
+    torch.save({"collection": collection, "train": [asdict(s) for s in train],
+                "heldout": [asdict(s) for s in heldout]}, partial)
     partial.replace(path)
 
 
 def load_collected(path: Path, collection: dict) -> tuple[list[TrainingSequence], list[TrainingSequence]]:
-    saved = torch.load(path, weights_only=False)
+    saved = _load_plain(path)
     previous = saved.get("collection") if isinstance(saved, dict) else None
     if previous is None:
         raise EgptError(f"--resume: {path} was written by an older train-draft; rerun without --resume.")
@@ -368,7 +380,15 @@ def load_collected(path: Path, collection: dict) -> tuple[list[TrainingSequence]
     if changed:
         raise EgptError(f"--resume: {path} was collected with other settings ({', '.join(changed)}); "
                         "rerun without --resume.")
-    return saved["train"], saved["heldout"]
+    return [TrainingSequence(**s) for s in saved["train"]], [TrainingSequence(**s) for s in saved["heldout"]]
+
+
+def _load_plain(path: Path, map_location=None):
+    """Our own .pt files hold tensors and plain data only: loading them never runs code."""
+    try:
+        return torch.load(path, weights_only=True, map_location=map_location)
+    except Exception as error:  # noqa: BLE001 - unpickling refused or a corrupt file: one line either way
+        raise EgptError(f"{path} cannot be read safely ({type(error).__name__}); delete it and rerun without --resume.") from None
 
 
 def answer_labels(sequence: TrainingSequence) -> torch.Tensor:
@@ -389,3 +409,116 @@ def set_draft_vocabulary(head: EagleHead, train: list[TrainingSequence], heldout
 
 def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:
     head.save(out, extra={"target": model_spec, "report": asdict(report)})
+
+
+# ------------------------------------------------------------------------------------------ run
+
+ProgressFactory = Callable[[str, int], Progress]  # (description, total) → advance(step)
+COLLECT_JOURNAL = "collect.journal.jsonl"
+
+
+@dataclass
+class TrainOutcome:
+    out: Path
+    report: TrainReport
+    reused_answers: int = 0
+
+    def describe(self) -> str:
+        r = self.report
+        reused = f", {self.reused_answers} answers reused from the journal" if self.reused_answers else ""
+        return (f"trained head → {self.out}: held-out top-1 agreement {r.heldout_top1:.3f} (train {r.train_top1:.3f}), "
+                f"loss {r.final_loss:.4f}, draft vocabulary covers {100 * r.heldout_vocab_coverage:.1f} % of held-out "
+                f"answer tokens, collect {r.collect_s:.0f} s, train {r.train_s:.0f} s{reused}")
+
+
+def validate(config: TrainDraftConfig) -> int:
+    """Every check that needs no model, → the clip count. --out is created (a writable directory)."""
+    from egpt_speed.models import check_model_spec, resolve_device
+    from egpt_speed.results import check_writable_dir
+
+    if config.frames not in (1, 5):
+        raise EgptError(f"--frames {config.frames} is not supported; use 5 (official pooled path) or 1.")
+    for flag, value, least in (("--samples", config.samples, 1), ("--max-new-tokens", config.max_new_tokens, 1),
+                               ("--batch-size", config.batch_size, 1), ("--epochs", config.epochs, 1),
+                               ("--unroll", config.unroll, 1), ("--train-batch", config.train_batch, 0),
+                               ("--draft-vocab", config.draft_vocab, 0)):
+        if value < least:
+            raise EgptError(f"{flag} must be at least {least}" + (" (0 = auto / all)." if least == 0 else "."))
+    clips = min(config.samples, 200) if config.clips is None else config.clips
+    if clips < 2:
+        raise EgptError("--clips must be at least 2: some clips are held out.")
+    if not 0 < config.holdout < 1:
+        raise EgptError(f"--holdout {config.holdout} must lie strictly between 0 and 1.")
+    store_dtype_for(config.store_dtype, torch.device("cpu"))
+    resolve_device(config.device)
+    check_model_spec(config.model)
+    check_writable_dir(config.out, "--out")
+    return clips
+
+
+def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype,
+                         progress: ProgressFactory | None) -> tuple[list[TrainingSequence], int]:
+    """The target's answers to `pairs`, each batch journaled (token ids, JSON) before the next starts.
+
+    With --resume, a journal of the same collection settings is continued: its answers are only
+    teacher-forced again (one forward), the rest generated. → (sequences, answers reused).
+    """
+    from egpt_speed import journal
+
+    path = config.out / COLLECT_JOURNAL
+    digest = journal.config_hash(collection)
+    known: list[list[int]] = []
+    if config.resume and path.exists() and journal.find_journal(config.out, digest) == path:
+        contents = journal.read_journal(path)
+        known = [answer for entry in contents.entries for answer in entry["answers"]]
+        records = journal.Journal.reopen(path, contents)
+    else:
+        path.unlink(missing_ok=True)
+        records = journal.Journal.create(path, {"config_hash": digest, "kind": "train-draft-collect",
+                                                "collection": collection})
+    advance = progress("target answers", len(pairs)) if progress else None
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens)
+    with records:
+        sequences = collect_batch(target, pairs, settings, config.frames, config.batch_size, storage, advance, known,
+                                  lambda first, answers: records.append({"first": first, "answers": answers}))
+    return sequences, len(known)
+
+
+def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> TrainOutcome:
+    """Collect (journaled), train (checkpointed each epoch), save the head to --out."""
+    import time
+
+    from egpt_speed.datasets import load_questions
+    from egpt_speed.decoding import eos_ids
+    from egpt_speed.devices import resolve_device
+
+    clip_count = validate(config)
+    device = resolve_device(config.device)
+    storage = store_dtype_for(config.store_dtype, device)
+    specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
+    train_pairs, heldout_pairs = pairs_for(specs, load_questions(), config.samples, config.holdout, config.seed)
+    collection = dict(model=config.model, data=config.data, synthetic_seed=data_seed,
+                      synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
+                      holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames)
+    target = load_model(config.model, torch.float32, device)
+    cache_file, reused = config.out / "collected.pt", 0
+    started = time.perf_counter()
+    if config.resume and cache_file.exists():
+        train_seqs, heldout_seqs = load_collected(cache_file, collection)
+    else:
+        collected, reused = collect_with_journal(target, config, train_pairs + heldout_pairs, collection, storage, progress)
+        train_seqs, heldout_seqs = collected[:len(train_pairs)], collected[len(train_pairs):]
+        save_collected(cache_file, collection, train_seqs, heldout_seqs)
+    collect_s, started = time.perf_counter() - started, time.perf_counter()
+    advance = progress("training head", config.epochs * len(train_seqs)) if progress else None
+    head, loss, train_top1, heldout_top1 = train_head(
+        target, train_seqs, heldout_seqs, config.epochs, config.lr, config.seed, advance, config.unroll,
+        config.train_batch or auto_train_batch(len(train_seqs)), config.out / "train_checkpoint.pt", config.resume)
+    train_s = time.perf_counter() - started
+    coverage = set_draft_vocabulary(head, train_seqs, heldout_seqs, config.draft_vocab, sorted(eos_ids(target)))
+    report = TrainReport(len(train_seqs), len(heldout_seqs), config.epochs, loss, train_top1, heldout_top1, collect_s,
+                         train_s, clip_record(config.data, data_seed, train_pairs, heldout_pairs),
+                         draft_vocab=config.draft_vocab, heldout_vocab_coverage=coverage)
+    save_head(head, config.out, report, config.model)
+    (config.out / "train_checkpoint.pt").unlink(missing_ok=True)  # the head is saved; nothing left to resume
+    return TrainOutcome(config.out, report, reused)

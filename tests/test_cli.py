@@ -70,7 +70,7 @@ BAD_DATA = {
     "json-to-missing-npy": (lambda tmp: _instruction_json(tmp / "ds", json.dumps(
         [{"id": "000000", "event_data": "seq/000000.npy", "conversations": []}])), "does not exist"),
     "corrupt-npy": (lambda tmp: ((tmp / "clips").mkdir(), (tmp / "clips" / "a.npy").write_bytes(b"\x93NUMPY garbage"),
-                                 tmp / "clips")[-1], "not a readable .npy"),
+                                 tmp / "clips")[-1], ".npy"),
     "zero-events": (lambda tmp: _npy(tmp / "clips" / "a.npy", _clip(0)).parent, "zero events"),
     "clip-without-t": (lambda tmp: _npy(tmp / "clips" / "a.npy", _clip(drop="t")).parent, "lacks the key(s) t"),
 }

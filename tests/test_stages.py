@@ -14,7 +14,8 @@ from egpt_speed.baselines.runner import RunConfig, StrategyState, decode_one, ex
 from egpt_speed import metrics, results
 from egpt_speed.datasets import discover_samples
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.models import EventGPT, make_image_processor
+from egpt_speed.eventgpt import EventGPT
+from egpt_speed.vision_tower import make_image_processor
 from egpt_speed.prompt import PromptTemplate, tokenize_with_event_placeholder
 from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
 from helpers import make_tiny_eventgpt

@@ -128,7 +128,17 @@ def invoke(*args: str):
     return CliRunner().invoke(app, ["train-draft", *args])
 
 
-def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
+@pytest.fixture
+def td_loader(tiny_loader, monkeypatch):
+    """train-draft loads its target through `td.load_model`: the same tiny model as the runner's `tiny_loader`."""
+    import egpt_speed.baselines.runner as runner
+
+    monkeypatch.setattr(td, "load_model", runner.load_model)  # tiny_loader's stand-in
+    return tiny_loader
+
+
+def test_train_draft_through_the_cli(tmp_path, td_loader, monkeypatch):
+    tiny_loader = td_loader
     out = tmp_path / "head"
     common = ("--data", "synthetic", "--synthetic-events", "2000", "-n", "24", "--clips", "5", "--device", "cpu",
               "--out", str(out), "--batch-size", "8", "--train-batch", "4", "--epochs", "4")
@@ -144,7 +154,7 @@ def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
     assert report["draft_vocab"] == 8192 and 0 < report["heldout_vocab_coverage"] <= 1
 
     model = tiny_loader[0]
-    train = torch.load(out / "collected.pt", weights_only=False)["train"]
+    train = td.load_collected(out / "collected.pt", json.loads((out / "collect.journal.jsonl").read_text().splitlines()[0])["collection"])[0]
     trained = EagleHead.load(out, CPU, torch.float32)
     answer_ids = set(torch.cat([td.answer_labels(s) for s in train]).tolist())
     assert set(trained.draft_vocab.tolist()) == answer_ids | {2}  # every id the answers use, and EOS
@@ -160,7 +170,8 @@ def test_train_draft_through_the_cli(tmp_path, tiny_loader, monkeypatch):
 @pytest.mark.parametrize("args, needle", [(["--store-dtype", "float16"], "--store-dtype 'float16'"),
                                           (["--clips", "1"], "--clips"), (["--train-batch", "-1"], "--train-batch"),
                                           (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab")])
-def test_bad_train_draft_options_are_one_error_line(tmp_path, tiny_loader, args, needle):
+def test_bad_train_draft_options_are_one_error_line(tmp_path, td_loader, args, needle):
+    tiny_loader = td_loader
     result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)
     assert result.exit_code == 2
     lines = result.stderr.strip().splitlines()
@@ -186,7 +197,7 @@ def test_interrupted_training_resumes_to_the_head_an_uninterrupted_run_gives(col
     checkpoint = tmp_path / "train_checkpoint.pt"
     with pytest.raises(Interrupted):
         td.train_head(model, train, heldout, 3, 1e-3, 0, stop_in_epoch_three, batch_size=2, checkpoint=checkpoint)
-    assert torch.load(checkpoint, weights_only=False)["epochs_done"] == 2
+    assert torch.load(checkpoint, weights_only=True)["epochs_done"] == 2  # plain data: loading runs no code
     advanced = []
     resumed, *_ = td.train_head(model, train, heldout, 3, 1e-3, 0, advanced.append, batch_size=2,
                                 checkpoint=checkpoint, resume=True)

@@ -1,0 +1,39 @@
+"""Checks of a run's options against every strategy that will see them, before any model loads."""
+
+from __future__ import annotations
+
+import math
+
+from egpt_speed.errors import EgptError
+
+# Preparers that set the same thing on the model: composed, the last would silently win.
+EXCLUSIVE_PREPARERS = {
+    "the LLM's attention implementation": {"eager", "sdpa", "sdpa-flash", "flash-attn"},
+    "the LLM's weight format": {"int8", "nf4", "fp4", "int8wo", "int4wo"},
+}
+
+
+def check_strategy_names(strategies: list[str]) -> None:
+    """No strategy twice in one run, no composition of preparers that override each other."""
+    if not strategies:
+        raise EgptError("name at least one strategy, e.g. `egpt-speed run baseline`.")
+    seen = set()
+    for name in strategies:
+        if name in seen:
+            raise EgptError(f"strategy {name!r} is listed twice; name each strategy once.")
+        seen.add(name)
+        parts = [part.strip() for part in name.split("+")]
+        for what, group in EXCLUSIVE_PREPARERS.items():
+            clashing = [part for part in parts if part in group]
+            if len(clashing) > 1:
+                raise EgptError(f"{name!r} composes {' and '.join(clashing)}, which both set {what}; keep one.")
+
+
+def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
+    """The sampling settings every sampler (baseline, speculative, trees, batch) will be given."""
+    if not do_sample:
+        return
+    if not math.isfinite(temperature) or temperature <= 0:
+        raise EgptError(f"--temperature {temperature} is not allowed with --sample; pass a value > 0.")
+    if not (0 < top_p <= 1):
+        raise EgptError(f"--top-p {top_p} is not allowed with --sample; pass a value in (0, 1].")

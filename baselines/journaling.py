@@ -1,0 +1,63 @@
+"""The runner's side of the journal: open or continue one, find a finished run, signals, the outcome."""
+
+from __future__ import annotations
+
+import signal
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from egpt_speed import journal, results
+
+
+@dataclass
+class Outcome:
+    document: dict
+    paths: list[Path]  # every file written: .json, .md, .png (with matplotlib), the journal
+    reused: int = 0  # counted samples taken from the journal instead of re-run
+    rerun: bool = True  # False: --resume found this configuration finished, nothing ran
+
+    @property
+    def json_path(self) -> Path:
+        return self.paths[0]
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM ends a run like Ctrl-C: the sample in flight is dropped, the journal kept."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals to whoever owns them
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def open_journal(out: Path, name: str, config: dict, digest: str, previous: Path | None) -> tuple[journal.Journal, int]:
+    """(an open journal, counted samples it already holds): a fresh one, or `previous` continued."""
+    if previous is None:
+        stem = results.free_stem(out, name)
+        header = {"config_hash": digest, "kind": "run", "config": config}
+        return journal.Journal.create(out / f"{stem}{journal.SUFFIX}", header), 0
+    contents = journal.read_journal(previous)
+    return journal.Journal.reopen(previous, contents), len(contents.entries)
+
+
+def finished_outcome(previous: Path, samples: int) -> Outcome | None:
+    """The finished result of a journal holding every counted sample, if its .json exists."""
+    json_path = previous.with_name(previous.name[:-len(journal.SUFFIX)] + ".json")
+    if len(journal.read_journal(previous).entries) < samples or not json_path.exists():
+        return None
+    return Outcome(results.load_result(json_path), [json_path, previous], reused=samples, rerun=False)
+
+
+def resumed_batches(path: Path, name: str) -> int:
+    indices = [e["records"][name].get("batch_index") for e in journal.read_journal(path).entries]
+    return max((i for i in indices if i is not None), default=-1) + 1

@@ -1,0 +1,110 @@
+"""Append-only JSON-lines journals: finished work survives kill -9, --resume continues it.
+
+Line 1 is a header with the configuration and its hash; every later line is one finished unit of
+work (a counted sample with the records of all its strategies, or a collected training answer).
+Each line is flushed and fsynced before the caller starts the next unit, so a crash loses at most
+the unit in flight; a torn last line (the crash hit the write) is ignored and cut on reopen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from egpt_speed.errors import EgptError
+
+SUFFIX = ".journal.jsonl"
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """A stable hash of a configuration (key order and Path vs str do not matter)."""
+    text = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class JournalContents:
+    header: dict[str, Any]
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    valid_bytes: int = 0  # length of the intact prefix (a torn last line is not part of it)
+
+
+def read_journal(path: Path) -> JournalContents:
+    """Header and entries of a journal; stops at the first line that is not whole JSON."""
+    raw = path.read_bytes()
+    contents: JournalContents | None = None
+    offset = 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break  # torn: the process died inside this write
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if contents is None:
+            if not isinstance(value, dict) or "config_hash" not in value:
+                raise EgptError(f"{path} is not an egpt-speed journal (no header); move it out of --out.")
+            contents = JournalContents(value)
+        else:
+            contents.entries.append(value)
+        offset += len(line)
+    if contents is None:
+        raise EgptError(f"{path} is an empty or torn journal; delete it and run again.")
+    contents.valid_bytes = offset
+    return contents
+
+
+def find_journal(directory: Path, wanted_hash: str) -> Path | None:
+    """The newest journal in `directory` whose header carries `wanted_hash` (others are left alone)."""
+    if not directory.is_dir():
+        return None
+    matches = []
+    for path in directory.glob(f"*{SUFFIX}"):
+        try:
+            with path.open("rb") as handle:
+                header = json.loads(handle.readline())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(header, dict) and header.get("config_hash") == wanted_hash:
+            matches.append((path.stat().st_mtime, path))
+    return max(matches)[1] if matches else None
+
+
+class Journal:
+    """An open journal: `append` makes one entry durable before returning."""
+
+    def __init__(self, path: Path, handle):
+        self.path = path
+        self._handle = handle
+
+    @classmethod
+    def create(cls, path: Path, header: dict[str, Any]) -> "Journal":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        journal = cls(path, path.open("xb"))
+        journal.append(header)
+        return journal
+
+    @classmethod
+    def reopen(cls, path: Path, contents: JournalContents) -> "Journal":
+        handle = path.open("r+b")
+        handle.truncate(contents.valid_bytes)  # drop a torn last line before appending after it
+        handle.seek(contents.valid_bytes)
+        return cls(path, handle)
+
+    def append(self, entry: dict[str, Any]) -> None:
+        self._handle.write((json.dumps(entry, default=str) + "\n").encode())
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> "Journal":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,101 @@
+"""Every command-line option and its default, once: dataclasses the CLI turns into typer options.
+
+A field's default is the option's default; its metadata carries the flag names and help text.
+`RunConfig` (runner) and `TrainDraftConfig` (train_draft) inherit these fields, so a test building a
+config directly gets exactly what a user gets from the CLI.
+
+Sampling temperature defaults to 0.6 (the value every recorded `--sample` result used); greedy
+decoding, the default, ignores it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+
+def option(default: Any, *names: str, help: str = "", **extra: Any) -> Any:
+    """A dataclass field that is also a CLI option (`names` as typer takes them)."""
+    return field(default=default, metadata={"names": names, "help": help, **extra})
+
+
+@dataclass
+class CommonOptions:
+    """Options shared by run, compare and train-draft."""
+
+    model: str = option("tiny", "--model", help="EventGPT checkpoint dir, or a preset: tiny, synthetic-7b.")
+    data: str = option("synthetic", "--data", help="Dataset dir (with EventGPT_Instruction_Subset.json), a dir of npy files, one npy, or 'synthetic'.")
+    device: str = option("auto", "--device", help="auto | cuda | cpu.")
+    seed: int = option(0, "--seed", help="Seed for synthetic data and sampling.")
+    frames: int = option(5, "--frames", help="5: official 5-frame pooled path (582 tokens); 1: one frame (578).")
+    synthetic_events: int = option(200_000, "--synthetic-events", help="Events per synthetic 1 s clip.")
+    max_new_tokens: int = option(64, "--max-new-tokens", help="Tokens to generate per sample at most.")
+
+
+@dataclass
+class MeasureOptions(CommonOptions):
+    """What a run or compare measures with; recorded under `config` in the result."""
+
+    draft: Optional[str] = option(None, "--draft", help="Draft model for speculative strategies: a dir or a preset.")
+    samples: int = option(8, "-n", "--samples", help="Counted samples.")
+    dtype: str = option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32.")
+    warmup: int = option(2, "--warmup", help="Warm-up samples run first and not counted.")
+    gamma: int = option(4, "--gamma", help="Draft tokens per speculative step.")
+    batch_size: int = option(1, "--batch-size", help="Prompts per generate call for the batch strategy.")
+    source: str = option("npy", "--source", help="npy: render frames from events (timed); png: load the pre-rendered event_image PNGs like the seed.")
+    vision_tower: Optional[Path] = option(None, "--vision-tower", help="Local CLIP ViT dir overriding the checkpoint's mm_visual_tower.")
+    do_sample: bool = option(False, "--sample/--greedy", help="Sample (seeded) instead of greedy decoding.")
+    temperature: float = option(0.6, "--temperature", help="Sampling temperature (with --sample), > 0.")
+    top_p: float = option(1.0, "--top-p", help="Nucleus sampling mass (with --sample), in (0, 1].")
+
+
+@dataclass
+class StrategyOptions:
+    """Options only some strategies read; they reach them as `RunContext.options`."""
+
+    exit_layer: Optional[int] = option(None, "--exit-layer", help="Layer the early-exit draft leaves after (default: a quarter of the layers).")
+    pld_ngram: int = option(3, "--pld-ngram", help="Longest n-gram prompt lookup matches.")
+    adaptive_gamma: bool = option(False, "--adaptive-gamma", help="Grow/shrink gamma with acceptance (speculative).")
+    compile_mode: Optional[str] = option(None, "--compile-mode", help="compile: none | default | max-autotune-no-cudagraphs (CUDA default) | reduce-overhead.")
+    tree_topk: int = option(8, "--tree-topk", help="eagle-tree: children per expanded node and nodes expanded per level.")
+    tree_nodes: int = option(32, "--tree-nodes", help="eagle-tree: drafted nodes verified per step (the γ levels' likeliest).")
+
+
+@dataclass
+class OutputOptions:
+    out: Path = option(Path("results"), "--out", help="Directory for the result files and the per-sample journal.")
+    resume: bool = option(False, "--resume", help="Continue the journal of an interrupted run with the same configuration (or reuse a finished one).")
+
+
+@dataclass
+class RunOptions(OutputOptions, StrategyOptions, MeasureOptions):
+    """Everything `run` and `compare` take besides strategy names."""
+
+    def measure(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(MeasureOptions)}
+
+    def strategy_options(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(StrategyOptions)}
+
+
+def default_strategy_options() -> dict[str, Any]:
+    return asdict(StrategyOptions())
+
+
+@dataclass
+class TrainDraftOptions(CommonOptions):
+    """`train-draft`: collect the target's answers, fit an EAGLE head, report held-out agreement."""
+
+    out: Optional[Path] = option(None, "--out", help="Directory for the trained head (safetensors + config); required.", required=True)
+    samples: int = option(120, "-n", "--samples", help="Training (clip, question) pairs.")
+    clips: Optional[int] = option(None, "--clips", help="Distinct clips the pairs reuse: the first N of --data, or N synthetic clips from a seed run/compare never use (default: min(samples, 200)).")
+    epochs: int = option(6, "--epochs", help="Passes over the training answers.")
+    lr: float = option(1e-3, "--lr", help="AdamW learning rate (cosine schedule).")
+    holdout: float = option(0.2, "--holdout", help="Fraction of clips and of questions held out.")
+    unroll: int = option(1, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only).")
+    batch_size: int = option(16, "--batch-size", help="Prompts per target generate call while collecting answers.")
+    train_batch: int = option(0, "--train-batch", help="Sequences per optimizer step (0 = auto: 1 for a few hundred sequences, up to 16 for thousands).")
+    draft_vocab: int = option(8192, "--draft-vocab", help="Token ids the head may draft: the K most frequent in the target's training answers (0 = all).")
+    store_dtype: str = option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16.")
+    resume: bool = option(False, "--resume", help="Reuse the answers journaled in --out by an earlier run with the same data settings, and continue its interrupted training from the last finished epoch.")
