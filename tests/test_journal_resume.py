@@ -1,0 +1,166 @@
+"""Runs that survive: options and output paths checked before any model loads; a per-sample journal that
+kill -9 and Ctrl-C cannot lose; --resume continues the journal whose configuration matches."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from egpt_speed import journal, results
+from egpt_speed.cli import app
+from helpers import write_eventgpt_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def load(*args, **kwargs):
+        pytest.fail("a refused run must not load a model")
+
+    monkeypatch.setattr("egpt_speed.baselines.runner.load_model", load)
+
+
+def refused(result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+
+
+# ------------------------------------------------------------------------------------------ checks before work
+
+
+def test_read_only_out_dir_is_refused_before_loading(tmp_path, no_load):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        refused(invoke("run", "baseline", "--device", "cpu", "--out", str(out)), "read-only")
+    finally:
+        out.chmod(0o755)
+    assert not list(out.iterdir())
+
+
+def test_out_that_is_a_file_is_refused_before_loading(tmp_path, no_load):
+    target = tmp_path / "file"
+    target.write_text("")
+    refused(invoke("run", "baseline", "--device", "cpu", "--out", str(target)), "is a file")
+
+
+def test_duplicate_candidates_are_refused(tmp_path, no_load):
+    refused(invoke("compare", "baseline", "pld", "baseline", "--device", "cpu", "--out", str(tmp_path)), "listed twice")
+
+
+def test_preparers_that_override_each_other_are_refused(tmp_path, no_load):
+    refused(invoke("run", "eager+sdpa+baseline", "--device", "cpu", "--out", str(tmp_path)), "eager and sdpa")
+
+
+@pytest.mark.parametrize("strategy", ["baseline", "speculative", "eagle-tree", "pld", "batch", "hf-assisted"])
+@pytest.mark.parametrize("flag, value", [("--temperature", "-1"), ("--temperature", "0"), ("--top-p", "1.5"),
+                                         ("--top-p", "0")])
+def test_bad_sampling_parameters_are_refused_for_every_sampler(strategy, flag, value, tmp_path, no_load):
+    result = invoke("run", strategy, "--sample", flag, value, "--device", "cpu", "--out", str(tmp_path))
+    refused(result, flag)
+
+
+def test_long_candidate_lists_get_a_short_file_name():
+    names = ["baseline"] + [f"candidate-number-{i}" for i in range(22)]
+    long = "compare_" + "_vs_".join(names)
+    short = results.result_name(long, names, name_max=255)
+    assert len(long) > 255 and len(short) < 100 and short.startswith("compare_baseline_vs_22-strategies_")
+    assert results.result_name(long, names[::-1], 255) != short  # another list, another name
+    assert results.result_name("compare_baseline_vs_pld", ["baseline", "pld"]) == "compare_baseline_vs_pld"
+
+
+# ------------------------------------------------------------------------------------------ journal
+
+
+def test_a_torn_last_line_is_ignored_and_cut_on_reopen(tmp_path):
+    path = tmp_path / f"x{journal.SUFFIX}"
+    with journal.Journal.create(path, {"config_hash": "h"}) as records:
+        records.append({"index": 0})
+    with path.open("ab") as handle:
+        handle.write(b'{"index": 1, "tok')  # the process died inside this write
+    contents = journal.read_journal(path)
+    assert [e["index"] for e in contents.entries] == [0]
+    with journal.Journal.reopen(path, contents) as records:
+        records.append({"index": 1})
+    assert [e["index"] for e in journal.read_journal(path).entries] == [0, 1]
+    assert journal.find_journal(tmp_path, "h") == path and journal.find_journal(tmp_path, "other") is None
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_eventgpt_checkpoint(tmp_path_factory.mktemp("ck") / "EventGPT-tiny", tower_in_checkpoint=False)
+
+
+def _command(checkpoint: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "egpt_speed.cli", "compare", "baseline", "pld", "--model", str(checkpoint),
+            "--data", str(data), "-n", "6", "--warmup", "1", "--max-new-tokens", "12", "--device", "cpu",
+            "--out", str(out), *extra]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def _start_and_stop_after_one_sample(command: list[str], out: Path, sig: int) -> subprocess.Popen:
+    """Start `command`, wait until its journal holds one sample, send `sig`; returns the ended process."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        found = list(out.glob(f"*{journal.SUFFIX}"))
+        if found and len(journal.read_journal(found[0]).entries) >= 1:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run ended before it could be interrupted: " + process.stderr.read()[-2000:]
+    process.send_signal(sig)
+    process.wait(timeout=120)
+    return process
+
+
+def _tokens(out: Path) -> dict[str, list]:
+    [path] = out.glob("*.json")
+    document = json.loads(path.read_text())
+    return {name: [s["token_ids"] for s in run["samples"]] for name, run in document["runs"].items()}
+
+
+def test_kill_9_then_resume_loses_at_most_one_sample_and_equals_an_uninterrupted_run(tmp_path, tiny_dataset, checkpoint):
+    out = tmp_path / "killed"
+    killed = _start_and_stop_after_one_sample(_command(checkpoint, tiny_dataset, out), out, signal.SIGKILL)
+    assert killed.returncode == -signal.SIGKILL
+    [path] = out.glob(f"*{journal.SUFFIX}")
+    kept = len(journal.read_journal(path).entries)
+    assert kept >= 1 and not list(out.glob("*.json"))
+    resumed = subprocess.run(_command(checkpoint, tiny_dataset, out, "--resume"), capture_output=True, text=True,
+                             env=_env(), timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"reused {kept} journaled samples" in resumed.stdout
+    assert len(journal.read_journal(path).entries) == 6  # the same journal, continued
+    straight = tmp_path / "straight"
+    done = subprocess.run(_command(checkpoint, tiny_dataset, straight), capture_output=True, text=True, env=_env(),
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _tokens(out) == _tokens(straight)
+
+
+def test_sigint_keeps_the_journal_and_says_how_to_resume(tmp_path, tiny_dataset, checkpoint):
+    out = tmp_path / "interrupted"
+    stopped = _start_and_stop_after_one_sample(_command(checkpoint, tiny_dataset, out), out, signal.SIGINT)
+    stderr = stopped.stderr.read()
+    assert stopped.returncode == 130, stderr
+    assert "--resume" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    [path] = out.glob(f"*{journal.SUFFIX}")
+    assert len(journal.read_journal(path).entries) >= 1 and not list(out.glob("*.json"))
