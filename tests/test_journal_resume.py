@@ -164,3 +164,25 @@ def test_sigint_keeps_the_journal_and_says_how_to_resume(tmp_path, tiny_dataset,
     assert "--resume" in stderr and len(stderr.strip().splitlines()) == 1, stderr
     [path] = out.glob(f"*{journal.SUFFIX}")
     assert len(journal.read_journal(path).entries) >= 1 and not list(out.glob("*.json"))
+
+
+# ------------------------------------------------------------------------------------------ CLI ergonomics
+
+
+def test_debug_after_the_command_flags_without_bool_and_a_summary_that_fits_100_columns(tmp_path, tiny_loader,
+                                                                                        tiny_dataset):
+    help_text = invoke("run", "--help").stdout
+    assert "--debug" in help_text
+    assert not [line for line in help_text.splitlines() if ("--resume" in line or "--greedy" in line) and "<bool>" in line]
+    result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "2", "--warmup", "0",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path), "--debug")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    tables = [line for line in lines if not line.startswith(("wrote ", "note: "))]
+    assert max(len(line) for line in tables) <= 100 and "…" not in result.stdout  # headers shortened, values whole
+    assert any(line.startswith("note: the ratios are noisy (only 2 counted samples)") for line in lines)
+    written = lines[-1]
+    assert written.startswith("wrote ")
+    for suffix in (".json", ".md", journal.SUFFIX) + ((".png",) if list(tmp_path.glob("*.png")) else ()):
+        [path] = tmp_path.glob(f"*{suffix}")
+        assert str(path) in written
