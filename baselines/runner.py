@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from egpt_speed import datasets, journal, metrics, results
+from egpt_speed import datasets, divergence, journal, metrics, results
 from egpt_speed.baselines.checks import check_sampling, check_strategy_names
 from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
 from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
@@ -26,7 +26,7 @@ from egpt_speed.errors import EgptError, RunInterrupted
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
 from egpt_speed.options import MeasureOptions, RunOptions, default_strategy_options
 from egpt_speed.results import batch_summary  # noqa: F401 - re-exported for benchmarks/batch_sweep.py
-from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
+from egpt_speed.stages import EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.strategies import registry
 from egpt_speed.strategies.registry import RunContext, Strategy
 from egpt_speed.timing import TimedRegion, measure_copy_bandwidth
@@ -66,6 +66,10 @@ def validate(config: RunConfig) -> None:
     check_model_spec(config.model, config.vision_tower)
     check_strategy_names(config.strategies)
     check_sampling(config.do_sample, config.temperature, config.top_p)
+    if config.fp32_check and config.do_sample:
+        raise EgptError("--fp32-check compares greedy outputs; drop --sample or --fp32-check.")
+    if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
+        raise EgptError("--memory-budget must be a positive number of GB.")
 
 
 def context_for(config: RunConfig) -> RunContext:
@@ -174,6 +178,7 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
                 sink.add(counted_index, state.strategy.name, record)
         if counted:
             add_teacher_forced_top1(states, encoded, settings)
+            add_divergences(states, encoded, settings)
         sink.flush()
         if progress:
             progress(1)
@@ -181,6 +186,28 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
         if queue:
             decode_pending_batch(states[position], queue, settings, base.device, sink)
     sink.flush()
+
+
+def add_divergences(states: list[StrategyState], encoded: EncodedSample, settings: GenerationSettings) -> None:
+    """Diagnose each candidate's first divergence on the reference's model (untimed; greedy, unbatched only)."""
+    reference = states[0]
+    if settings.do_sample or reference.strategy.batched or not reference.records:
+        return
+    request = make_request(encoded, settings)
+    for state in states[1:]:
+        if not state.strategy.batched and state.records:
+            state.records[-1][divergence.RECORD_KEY] = divergence.diagnose_record(
+                reference.model, request, reference.records[-1]["token_ids"], state.records[-1]["token_ids"])
+
+
+def fp32_floor(config: RunConfig, ctx: RunContext, base: EventGPT, plan: list[tuple[SampleSpec, bool]],
+               settings: GenerationSettings, reference_tokens: list[list[int]]) -> dict:
+    """--fp32-check: the counted samples re-encoded and decoded by transformers generate on a float32 copy."""
+    if ctx.dtype == torch.float32:
+        return {"note": "the run is float32 already: no floor to measure."}
+    fp32 = load_model(config.model, torch.float32, ctx.device, config.vision_tower)
+    requests = [make_request(encode(spec, config, base)[0], settings) for spec, counted in plan if counted]
+    return divergence.numerical_floor(fp32, requests, reference_tokens, ctx.dtype)
 
 
 def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
@@ -238,6 +265,9 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
                 kept = len(journal.read_journal(records.path).entries)
                 raise RunInterrupted(records.path, kept, config.samples) from None
     document = document_from_journal(config, ctx, base, states, bandwidth, records.path)
+    if config.fp32_check:
+        reference = document["runs"][states[0].strategy.name]["samples"]
+        document["numerical_floor"] = fp32_floor(config, ctx, base, plan, settings, [r["token_ids"] for r in reference])
     json_path = records.path.with_name(records.path.name[:-len(journal.SUFFIX)] + ".json")
     return Outcome(document, results.write_outputs(document, json_path) + [records.path], reused=done)
 

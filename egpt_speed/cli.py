@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from egpt_speed.errors import EgptError, RunInterrupted
-from egpt_speed.options import CommonOptions, RunOptions, TrainDraftOptions
+from egpt_speed.options import CommonOptions, ReportOptions, RunOptions, TrainDraftOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure EventGPT inference in four decoupled stages and compare Stage-4 strategies.")
@@ -156,18 +156,22 @@ def compare_command(reference: str, candidates: list[str], options: RunOptions) 
     _run_or_resume(names, "compare_" + "_vs_".join(names), options)
 
 
-@command("report", None, (argument("result", Path, "A result JSON written by run or compare."),))
-def report(result: Path) -> None:
-    """Re-render the markdown and PNG of a result file."""
+@command("report", ReportOptions, (argument("result", list[Path], "Result JSONs written by run or compare; several (same device and samples) merge into one ranking."),))
+def report(result: list[Path], options: ReportOptions) -> None:
+    """Re-render the markdown and PNG of a result file, or merge several into one ranking (merged_<stamp>.json)."""
     from egpt_speed import report as render
-    from egpt_speed.results import load_result, write_text_atomic
+    from egpt_speed.results import load_result, timestamped_name, write_json_atomic, write_text_atomic
     from egpt_speed.summary_table import print_summary
 
-    document = load_result(result)
-    write_text_atomic(render.render_markdown(document), result.with_suffix(".md"))
-    plot = render.write_plots(document, result.with_suffix(".png"))
+    if len(result) == 1:
+        target, document = result[0], load_result(result[0])
+    else:
+        target, document = result[0].parent / f"{timestamped_name('merged')}.json", render.merge_result_files(result)
+        write_json_atomic(document, target)
+    write_text_atomic(render.render_markdown(document, options.memory_budget_gb), target.with_suffix(".md"))
+    plot = render.write_plots(document, target.with_suffix(".png"))
     print_summary(document)
-    typer.echo(f"wrote {result.with_suffix('.md')}" + (f" and {plot}" if plot else ""))
+    typer.echo(f"wrote {target.with_suffix('.md')}" + (f" and {plot}" if plot else ""))
 
 
 @command("strategies", None, tuple(p for p in option_parameters(CommonOptions) if p.name == "device"))

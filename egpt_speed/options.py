@@ -33,6 +33,18 @@ class CommonOptions:
     max_new_tokens: int = option(64, "--max-new-tokens", help="Tokens to generate per sample at most.")
 
 
+def memory_budget_option() -> Any:
+    """--memory-budget, read by the report of run/compare and by `report` (one definition for both)."""
+    return option(None, "--memory-budget", help="GB: the report also recommends the fastest strategy whose memory (weights + draft + Stage-4 working) fits.")
+
+
+@dataclass
+class ReportOptions:
+    """`report`: re-render (or merge) result files."""
+
+    memory_budget_gb: Optional[float] = memory_budget_option()
+
+
 @dataclass
 class MeasureOptions(CommonOptions):
     """What a run or compare measures with; recorded under `config` in the result."""
@@ -48,6 +60,8 @@ class MeasureOptions(CommonOptions):
     do_sample: bool = option(False, "--sample/--greedy", help="Sample (seeded) instead of greedy decoding.")
     temperature: float = option(0.6, "--temperature", help="Sampling temperature (with --sample), > 0.")
     top_p: float = option(1.0, "--top-p", help="Nucleus sampling mass (with --sample), in (0, 1].")
+    fp32_check: bool = option(False, "--fp32-check", help="Also re-run the reference in float32 on the same samples and report how often it differs (the numerical floor); loads a second, float32 model copy (~28 GB more at 7B).")
+    memory_budget_gb: Optional[float] = memory_budget_option()
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from egpt_speed import metrics
+from egpt_speed import divergence, metrics
 
 SCHEMA = "egpt-speed/1"
 STAGE_KEYS = ("stage1_ms", "stage2_ms", "stage3_ms", "stage4_ms")
@@ -124,9 +124,12 @@ def compare(reference: str, candidate: str, ref_samples: list[dict], cand_sample
         "first_divergence_mean": sum(divergences) / len(divergences) if divergences else None,
         "common_prefix_len_mean": metrics.quantiles([a.common_prefix_len for a in agreements]).get("mean"),
         "teacher_forced_top1": metrics.quantiles([c.get("teacher_forced_top1") for _, c in pairs]).get("mean"),
+        **divergence.comparison_keys(ref_samples, cand_samples),
         "per_sample": [{"id": r["id"], "speedup_stage4": x, "speedup_total": y, "exact_match": a.exact_match,
                         "token_match_rate": a.token_match_rate, "first_divergence": a.first_divergence,
-                        "common_prefix_len": a.common_prefix_len} for (r, _), x, y, a in zip(pairs, stage4, total, agreements)],
+                        "common_prefix_len": a.common_prefix_len,
+                        "divergence_kind": (c.get(divergence.RECORD_KEY) or {}).get("kind")}
+                       for (r, c), x, y, a in zip(pairs, stage4, total, agreements)],
     }
 
 

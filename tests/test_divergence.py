@@ -213,3 +213,39 @@ def test_comparison_keys_read_the_per_sample_diagnosis_and_count_undiagnosed_sam
     keys = dv.comparison_keys(reference, candidate)
     assert keys["near_tie_count"] == 1 and keys["real_divergence_count"] == 0 and keys["undiagnosed_count"] == 1
     assert keys["lossless_up_to_numerics_rate"] == pytest.approx(2 / 3)
+
+
+# ---- through the runner: every comparison carries the diagnosis ---------------------------------------
+
+def test_compare_diagnoses_every_divergence_and_reports_real_ones_loudly(tmp_path, tiny_dataset, tiny_loader):
+    from egpt_speed.baselines.runner import RunConfig, execute
+
+    config = RunConfig(strategies=["baseline", "speculative", WRONG_NAME], draft="target", data=str(tiny_dataset),
+                       samples=2, warmup=0, max_new_tokens=6, dtype="float32", device="cpu")
+    document, path = execute(config, tmp_path / "out")
+    lossless, wrong = document["comparisons"]
+    assert lossless["divergences"] == [] and lossless["lossless_up_to_numerics_rate"] == 1.0
+    assert wrong["real_divergence_count"] == 2 and wrong["lossless_up_to_numerics_rate"] == 0.0
+    assert [d["position"] for d in wrong["divergences"]] == [WRONG_POSITION] * 2
+    assert "REAL DIVERGENCE" in path.with_suffix(".md").read_text()
+
+
+def test_fp32_check_records_the_numerical_floor(tmp_path, tiny_dataset, tiny_loader):
+    from egpt_speed.baselines.runner import RunConfig, execute
+
+    config = RunConfig(strategies=["baseline", "pld"], data=str(tiny_dataset), samples=2, warmup=0, max_new_tokens=6,
+                       dtype="bfloat16", device="cpu", fp32_check=True)
+    document, path = execute(config, tmp_path / "out")
+    floor = document["numerical_floor"]
+    assert floor["samples"] == 2 and 0.0 <= floor["token_match_rate_vs_fp32"] <= 1.0
+    assert tiny_loader[-1].llm.dtype == torch.float32  # the second copy the floor decoded with
+    assert "numerical floor" in path.with_suffix(".md").read_text()
+
+
+def test_fp32_check_refuses_sampling_before_loading(tiny_loader):
+    from egpt_speed.baselines.runner import RunConfig, validate
+    from egpt_speed.errors import EgptError
+
+    with pytest.raises(EgptError, match="fp32-check"):
+        validate(RunConfig(strategies=["baseline"], device="cpu", do_sample=True, fp32_check=True))
+    assert tiny_loader == []
