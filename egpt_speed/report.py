@@ -109,6 +109,8 @@ def render_markdown(document: dict, memory_budget_gb: float | None = None) -> st
     lines += ["", "## Summary", ""] + summary_table(runs)
     if document.get("comparisons"):
         lines += ["", "## Ranking (median of per-sample ratios vs the same-run reference)", ""] + ranking_table(ranking(document))
+        lines += ["", "Memory: LLM weights + draft + Stage-4 working memory where measured (CUDA), else the device peak, "
+                  "else the weights alone. Lossless: declared lossless and no `real` divergence (bf16 near-ties allowed)."]
         lines += ["", "## Recommendations", ""] + recommendations(document, memory_budget_gb)
         lines += ["", "## Speedup and agreement (per-sample ratios, interleaved order)", ""]
         lines += comparison_table(document["comparisons"])
