@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 import torch
 
-from egpt_speed import datasets, divergence, journal, metrics, results
+from egpt_speed import datasets, divergence, journal, metrics, results, shards
 from egpt_speed.baselines.checks import check_sampling, check_strategy_names
+from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, input_facts
 from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
 from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
                                          decode_one, decode_pending_batch, queue_for_batch)
@@ -26,10 +27,10 @@ from egpt_speed.errors import EgptError, RunInterrupted
 from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
 from egpt_speed.options import MeasureOptions, RunOptions, default_strategy_options
 from egpt_speed.results import batch_summary  # noqa: F401 - re-exported for benchmarks/batch_sweep.py
-from egpt_speed.stages import EncodedSample, make_request, stage1_load, stage2_preprocess, stage3_vision
+from egpt_speed.stages import EncodedSample, make_request
 from egpt_speed.strategies import registry
 from egpt_speed.strategies.registry import RunContext, Strategy
-from egpt_speed.timing import TimedRegion, measure_copy_bandwidth
+from egpt_speed.timing import measure_copy_bandwidth
 
 __all__ = ["RunConfig", "StrategyState", "decode_one", "execute", "run", "Outcome"]
 
@@ -64,7 +65,9 @@ def validate(config: RunConfig) -> None:
     resolve_dtype(config.dtype)
     resolve_device(config.device)
     check_model_spec(config.model, config.vision_tower)
+    check_input_options(config)
     check_strategy_names(config.strategies)
+    shards.check_shard(shards.parse_shard(config.shard), config.samples)
     check_sampling(config.do_sample, config.temperature, config.top_p)
     if config.fp32_check and config.do_sample:
         raise EgptError("--fp32-check compares greedy outputs; drop --sample or --fp32-check.")
@@ -73,7 +76,7 @@ def validate(config: RunConfig) -> None:
 
 
 def context_for(config: RunConfig) -> RunContext:
-    device = resolve_device(config.device)
+    device = shards.local_device(resolve_device(config.device))
     return RunContext(device=device, dtype=resolve_dtype(config.dtype, device), model_spec=config.model,
                       draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=config.options)
 
@@ -89,7 +92,7 @@ def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:
 
 def resolve_samples(config: RunConfig) -> list[SampleSpec]:
     return datasets.resolve_samples(config.data, config.samples, config.warmup, config.seed, config.synthetic_events,
-                                    cache_root() / "synthetic")
+                                    cache_root() / "synthetic", allow_outside=config.allow_paths_outside_data)
 
 
 def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:
@@ -131,22 +134,6 @@ def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy
     return base, states
 
 
-def encode(spec: SampleSpec, config: RunConfig, base: EventGPT):
-    """Stages 1–3 of one sample, each timed → (encoded sample, the record fields they fill)."""
-    device = base.device
-    with TimedRegion(device) as r1:
-        loaded = stage1_load(spec, config.source, config.frames)
-    with TimedRegion(device) as r2:
-        pre = stage2_preprocess(loaded, base, config.frames)
-    with TimedRegion(device) as r3:
-        encoded = stage3_vision(pre, base)
-    events = int(encoded.event_features.shape[0])
-    common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
-              "stage3_peak_bytes": r3.peak_bytes, "event_tokens": events,
-              "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + events}
-    return encoded, common
-
-
 def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                 settings: GenerationSettings, progress: Callable[[int], None] | None = None,
                 sink: SampleSink | None = None, skip: int = 0) -> None:
@@ -162,7 +149,7 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
         counted_index = index - warmups if counted else None
         if counted_index is not None and counted_index < skip:
             continue
-        encoded, common = encode(spec, config, base)
+        encoded, common = encode(spec, config, base, measure_diff=counted_index == 0)
         order = interleaved_order(len(states), index)
         for rank, position in enumerate(order):
             state, common_here = states[position], {**common, "order": rank}
@@ -212,7 +199,10 @@ def fp32_floor(config: RunConfig, ctx: RunContext, base: EventGPT, plan: list[tu
 
 def load_for(config: RunConfig, ctx: RunContext) -> Callable[[], EventGPT]:
     def load() -> EventGPT:
-        return load_model(config.model, ctx.dtype, ctx.device, config.vision_tower)
+        model = load_model(config.model, ctx.dtype, ctx.device, config.vision_tower,
+                           allow_tokenizer_mismatch=config.allow_tokenizer_mismatch)
+        check_loaded(model, config)
+        return model
     return load
 
 
@@ -230,8 +220,11 @@ def document_from_journal(config: RunConfig, ctx: RunContext, base: EventGPT, st
              "attn_implementation": base.llm.config._attn_implementation,
              "event_tokens": first.get("event_tokens"), "prompt_tokens": first.get("prompt_tokens"),
              "random_weights": base.random_weights, "vision_dtype": str(next(base.vision_tower.parameters()).dtype),
-             "image_processor": type(base.image_processor).__name__}
-    return results.build_document({**config.record(), **facts}, results.capture_env(ctx.device, bandwidth), runs)
+             "image_processor": type(base.image_processor).__name__,
+             **input_facts([entry["records"][states[0].strategy.name] for entry in entries], config, base)}
+    mismatch = getattr(base, "tokenizer_mismatch", None)
+    env = {**results.capture_env(ctx.device, bandwidth), "tokenizer_mismatch": mismatch.describe() if mismatch else None}
+    return results.build_document({**config.record(), **facts}, env, runs)
 
 
 def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable[[int], None]] | None = None,
@@ -242,12 +235,13 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
     name = results.result_name(name or "_".join(config.strategies), config.strategies, results.name_max(out))
     digest = journal.config_hash(config.record())
     previous = journal.find_journal(out, digest) if resume else None
-    finished = finished_outcome(previous, config.samples) if previous else None
+    finished = finished_outcome(previous, shards.samples_of(config.shard, config.samples)) if previous else None
     if finished:
         return finished
     ctx = context_for(config)
     strategies = build_strategies(config, ctx)
     plan = warmup_then_counted(resolve_samples(config), config.samples, config.warmup)
+    plan = shards.shard_plan(plan, shards.parse_shard(config.shard))  # all warm-up, every n-th counted sample
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, do_sample=config.do_sample,
                                   temperature=config.temperature, top_p=config.top_p, seed=config.seed)
     torch.manual_seed(config.seed)
@@ -263,7 +257,7 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
                 run_samples(config, base, states, plan, settings, progress, sink, skip=done)
             except KeyboardInterrupt:
                 kept = len(journal.read_journal(records.path).entries)
-                raise RunInterrupted(records.path, kept, config.samples) from None
+                raise RunInterrupted(records.path, kept, shards.samples_of(config.shard, config.samples)) from None
     document = document_from_journal(config, ctx, base, states, bandwidth, records.path)
     if config.fp32_check:
         reference = document["runs"][states[0].strategy.name]["samples"]

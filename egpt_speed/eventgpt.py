@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from egpt_speed.errors import EgptError
-from egpt_speed.prompt import EVENT_TOKEN_INDEX, PromptTemplate
+from egpt_speed.prompt import EVENT_TOKEN_INDEX, MAX_CONTEXT, PromptTemplate
 
 if TYPE_CHECKING:
     from egpt_speed.tokenizers import TokenizerMismatch
@@ -21,6 +21,9 @@ class EventGPT(nn.Module):
     ``tokenizer_mismatch`` is set when a checkpoint was loaded with ``allow_tokenizer_mismatch``
     and its tokenizer encodes the prompt template differently from its sentencepiece model.
     """
+
+    family = "eventgpt"  # the stages branch on it (llava_family.LlavaFamilyModel has llava / video_llava)
+    max_context = MAX_CONTEXT
 
     def __init__(self, llm: nn.Module, vision_tower: nn.Module, projector: nn.Sequential,
                  adaptor: nn.Linear | None, tokenizer, image_processor, template: PromptTemplate,

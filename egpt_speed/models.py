@@ -13,11 +13,12 @@ import torch
 from egpt_speed.checkpoint import check_checkpoint, load_eventgpt_checkpoint
 from egpt_speed.devices import resolve_device, resolve_dtype
 from egpt_speed.eventgpt import EventGPT
+from egpt_speed.llava_family import FAMILIES, read_model_type
 from egpt_speed.presets import PRESETS, build_preset, cache_root, synthetic_7b_configs, tiny_llm_dir
 from egpt_speed.vision_tower import check_vision_tower_override
 
 # Imported from here by modules outside this change's ownership; new code imports them from their own modules.
-__all__ = ["load_model", "check_model_spec", "EventGPT", "cache_root", "load_eventgpt_checkpoint", "resolve_device",
+__all__ = ["load_model", "check_model_spec", "model_family", "EventGPT", "cache_root", "load_eventgpt_checkpoint", "resolve_device",
            "resolve_dtype", "synthetic_7b_configs", "tiny_llm_dir"]
 
 
@@ -32,6 +33,14 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, vision_tower
         check_vision_tower_override(vision_tower)
         return build_preset(spec, dtype, device)
     return load_eventgpt_checkpoint(Path(spec), dtype, device, vision_tower, allow_tokenizer_mismatch)
+
+
+def model_family(spec: str) -> str:
+    """`eventgpt` for a preset or an EventGPT dir, `llava` / `video_llava` for those checkpoints (config only)."""
+    if spec in PRESETS:
+        return "eventgpt"
+    family = read_model_type(Path(spec))
+    return family if family in FAMILIES else "eventgpt"
 
 
 def check_model_spec(spec: str, vision_tower: Path | None = None) -> None:

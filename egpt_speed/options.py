@@ -56,12 +56,16 @@ class MeasureOptions(CommonOptions):
     gamma: int = option(4, "--gamma", help="Draft tokens per speculative step.")
     batch_size: int = option(1, "--batch-size", help="Prompts per generate call for the batch strategy.")
     source: str = option("npy", "--source", help="npy: render frames from events (timed); png: load the pre-rendered event_image PNGs like the seed.")
+    preprocess: str = option("auto", "--preprocess", help="Where Stage 2's image work runs: auto (device on CUDA, cpu elsewhere) | device (torch, bit-exact to the CPU processor) | cpu.")
+    allow_paths_outside_data: bool = option(False, "--allow-paths-outside-data", help="Let the dataset JSON point at files outside the dataset dir (absolute or '..' paths); only for a JSON you trust.")
     vision_tower: Optional[Path] = option(None, "--vision-tower", help="Local CLIP ViT dir overriding the checkpoint's mm_visual_tower.")
+    allow_tokenizer_mismatch: bool = option(False, "--allow-tokenizer-mismatch", help="Run a checkpoint whose tokenizer encodes the prompt unlike its tokenizer.model; the mismatch is recorded in the result.")
     do_sample: bool = option(False, "--sample/--greedy", help="Sample (seeded) instead of greedy decoding.")
     temperature: float = option(0.6, "--temperature", help="Sampling temperature (with --sample), > 0.")
     top_p: float = option(1.0, "--top-p", help="Nucleus sampling mass (with --sample), in (0, 1].")
     fp32_check: bool = option(False, "--fp32-check", help="Also re-run the reference in float32 on the same samples and report how often it differs (the numerical floor); loads a second, float32 model copy (~28 GB more at 7B).")
     memory_budget_gb: Optional[float] = memory_budget_option()
+    shard: Optional[str] = option(None, "--shard", help="i/n: run only the counted samples whose index is i mod n (processes you launch yourself; `egpt-speed merge` joins the n results). Under torchrun / accelerate launch it comes from RANK/WORLD_SIZE.")
 
 
 @dataclass

@@ -1,0 +1,86 @@
+"""Stages 1–3 of one sample under the runner's clocks, and the input-side options they read.
+
+`--preprocess` (where Stage 2's image work runs) and `--source` are checked against the model family
+before any model loads; a processor `--preprocess device` cannot reproduce is refused right after
+loading. On the first counted sample, outside every timed region, the device path's pixels are
+compared with the CPU processor's (`preprocess_max_pixel_diff`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from egpt_speed.datasets import SampleSpec
+from egpt_speed.errors import EgptError
+from egpt_speed.models import model_family
+from egpt_speed.preprocess import PREPROCESS_MODES, Preprocess, check_preprocess, clip_spec
+from egpt_speed.stages import (EncodedSample, default_preprocess, preprocess_pixel_diff, stage1_load,
+                               stage2_preprocess, stage3_vision)
+from egpt_speed.timing import TimedRegion
+
+STAGE1_NOTE = "Stage 1 is a disk read, no caching across samples"
+PREPROCESS_CHOICES = ("auto", *PREPROCESS_MODES)
+
+
+def check_input_options(config) -> None:
+    """--preprocess and --source against the model family of --model (no weights read)."""
+    if config.preprocess not in PREPROCESS_CHOICES:
+        raise EgptError(f"--preprocess {config.preprocess!r} is not one of {', '.join(PREPROCESS_CHOICES)}; pick one.")
+    family = model_family(config.model)
+    if family == "eventgpt":
+        return
+    if config.preprocess == "device":
+        raise EgptError(f"--preprocess device renders event frames for EventGPT; {family} uses its own processor, "
+                        "so pass --preprocess cpu or auto.")
+    if config.source == "png":
+        raise EgptError(f"--source png reads pre-rendered event frames; {family} reads the clip's video frames, "
+                        "so drop --source png.")
+
+
+def resolve_preprocess(choice: str, device: torch.device, family: str = "eventgpt") -> Preprocess:
+    """auto → the device on CUDA, else the CPU; the LLaVA families always use their own (CPU) processor."""
+    if family != "eventgpt":
+        return "cpu"
+    return default_preprocess(device) if choice == "auto" else check_preprocess(choice)
+
+
+def check_loaded(model, config) -> None:
+    """Right after loading: a processor the device path does not reproduce fails before any sample runs."""
+    if resolve_preprocess(config.preprocess, model.device, model.family) == "device":
+        clip_spec(model.image_processor)
+
+
+def encode(spec: SampleSpec, config, base, measure_diff: bool = False) -> tuple[EncodedSample, dict[str, Any]]:
+    """Stages 1–3 of one sample, each timed → (encoded sample, the record fields they fill).
+
+    `measure_diff` (the first counted sample): also, untimed, the largest device-vs-CPU pixel
+    difference when Stage 2 runs on the device.
+    """
+    device, family = base.device, base.family
+    preprocess = resolve_preprocess(config.preprocess, device, family)
+    with TimedRegion(device) as r1:
+        loaded = stage1_load(spec, config.source, config.frames)
+    with TimedRegion(device) as r2:
+        pre = stage2_preprocess(loaded, base, config.frames, preprocess)
+    with TimedRegion(device) as r3:
+        encoded = stage3_vision(pre, base)
+    events = int(encoded.event_features.shape[0])
+    common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
+              "stage3_peak_bytes": r3.peak_bytes, "event_tokens": events,
+              "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + events, "input_warnings": list(loaded.warnings)}
+    if measure_diff and preprocess == "device":
+        common["preprocess_max_pixel_diff"] = preprocess_pixel_diff(loaded, base, config.frames)
+    return encoded, common
+
+
+def input_facts(records: list[dict], config, base) -> dict[str, Any]:
+    """The run-level input facts for the result's config: the resolved preprocess mode, the first
+    sample's pixel difference, every sample's input warnings (union) and what Stage 1 measures."""
+    first = records[0] if records else {}
+    warnings = sorted({warning for record in records for warning in record.get("input_warnings", ())})
+    return {"preprocess": resolve_preprocess(config.preprocess, base.device, base.family),
+            "preprocess_requested": config.preprocess,
+            "preprocess_max_pixel_diff": first.get("preprocess_max_pixel_diff"),
+            "input_warnings": warnings, "stage1_note": STAGE1_NOTE}

@@ -1,0 +1,143 @@
+"""Finished features reached through the CLI: --preprocess, input warnings, --allow-paths-outside-data,
+--allow-tokenizer-mismatch, shared defaults, and LLaVA / Video-LLaVA checkpoints as --model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from egpt_speed.cli import app
+from helpers import write_eventgpt_checkpoint
+
+FAST = ("-n", "2", "--warmup", "0", "--max-new-tokens", "4", "--device", "cpu")
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def only_result(out: Path) -> dict:
+    (path,) = out.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def refused(result, needle: str) -> None:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], result.stderr
+
+
+@pytest.fixture
+def no_load(monkeypatch):
+    def load(*args, **kwargs):
+        pytest.fail("a refused run must not load a model")
+
+    monkeypatch.setattr("egpt_speed.baselines.runner.load_model", load)
+
+
+# ------------------------------------------------------------------------------------------ issue 13: --preprocess
+
+
+def test_unknown_preprocess_is_refused_before_loading(tmp_path, no_load):
+    refused(invoke("run", "baseline", "--preprocess", "gpu", "--device", "cpu", "--out", str(tmp_path)), "--preprocess")
+
+
+def test_device_preprocess_gives_the_cpu_tokens_and_records_a_zero_pixel_diff(tmp_path, tiny_dataset, tiny_loader):
+    documents = {}
+    for mode in ("cpu", "device"):
+        out = tmp_path / mode
+        result = invoke("run", "baseline", "--preprocess", mode, "--data", str(tiny_dataset), *FAST, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        documents[mode] = only_result(out)
+    device, cpu = documents["device"]["config"], documents["cpu"]["config"]
+    assert (device["preprocess"], cpu["preprocess"]) == ("device", "cpu")
+    assert device["preprocess_max_pixel_diff"] == 0.0  # bit-exact to the PIL processor
+    assert cpu["preprocess_max_pixel_diff"] is None  # measured only when Stage 2 runs on the device
+    assert "disk read" in device["stage1_note"]
+    tokens = {mode: [s["token_ids"] for s in doc["runs"]["baseline"]["samples"]] for mode, doc in documents.items()}
+    assert tokens["device"] == tokens["cpu"]
+
+
+def test_auto_preprocess_resolves_to_cpu_without_a_gpu(tmp_path, tiny_dataset, tiny_loader):
+    result = invoke("run", "baseline", "--data", str(tiny_dataset), *FAST, "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    config = only_result(tmp_path)["config"]
+    assert (config["preprocess"], config["preprocess_requested"]) == ("cpu", "auto")
+
+
+def test_a_processor_the_device_path_cannot_reproduce_fails_before_any_sample(tmp_path, tiny_dataset, tiny_loader,
+                                                                             monkeypatch):
+    from egpt_speed.baselines import runner
+
+    load = runner.load_model
+
+    def unusual(*args, **kwargs):
+        model = load(*args, **kwargs)
+        model.image_processor.do_center_crop = False
+        return model
+
+    monkeypatch.setattr("egpt_speed.baselines.runner.load_model", unusual)
+    out = tmp_path / "out"
+    refused(invoke("run", "baseline", "--preprocess", "device", "--data", str(tiny_dataset), *FAST, "--out", str(out)),
+            "--preprocess cpu")
+    assert not out.exists() or not list(out.iterdir())  # no journal: no sample ran
+
+
+def _unsorted_clips(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for name, t in (("a", np.arange(300, dtype=np.int64)[::-1].copy()), ("b", np.arange(300, dtype=np.int64))):
+        record = {"x": rng.integers(0, 60, 300).astype(np.uint16), "y": rng.integers(0, 40, 300).astype(np.uint16),
+                  "t": t, "p": rng.integers(0, 2, 300).astype(np.uint8)}
+        root.mkdir(parents=True, exist_ok=True)
+        np.save(root / f"{name}.npy", record, allow_pickle=True)
+    return root
+
+
+def test_input_warnings_are_recorded_per_sample_and_for_the_run(tmp_path, tiny_loader):
+    data = _unsorted_clips(tmp_path / "clips")
+    result = invoke("run", "baseline", "--data", str(data), *FAST, "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    document = only_result(tmp_path / "out")
+    by_id = {s["id"]: s["input_warnings"] for s in document["runs"]["baseline"]["samples"]}
+    assert by_id["b"] == [] and len(by_id["a"]) >= 1 and "sorted" in by_id["a"][0]
+    assert document["config"]["input_warnings"] == sorted(by_id["a"])
+
+
+def test_paths_outside_the_dataset_need_the_flag(tmp_path, tiny_dataset, tiny_loader):
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, data)
+    json_path = data / "EventGPT_Instruction_Subset.json"
+    entries = json.loads(json_path.read_text())
+    outside = tmp_path / "elsewhere.npy"
+    shutil.copy(data / "event_npy" / entries[0]["event_data"], outside)
+    entries[0]["event_data"] = str(outside)
+    json_path.write_text(json.dumps(entries))
+    refused(invoke("run", "baseline", "--data", str(data), *FAST, "--out", str(tmp_path / "a")),
+            "--allow-paths-outside-data")
+    result = invoke("run", "baseline", "--data", str(data), "--allow-paths-outside-data", *FAST,
+                    "--out", str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    assert only_result(tmp_path / "b")["config"]["allow_paths_outside_data"] is True
+
+
+# ------------------------------------------------------------------------------------------ issue 12 item 4
+
+
+@pytest.fixture(scope="module")
+def nfkc_checkpoint(tmp_path_factory):
+    return write_eventgpt_checkpoint(tmp_path_factory.mktemp("nfkc") / "ck", normalization="nmt_nfkc")
+
+
+def test_tokenizer_mismatch_is_refused_then_allowed_and_recorded(tmp_path, tiny_dataset, nfkc_checkpoint):
+    args = ("run", "baseline", "--model", str(nfkc_checkpoint), "--data", str(tiny_dataset), *FAST)
+    refused(invoke(*args, "--out", str(tmp_path / "a")), "--allow-tokenizer-mismatch")
+    result = invoke(*args, "--allow-tokenizer-mismatch", "--out", str(tmp_path / "b"))
+    assert result.exit_code == 0, result.output
+    document = only_result(tmp_path / "b")
+    assert "sentencepiece gives" in document["env"]["tokenizer_mismatch"]
+    assert document["config"]["allow_tokenizer_mismatch"] is True
