@@ -419,7 +419,7 @@ class StaticTarget:
         dropped and their slots overwritten later. A `static_draft.DeviceTree` brings its mask
         inputs as device tensors (no host-to-device copy); a plain DraftTree is copied once.
         """
-        count = len(tree.tokens)
+        count = tree_node_count(tree)  # not len(tree.tokens): a static_draft.PendingTree would read itself back now
         self.tree_width = width = max(self.tree_width, count)
         engine = self.engine
         if self.length + width > engine.cache.max_len:
@@ -445,8 +445,8 @@ class StaticTarget:
         assert len(keep) <= width, (keep, width)
         base = self._tree_base
         torch.add(arange, base, out=target)
-        offsets = torch.tensor(keep + list(range(len(keep), width)), dtype=torch.long)  # identity past the path
-        source.copy_(offsets.to(self.engine.device, non_blocking=True)).add_(base)
+        self._keep_staging.copy_to(keep + list(range(len(keep), width)), source)  # identity past the path
+        source.add_(base)
         self.engine._steps["keep"]()
 
     def _keep_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -457,6 +457,7 @@ class StaticTarget:
             source = torch.arange(width, device=device)
             target = torch.arange(width, device=device)
             self._keep = (source, target, torch.arange(width, device=device))
+            self._keep_staging = HostStaging(width, device)
             cache = self.engine.cache
 
             def body() -> None:
@@ -505,6 +506,7 @@ class TreeVerifyBuffers:
     base: torch.Tensor  # [1] cache length before the tree
     ancestry: torch.Tensor  # [W, W] bool: [i, j] = j is i or an ancestor of i (padding: itself only)
     arange: torch.Tensor  # [W]
+    eye: torch.Tensor  # [W, W] bool identity: the ancestry of padding nodes
     logits: torch.Tensor  # [W, V]
     hidden: torch.Tensor  # [1, W, H]
 
@@ -514,7 +516,7 @@ class TreeVerifyBuffers:
         long = dict(dtype=torch.long, device=device)
         return cls(torch.zeros(1, width, **long), torch.arange(width, **long), torch.zeros(width, **long),
                    torch.zeros(1, **long), torch.eye(width, dtype=torch.bool, device=device), torch.arange(width, **long),
-                   torch.zeros(width, vocab, dtype=dtype, device=device),
+                   torch.eye(width, dtype=torch.bool, device=device), torch.zeros(width, vocab, dtype=dtype, device=device),
                    torch.zeros(1, width, hidden_size, dtype=dtype, device=device))
 
     def load(self, tokens: torch.Tensor, depths: torch.Tensor, ancestry: torch.Tensor, base: int) -> None:
@@ -527,7 +529,7 @@ class TreeVerifyBuffers:
         self.positions.add_(base)
         torch.add(self.arange, base, out=self.slots)
         self.base.fill_(base)
-        self.ancestry.copy_(torch.eye(self.ancestry.shape[0], dtype=torch.bool, device=self.ancestry.device))
+        self.ancestry.copy_(self.eye)
         self.ancestry[:count, :count].copy_(ancestry)
 
     def mask(self, kv_positions: torch.Tensor) -> torch.Tensor:
@@ -536,6 +538,37 @@ class TreeVerifyBuffers:
         allowed = (kv_positions < self.base).expand(1, 1, width, kv_positions.shape[-1]).clone()
         allowed[0, 0].index_copy_(1, self.slots, self.ancestry)
         return allowed
+
+
+def tree_node_count(tree) -> int:
+    """Nodes of a DraftTree, root included, without reading a device-built tree back to the host."""
+    on_device = getattr(tree, "device_inputs", None)
+    return on_device[0].shape[0] if on_device is not None else len(tree.tokens)
+
+
+class HostStaging:
+    """Small host → device copies of token ids that do not wait for the device.
+
+    A copy from pageable host memory makes CUDA synchronize the stream first; from this pinned
+    buffer it is queued like a kernel. The buffer is rewritten only after its previous copy has
+    read it (an event, almost always already passed: the speculative loop syncs once per step).
+    On the CPU it is a plain copy.
+    """
+
+    def __init__(self, size: int, device: torch.device):
+        cuda = device.type == "cuda"
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=cuda)  # [size]
+        self.copied = torch.cuda.Event() if cuda else None
+
+    def copy_to(self, values: list[int], out: torch.Tensor) -> None:
+        """values → out ([len(values)] long, on the device), asynchronously on CUDA."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        count = len(values)
+        self.host[:count].copy_(torch.tensor(values, dtype=torch.long))
+        out.copy_(self.host[:count], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
 
 def tree_device_inputs(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -10,8 +10,8 @@ for the speculative loop, meant for the compiled static-cache target (`compile+e
   `tree{d}` (EAGLE-2: d levels of top-k expansion on the device, the best `max_nodes` candidates
   selected by a stable sort, the tree's parents, depths and ancestry built by index arithmetic).
 
-Draft tokens stay on the device; a tree is read back once (its tokens and parents, for the
-acceptance walk). Greedy drafts equal `eagle.EagleProposer`'s (same head, same arithmetic up to
+Draft tokens stay on the device; a tree is read back once, lazily (`PendingTree`: its tokens and
+parents, for the acceptance walk, after the target's verify was queued). Greedy drafts equal `eagle.EagleProposer`'s (same head, same arithmetic up to
 the masked keys SDPA skips). Rollback is free: drafted head-cache slots are hidden by the mask
 (query at position p sees slots ≤ p) and overwritten by the next catch-up.
 """
@@ -25,7 +25,7 @@ import torch
 from egpt_speed.eagle import EagleHead
 from egpt_speed.errors import EgptError
 from egpt_speed.proposers import Proposer
-from egpt_speed.static_decode import StaticKVCache, round_up
+from egpt_speed.static_decode import HostStaging, StaticKVCache, round_up
 from egpt_speed.tree import DraftTree
 from egpt_speed.verify import ChainDraft
 
@@ -35,6 +35,42 @@ class DeviceTree(DraftTree):
     """A DraftTree whose verify inputs also live on the device: (tokens [n], depths [n], ancestry [n, n] bool)."""
 
     device_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+
+class PendingTree(DeviceTree):
+    """A DeviceTree still on the device: its host tokens and parents are read back on first use.
+
+    The speculative loop reads them only to walk the verdict, after the target's verify_tree was
+    queued behind the draft: that one read-back then waits for draft and verify together, instead
+    of stopping the host between them. `size` needs no read-back (the node count is fixed).
+    """
+
+    def __init__(self, root: int, packed: torch.Tensor, device_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        # no DraftTree.__init__: its checks would read the tree back now
+        self._root, self._packed = root, packed  # packed: [2N] drafted tokens, then their parents (the drafter's buffer)
+        self._host: tuple[list[int], list[int]] | None = None
+        self.child_probs = None
+        self.device_inputs = device_inputs
+
+    def materialize(self) -> tuple[list[int], list[int]]:
+        """(tokens, parents) on the host; must run before the drafter's next tree overwrites its buffer."""
+        if self._host is None:
+            packed = self._packed.tolist()  # the one host read of a tree draft
+            drafted = len(packed) // 2
+            self._host = ([self._root] + packed[:drafted], [-1] + packed[drafted:])
+        return self._host
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.materialize()[0]
+
+    @property
+    def parents(self) -> list[int]:
+        return self.materialize()[1]
+
+    @property
+    def size(self) -> int:
+        return self._packed.shape[0] // 2
 
 
 class _Graphs:
@@ -113,6 +149,8 @@ class StaticEagleDrafter(Proposer):
         self._draft = torch.zeros(self.gamma, **long)  # [γ] chain drafts
         self._trees: dict[int, dict[str, torch.Tensor]] = {}
         self._true = torch.ones((), dtype=torch.bool, device=device)  # index_put_ value (no host scalar in a capture)
+        self._ids_staging = HostStaging(self.width, device)
+        self._pending: PendingTree | None = None  # the last tree, until read back
 
     @torch.inference_mode()
     def begin(self, prefix_embeds: torch.Tensor, max_new_tokens: int) -> "StaticEagleDrafter":
@@ -151,17 +189,18 @@ class StaticEagleDrafter(Proposer):
         if (topk, max_nodes) != (self.topk, self.max_nodes):
             raise EgptError(f"this drafter was built for trees of top-{self.topk}, {self.max_nodes} nodes; "
                             f"got top-{topk}, {max_nodes}.")
+        if self._pending is not None:  # its buffers are about to be overwritten
+            self._pending.materialize()
+            self._pending = None
         self._catch_up(committed)
         if depth == 0:
             return DeviceTree([committed[-1]], [-1])  # no room left: the root alone (its bonus token)
         buffers = self._tree_buffers(depth)
         self.graphs.run(f"tree{depth}", lambda: self._tree_body(depth, buffers))
         buffers["tokens"][0].fill_(committed[-1])  # the root: the pending token
-        count = buffers["tokens"].shape[0]
-        packed = buffers["packed"].tolist()  # the one host sync of a tree draft: tokens and parents
-        tokens = [committed[-1]] + packed[:count - 1]
-        parents = [-1] + packed[count - 1:]
-        return DeviceTree(tokens, parents, None, (buffers["tokens"], buffers["depths"], buffers["ancestry"]))
+        self._pending = PendingTree(committed[-1], buffers["packed"],
+                                    (buffers["tokens"], buffers["depths"], buffers["ancestry"]))
+        return self._pending
 
     @staticmethod
     def _refuse_sampling(settings) -> None:
@@ -181,7 +220,7 @@ class StaticEagleDrafter(Proposer):
             self._head_forward_into_predicted(fresh, self._next_embeds(first, committed), first)
         else:
             self._features[:, :count].copy_(fresh)
-            self._next_ids[0, :count].copy_(torch.tensor(ids, dtype=torch.long), non_blocking=True)
+            self._ids_staging.copy_to(ids, self._next_ids[0, :count])
             torch.add(self._arange, first, out=self._feature_slots)
             self._last.fill_(count - 1)
             self.graphs.run("catchup", self._catchup_body)

@@ -174,3 +174,30 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
     assert results[name].metrics["drafted"] > 0
     lender = next(part for part in strategy.parts if part.lends_target)
     assert isinstance(lender._drafter, StaticEagleDrafter)  # the captured drafter, not the eager head
+
+
+def test_pending_tree_reads_back_lazily_and_before_the_next_draft(model, head):
+    """propose_tree returns without reading the tree back; an unread tree is saved before the next one
+    overwrites the drafter's buffers, and equals what an immediate read gives."""
+    from egpt_speed.static_draft import PendingTree
+
+    embeds, nodes = prefix(model, 8), 10
+    trees = {}
+    for lazy in (True, False):
+        drafter = StaticEagleDrafter(head, model.llm, 3, 4, nodes, cuda_graph=False).begin(embeds, NEW)
+        drafter.observe(torch.randn(1, embeds.shape[1], model.hidden_size, generator=torch.Generator().manual_seed(1)))
+        committed = [5]
+        first = drafter.propose_tree(committed, 3, 4, nodes)
+        assert isinstance(first, PendingTree) and first.size == nodes and first._host is None
+        if not lazy:
+            first.materialize()
+        drafter.observe(torch.randn(1, 2, model.hidden_size, generator=torch.Generator().manual_seed(2)))
+        committed += [first.device_inputs[0][1].item(), 9]
+        second = drafter.propose_tree(committed, 3, 4, nodes)
+        assert first._host is not None  # read back before the second draft overwrote the buffers
+        trees[lazy] = [(tree.tokens, tree.parents) for tree in (first, second)]
+        for tree in (first, second):
+            DraftTree(tree.tokens, tree.parents)  # a valid tree: one parent per node, parents first
+            assert len(tree.tokens) == nodes + 1
+    assert trees[True] == trees[False]
+    assert trees[True][0] != trees[True][1]
