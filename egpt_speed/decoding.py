@@ -10,6 +10,7 @@ import inspect
 import torch
 from transformers.models.llama.modeling_llama import LlamaModel
 
+from egpt_speed.options import MeasureOptions
 from egpt_speed.prompt import text_only_ids
 
 # transformers 5.x renamed forward's `past_key_values` to `cache` (5.24 warns on the old name, which
@@ -22,7 +23,7 @@ CACHE_KWARG = "cache" if "cache" in inspect.signature(LlamaModel.forward).parame
 class GenerationSettings:
     max_new_tokens: int = 64
     do_sample: bool = False
-    temperature: float = 1.0
+    temperature: float = MeasureOptions.temperature  # the CLI's --temperature default, defined once
     top_p: float = 1.0
     seed: int = 0
 

@@ -89,10 +89,15 @@ def store_dtype_for(name: str, device: torch.device) -> torch.dtype:
     return STORE_DTYPES[name]
 
 
-def training_clips(data: str, clips: int, seed: int, synthetic_events: int) -> tuple[list[SampleSpec], int | None]:
-    """(the first `clips` clips of --data, the seed synthetic ones were drawn from or None)."""
+def training_clips(data: str, clips: int, seed: int, synthetic_events: int,
+                   allow_outside: bool = False) -> tuple[list[SampleSpec], int | None]:
+    """(the first `clips` clips of --data, the seed synthetic ones were drawn from or None).
+
+    `allow_outside`: --allow-paths-outside-data (dataset JSON paths may leave the dataset dir).
+    """
     drawn_from = synthetic_seed(seed) if data == "synthetic" else None
-    specs = resolve_samples(data, clips, 0, synthetic_seed(seed), synthetic_events, cache_root() / "synthetic")
+    specs = resolve_samples(data, clips, 0, synthetic_seed(seed), synthetic_events, cache_root() / "synthetic",
+                            allow_outside=allow_outside)
     return specs[:clips], drawn_from
 
 

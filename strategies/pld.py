@@ -8,11 +8,12 @@ proposes the γ tokens that followed it. Verification is the shared lossless loo
 from __future__ import annotations
 
 from egpt_speed.decoding import eos_ids
+from egpt_speed.options import StrategyOptions
 from egpt_speed.proposers import PromptLookupProposer
 from egpt_speed.speculation import lend_target_to, speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
-DEFAULT_MAX_NGRAM = 3  # used when the run gives no --pld-ngram
+DEFAULT_MAX_NGRAM = StrategyOptions.pld_ngram  # used when the run gives no --pld-ngram (the CLI's default)
 
 
 @register

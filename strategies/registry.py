@@ -17,6 +17,7 @@ import torch
 
 from egpt_speed.decoding import DecodeRequest, DecodeResult
 from egpt_speed.errors import EgptError
+from egpt_speed.options import MeasureOptions, default_strategy_options
 from egpt_speed.timing import Clock
 
 ENTRY_POINT_GROUP = "egpt_speed.strategies"
@@ -28,11 +29,11 @@ class RunContext:
 
     device: torch.device
     dtype: torch.dtype
-    model_spec: str = "tiny"
+    model_spec: str = MeasureOptions.model
     draft_spec: str | None = None
-    gamma: int = 4
-    batch_size: int = 1
-    options: dict[str, Any] = field(default_factory=dict)
+    gamma: int = MeasureOptions.gamma
+    batch_size: int = MeasureOptions.batch_size
+    options: dict[str, Any] = field(default_factory=default_strategy_options)  # the CLI's defaults, overridable
 
 
 class Strategy:

@@ -141,3 +141,41 @@ def test_tokenizer_mismatch_is_refused_then_allowed_and_recorded(tmp_path, tiny_
     document = only_result(tmp_path / "b")
     assert "sentencepiece gives" in document["env"]["tokenizer_mismatch"]
     assert document["config"]["allow_tokenizer_mismatch"] is True
+
+
+def test_train_draft_clips_follow_the_same_path_rule(tmp_path, tiny_dataset):
+    from egpt_speed.errors import EgptError
+    from egpt_speed.train_draft import training_clips
+
+    data = tmp_path / "ds"
+    shutil.copytree(tiny_dataset, data)
+    json_path = data / "EventGPT_Instruction_Subset.json"
+    entries = json.loads(json_path.read_text())
+    entries[0]["event_data"] = "../../" + entries[0]["event_data"]
+    json_path.write_text(json.dumps(entries))
+    (tmp_path / entries[0]["event_data"][6:]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(data / "event_npy" / entries[1]["event_data"], tmp_path / entries[0]["event_data"][6:])
+    with pytest.raises(EgptError, match="--allow-paths-outside-data"):
+        training_clips(str(data), 3, 0, 1000)
+    specs, drawn_from = training_clips(str(data), 3, 0, 1000, allow_outside=True)
+    assert len(specs) == 3 and drawn_from is None and specs[0].event_path.is_file()
+
+
+# ------------------------------------------------------------------------------------------ defaults in one place
+
+
+def test_library_defaults_are_the_cli_defaults():
+    import torch
+
+    from egpt_speed.decoding import GenerationSettings
+    from egpt_speed.options import MeasureOptions, StrategyOptions, default_strategy_options
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
+
+    assert GenerationSettings().temperature == MeasureOptions().temperature == 0.6
+    ctx = RunContext(device=torch.device("cpu"), dtype=torch.float32)
+    assert ctx.options == default_strategy_options()
+    assert (ctx.gamma, ctx.batch_size, ctx.model_spec) == (MeasureOptions().gamma, MeasureOptions().batch_size,
+                                                           MeasureOptions().model)
+    bare = RunContext(device=torch.device("cpu"), dtype=torch.float32, options={})  # a caller passing no options
+    assert registry.build("pld", bare).settings()["max_ngram"] == StrategyOptions().pld_ngram
