@@ -263,6 +263,27 @@ def test_max_new_tokens_cuts_a_block(model, drafts, kind, max_new_tokens):
     assert result.token_ids == reference[:max_new_tokens]
 
 
+class CheckedRollback(CausalLMProposer):
+    """Records the draft cache's length after each rollback, beside what must be in it."""
+
+    lengths: list[tuple[int, int]]
+
+    def rollback(self, committed: list[int]) -> None:
+        super().rollback(committed)
+        self.lengths = getattr(self, "lengths", []) + [(self.cache.get_seq_length(), self.prefix_len + len(committed))]
+
+
+@pytest.mark.parametrize("kind", ["weak", "strong"])
+def test_draft_rollback_keeps_only_committed_tokens(model, drafts, kind):
+    """After a rollback the draft cache holds the prefix + committed tokens but the pending one (or the
+    last accepted draft too, which it never fed): a draft that keeps rejected tokens stays lossless
+    but drafts from a wrong context."""
+    request = make_request(4, max_new_tokens=30)
+    proposer = CheckedRollback(drafts[kind], prefix_embeds=model.splice(request.prompt_ids, request.event_features))
+    speculate(model, request, proposer, 4, stop_ids=set())
+    assert proposer.lengths and all(full - 2 <= cached <= full - 1 for cached, full in proposer.lengths), proposer.lengths
+
+
 def test_adaptive_gamma_stays_lossless(model, drafts):
     request = make_request(2, max_new_tokens=30)
     result = speculate(model, request, proposer_for("strong", model, request, drafts), 2, adaptive_gamma=True)
