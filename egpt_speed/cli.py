@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from egpt_speed.errors import EgptError, RunInterrupted
-from egpt_speed.options import CommonOptions, ReportOptions, RunOptions, TrainDraftOptions
+from egpt_speed.options import CommonOptions, ExportDraftOptions, ReportOptions, RunOptions, TrainDraftOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure EventGPT inference in four decoupled stages and compare Stage-4 strategies.")
@@ -211,6 +211,16 @@ def train_draft(options: TrainDraftOptions) -> None:
 
         outcome = td.run(options, factory)
     typer.echo(outcome.describe())
+
+
+@command("export-draft", ExportDraftOptions, (argument("head_dir", Path, "A train-draft head dir, or an EAGLE-1 / EAGLE-3 head dir."),))
+def export_draft(head_dir: Path, options: ExportDraftOptions) -> None:
+    """Write a draft head in the EAGLE-1 or EAGLE-3 layout vLLM and SGLang load."""
+    from egpt_speed.eagle_formats import export_head
+
+    for note in export_head(head_dir, options.format, options.out):
+        typer.echo(f"note: {note}.")
+    typer.echo(f"wrote {options.out / 'config.json'}, {options.out / 'model.safetensors'}")
 
 
 def entrypoint() -> None:

@@ -40,12 +40,16 @@ def head_config_from_target(target_config) -> LlamaConfig:
 
 
 class EagleHead(nn.Module):
-    def __init__(self, config: LlamaConfig):
+    def __init__(self, config: LlamaConfig, input_norm: bool = True):
         super().__init__()
         self.config = config
         hidden = config.hidden_size
         self.fc = nn.Linear(2 * hidden, hidden, bias=True)
         self.layer = LlamaDecoderLayer(config, layer_idx=0)
+        # EAGLE-1's layer has no input norm (vLLM / SGLang replace it by the identity); ours may
+        self.input_norm = input_norm
+        if not input_norm:
+            self.layer.input_layernorm = nn.Identity()
         self.rotary = LlamaRotaryEmbedding(config=config)
         # the token ids the head may draft (most frequent in the target's answers), None = all;
         # drafting over K ids makes each draft step's LM-head product V/K times cheaper (FR-Spec)
@@ -77,7 +81,7 @@ class EagleHead(nn.Module):
         if self.draft_vocab is not None:
             state[DRAFT_VOCAB_KEY] = self.draft_vocab.to(torch.int32).contiguous().cpu()
         save_file(state, str(directory / HEAD_WEIGHTS))
-        (directory / HEAD_CONFIG).write_text(json.dumps({"kind": "eagle", "llama_config": self.config.to_dict(), **(extra or {})},
+        (directory / HEAD_CONFIG).write_text(json.dumps({"kind": "eagle", "input_norm": self.input_norm, "llama_config": self.config.to_dict(), **(extra or {})},
                                                         indent=1, default=str))
 
     @classmethod
@@ -87,7 +91,7 @@ class EagleHead(nn.Module):
         meta = read_head_meta(directory)
         config = LlamaConfig(**{k: v for k, v in meta["llama_config"].items() if k not in ("architectures", "model_type")})
         config._attn_implementation = "sdpa"
-        head = cls(config)
+        head = cls(config, input_norm=meta.get("input_norm", True))
         try:
             state = load_file(str(directory / HEAD_WEIGHTS))
             vocab = state.pop(DRAFT_VOCAB_KEY, None)
