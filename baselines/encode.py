@@ -61,7 +61,7 @@ def encode(spec: SampleSpec, config, base, measure_diff: bool = False) -> tuple[
     device, family = base.device, base.family
     preprocess = resolve_preprocess(config.preprocess, device, family)
     with TimedRegion(device) as r1:
-        loaded = stage1_load(spec, config.source, config.frames)
+        loaded = stage1_load(spec, config.source, config.frames, family)
     with TimedRegion(device) as r2:
         pre = stage2_preprocess(loaded, base, config.frames, preprocess)
     with TimedRegion(device) as r3:
@@ -80,7 +80,9 @@ def input_facts(records: list[dict], config, base) -> dict[str, Any]:
     sample's pixel difference, every sample's input warnings (union) and what Stage 1 measures."""
     first = records[0] if records else {}
     warnings = sorted({warning for record in records for warning in record.get("input_warnings", ())})
-    return {"preprocess": resolve_preprocess(config.preprocess, base.device, base.family),
+    frames = getattr(base, "frames", config.frames)  # a LLaVA family's own frame count (1 or 8)
+    return {"model_family": base.family, "frames_used": frames,
+            "preprocess": resolve_preprocess(config.preprocess, base.device, base.family),
             "preprocess_requested": config.preprocess,
             "preprocess_max_pixel_diff": first.get("preprocess_max_pixel_diff"),
             "input_warnings": warnings, "stage1_note": STAGE1_NOTE}

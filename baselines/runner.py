@@ -24,7 +24,8 @@ from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyStat
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import GenerationSettings
 from egpt_speed.errors import EgptError, RunInterrupted
-from egpt_speed.models import EventGPT, cache_root, check_model_spec, load_model, resolve_device, resolve_dtype
+from egpt_speed.models import (EventGPT, cache_root, check_model_spec, load_model, model_family, resolve_device,
+                               resolve_dtype)
 from egpt_speed.options import MeasureOptions, RunOptions, default_strategy_options
 from egpt_speed.results import batch_summary  # noqa: F401 - re-exported for benchmarks/batch_sweep.py
 from egpt_speed.stages import EncodedSample, make_request
@@ -92,7 +93,8 @@ def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:
 
 def resolve_samples(config: RunConfig) -> list[SampleSpec]:
     return datasets.resolve_samples(config.data, config.samples, config.warmup, config.seed, config.synthetic_events,
-                                    cache_root() / "synthetic", allow_outside=config.allow_paths_outside_data)
+                                    cache_root() / "synthetic", allow_outside=config.allow_paths_outside_data,
+                                    video=model_family(config.model) != "eventgpt")
 
 
 def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:

@@ -75,7 +75,8 @@ def read_config(checkpoint: Path, presets: tuple[str, ...] = ()) -> dict:
     except json.JSONDecodeError as error:
         raise EgptError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
     if config.get("model_type") != "EventChat_llama":
-        raise EgptError(f"{config_path} has model_type {config.get('model_type')!r}, expected 'EventChat_llama'; this is not an EventGPT checkpoint.")
+        raise EgptError(f"{config_path} has model_type {config.get('model_type')!r}, expected 'EventChat_llama' (EventGPT), "
+                        "'llava' (LLaVA-1.5) or 'video_llava' (Video-LLaVA); point --model at one of those checkpoints.")
     if config.get("use_event_qformer"):
         raise EgptError(f"{config_path} sets use_event_qformer, which EventGPT never implemented; remove the key or use a checkpoint without it.")
     return config

@@ -15,7 +15,8 @@ from egpt_speed.events import INSTRUCTION_JSON, OFFICIAL_FRAMES, SyntheticClipCo
 DEFAULT_QUERY = "What are the key elements in this scene?"
 QUESTIONS_RESOURCE = "resources/dsec_top50_questions.json"
 # Bump when the synthetic generator or layout changes, so stale caches are not reused.
-SYNTHETIC_VERSION = 1
+SYNTHETIC_VERSION = 2
+VIDEO_FRAMES_NEEDED = 8  # Video-LLaVA's frames per clip; LLaVA takes one of them
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class SampleSpec:
     image_paths: tuple[Path, ...]  # pre-rendered 5-frame PNGs (may be empty)
     image_1f_paths: tuple[Path, ...]  # pre-rendered 1-frame PNG (may be empty)
     query: str  # the user question, '<event>' removed and stripped
+    video_dir: Path | None = None  # the clip's RGB frames (data/video/<video_data>), for LLaVA / Video-LLaVA
 
 
 # ---------------------------------------------------------------- questions
@@ -146,7 +148,12 @@ def _entry_sample(resolve: _DataPaths, entry: dict) -> SampleSpec:
         image_paths=_relative_paths(resolve, "event_image", entry.get("event_image"), sample_id),
         image_1f_paths=_relative_paths(resolve, "event_image_1f", entry.get("event_image_1f"), sample_id),
         query=_query(entry.get("conversations")),
+        video_dir=_video_dir(resolve, entry.get("video_data"), sample_id),
     )
+
+
+def _video_dir(resolve: _DataPaths, value: object, sample_id: str) -> Path | None:
+    return resolve("video", value, sample_id, "video_data") if isinstance(value, str) and value else None
 
 
 def _relative_paths(resolve: _DataPaths, folder: str, value: object, sample_id: str) -> tuple[Path, ...]:
@@ -170,15 +177,20 @@ def _query(conversations: object) -> str:
 # ---------------------------------------------------------------- synthetic data
 
 
-def synthetic_dataset(num_clips: int, seed: int, config: SyntheticClipConfig, cache_dir: Path) -> Path:
-    """A cached synthetic dataset in the real layout, so '--data synthetic' goes through the normal loader."""
-    root = Path(cache_dir) / _synthetic_name(num_clips, seed, config)
-    if _is_complete(root, num_clips):
+def synthetic_dataset(num_clips: int, seed: int, config: SyntheticClipConfig, cache_dir: Path,
+                      video: bool = False) -> Path:
+    """A cached synthetic dataset in the real layout, so '--data synthetic' goes through the normal loader.
+
+    `video`: also the clips' video frames (for LLaVA / Video-LLaVA), cached apart: at 640×480 they
+    cost about twice the rest of a clip, which EventGPT runs need not pay.
+    """
+    root = Path(cache_dir) / (_synthetic_name(num_clips, seed, config) + ("_video" if video else ""))
+    if _is_complete(root, num_clips, video):
         return root
     if root.exists():
         shutil.rmtree(root)  # our own cache entry, left unusable by an edit or a crash: rebuild it
     root.parent.mkdir(parents=True, exist_ok=True)
-    return write_synthetic_dataset(root, num_clips, seed, config, load_questions())
+    return write_synthetic_dataset(root, num_clips, seed, config, load_questions(), video=video)
 
 
 def _synthetic_name(num_clips: int, seed: int, config: SyntheticClipConfig) -> str:
@@ -188,7 +200,7 @@ def _synthetic_name(num_clips: int, seed: int, config: SyntheticClipConfig) -> s
     )
 
 
-def _is_complete(root: Path, num_clips: int) -> bool:
+def _is_complete(root: Path, num_clips: int, video: bool = False) -> bool:
     if not (root / INSTRUCTION_JSON).is_file():
         return False
     try:
@@ -199,14 +211,20 @@ def _is_complete(root: Path, num_clips: int) -> bool:
         len(s.image_paths) == OFFICIAL_FRAMES
         and len(s.image_1f_paths) == 1
         and all(p.is_file() for p in (*s.image_paths, *s.image_1f_paths))
+        and (not video or _has_video(s.video_dir))
         for s in samples
     )
 
 
+def _has_video(folder: Path | None) -> bool:
+    return folder is not None and folder.is_dir() and sum(1 for _ in folder.glob("*.png")) >= VIDEO_FRAMES_NEEDED
+
+
 def resolve_samples(data: str, samples: int, warmup: int, seed: int, synthetic_events: int,
-                    cache_dir: Path, *, allow_outside: bool = False) -> list[SampleSpec]:
-    """The samples of `--data`: a dataset on disk, or `samples + warmup` synthetic clips cached under `cache_dir`."""
+                    cache_dir: Path, *, allow_outside: bool = False, video: bool = False) -> list[SampleSpec]:
+    """The samples of `--data`: a dataset on disk, or `samples + warmup` synthetic clips cached under `cache_dir`
+    (with video frames when `video`: the LLaVA families read those)."""
     if data != "synthetic":
         return discover_samples(Path(data), allow_outside=allow_outside)
-    root = synthetic_dataset(samples + warmup, seed, SyntheticClipConfig(num_events=synthetic_events), cache_dir)
+    root = synthetic_dataset(samples + warmup, seed, SyntheticClipConfig(num_events=synthetic_events), cache_dir, video)
     return discover_samples(root)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from egpt_speed.errors import EgptError
 from egpt_speed.safe_load import load_npy
+from egpt_speed.video_frames import write_clip_video
 
 EVENT_KEYS = ("x", "y", "t", "p")
 OFFICIAL_FRAMES = 5
@@ -406,9 +407,12 @@ def _texture(rng: np.random.Generator, config: SyntheticClipConfig, n: int) -> _
 
 
 def write_synthetic_dataset(
-    root: Path, num_clips: int, seed: int, config: SyntheticClipConfig, questions: Sequence[str]
+    root: Path, num_clips: int, seed: int, config: SyntheticClipConfig, questions: Sequence[str], video: bool = True
 ) -> Path:
-    """Write a DSEC-derived-layout dataset of synthetic clips at root, atomically (temp dir, then rename)."""
+    """Write a DSEC-derived-layout dataset of synthetic clips at root, atomically (temp dir, then rename).
+
+    `video`: also each clip's video frames (`video/<seq>/<clip>/`, an intensity view of the same scene).
+    """
     root = Path(root)
     if num_clips < 1:
         raise EgptError(f"Cannot write a synthetic dataset of {num_clips} clips; ask for at least 1.")
@@ -420,7 +424,7 @@ def write_synthetic_dataset(
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        entries = [_write_clip(tmp, i, num_clips, seed, config, questions) for i in range(num_clips)]
+        entries = [_write_clip(tmp, i, num_clips, seed, config, questions, video) for i in range(num_clips)]
         (tmp / INSTRUCTION_JSON).write_text(json.dumps(entries, indent=1))
         tmp.rename(root)
     except BaseException:
@@ -436,7 +440,8 @@ def _clip_location(index: int, num_clips: int) -> tuple[str, str]:
 
 
 def _write_clip(
-    tmp: Path, index: int, num_clips: int, seed: int, config: SyntheticClipConfig, questions: Sequence[str]
+    tmp: Path, index: int, num_clips: int, seed: int, config: SyntheticClipConfig, questions: Sequence[str],
+    video: bool = True,
 ) -> dict:
     seq, clip_id = _clip_location(index, num_clips)
     clip_seed = int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
@@ -453,6 +458,7 @@ def _write_clip(
     np.save(npy, record, allow_pickle=True)
     images = _write_frames(tmp / "event_image", seq, clip_id, render_frames(stream, OFFICIAL_FRAMES))
     images_1f = _write_frames(tmp / "event_image_1f", seq, clip_id, render_frames(stream, 1))
+    videos = write_clip_video(tmp, seq, clip_id, stream, config.width, config.height) if video else {}
     return {
         "id": clip_id,
         "split": "test",
@@ -463,6 +469,7 @@ def _write_clip(
             {"from": "human", "value": "<event>\n" + questions[index % len(questions)]},
             {"from": "gpt", "value": ""},
         ],
+        **videos,
     }
 
 

@@ -1,4 +1,5 @@
-"""`--model` → a loaded EventGPT: a preset name (`tiny`, `synthetic-7b`) or an EventGPT checkpoint dir.
+"""`--model` → a loaded model: a preset name (`tiny`, `synthetic-7b`), an EventGPT checkpoint dir, or a
+transformers LLaVA-1.5 / Video-LLaVA checkpoint dir (`llava_family`, the same interface for the stages).
 
 The parts live by job: `eventgpt` (the module), `checkpoint` (reading a checkpoint dir),
 `vision_tower`, `tokenizers`, `presets`, `devices`.
@@ -12,8 +13,9 @@ import torch
 
 from egpt_speed.checkpoint import check_checkpoint, load_eventgpt_checkpoint
 from egpt_speed.devices import resolve_device, resolve_dtype
+from egpt_speed.errors import EgptError
 from egpt_speed.eventgpt import EventGPT
-from egpt_speed.llava_family import FAMILIES, read_model_type
+from egpt_speed.llava_family import FAMILIES, check_llava_checkpoint, load_llava_checkpoint, read_model_type
 from egpt_speed.presets import PRESETS, build_preset, cache_root, synthetic_7b_configs, tiny_llm_dir
 from egpt_speed.vision_tower import check_vision_tower_override
 
@@ -32,6 +34,9 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, vision_tower
     if spec in PRESETS:
         check_vision_tower_override(vision_tower)
         return build_preset(spec, dtype, device)
+    if model_family(spec) != "eventgpt":
+        _refuse_vision_tower(spec, vision_tower)
+        return load_llava_checkpoint(Path(spec), dtype, device)
     return load_eventgpt_checkpoint(Path(spec), dtype, device, vision_tower, allow_tokenizer_mismatch)
 
 
@@ -48,4 +53,14 @@ def check_model_spec(spec: str, vision_tower: Path | None = None) -> None:
     if spec in PRESETS:
         check_vision_tower_override(vision_tower)
         return
+    if model_family(spec) != "eventgpt":
+        _refuse_vision_tower(spec, vision_tower)
+        check_llava_checkpoint(Path(spec))
+        return
     check_checkpoint(Path(spec), PRESETS, vision_tower)
+
+
+def _refuse_vision_tower(spec: str, vision_tower: Path | None) -> None:
+    if vision_tower is not None:
+        raise EgptError(f"--vision-tower replaces an EventGPT checkpoint's CLIP; {spec} is a {model_family(spec)} "
+                        "checkpoint with its own vision tower, so drop --vision-tower.")

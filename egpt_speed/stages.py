@@ -2,7 +2,9 @@
 
 1 load (disk → events or PNG frames), 2 preprocess (render, CLIP processor, tokenize, to device),
 3 vision (CLIP → projector → adaptor → pooling, cached), 4 decode (a strategy, from the cache).
-The runner times each call; nothing here reads a clock.
+The runner times each call; nothing here reads a clock. A LLaVA-1.5 / Video-LLaVA model
+(`llava_family`, `model.family` != "eventgpt") goes through the same stages: Stage 1 reads the clip's
+video frames, Stage 2 is the checkpoint's own processor, Stage 3 its tower + projector.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import DecodeRequest, DecodeResult, GenerationSettings
 from egpt_speed.errors import EgptError
 from egpt_speed.events import EventStream, load_event_npy, load_png_frames, render_frames
+from egpt_speed.llava_family import load_clip_frames
 from egpt_speed.preprocess import (Preprocess, check_preprocess, clip_spec, events_pixel_values, frames_pixel_values,
                                    max_pixel_diff)
 from egpt_speed.prompt import MAX_CONTEXT, tokenize_with_event_placeholder
@@ -31,7 +34,7 @@ class LoadedSample:
 
     spec: SampleSpec
     events: EventStream | None
-    frames: list[np.ndarray] | None  # [H, W, 3] uint8 each, png source only
+    frames: list[np.ndarray] | None  # [H, W, 3] uint8 each: png source, or a LLaVA family's video frames
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -53,11 +56,15 @@ class EncodedSample:
     """Stage 3 output: the cached event features Stage 4 consumes (it never re-encodes)."""
 
     spec: SampleSpec
-    event_features: torch.Tensor  # [T + P, H] (582 for 5 frames, 578 for 1)
+    event_features: torch.Tensor  # [T + P, H] (582 for 5 frames, 578 for 1); a LLaVA family's visual tokens
     prompt_ids: torch.Tensor  # [L]
+    max_context: int = MAX_CONTEXT  # the model's context length, checked by make_request
 
 
-def stage1_load(spec: SampleSpec, source: Source, frames: int) -> LoadedSample:
+def stage1_load(spec: SampleSpec, source: Source, frames: int, family: str = "eventgpt") -> LoadedSample:
+    """The clip from disk: events (npy) or pre-rendered PNGs for EventGPT; video frames for a LLaVA family."""
+    if family != "eventgpt":
+        return LoadedSample(spec, None, load_clip_frames(spec, family))
     if source == "npy":
         if spec.event_path is None:
             raise EgptError(f"sample {spec.id} has no event npy; use --source png.")
@@ -80,6 +87,12 @@ def stage2_preprocess(loaded: LoadedSample, model, frames: int, preprocess: Prep
     "device": the same pixels as tensor ops on the model's device (bit-exact to the PIL processor).
     """
     check_preprocess(preprocess)
+    if model.family != "eventgpt":
+        if preprocess == "device":
+            raise EgptError(f"--preprocess device renders EventGPT's event frames; {model.family} uses its own "
+                            "processor, so pass --preprocess cpu.")
+        pixel_values, prompt_ids = model.preprocess(loaded.frames, loaded.spec.query)
+        return PreprocessedSample(loaded.spec, pixel_values, prompt_ids)
     make = device_pixel_values if preprocess == "device" else cpu_pixel_values
     return PreprocessedSample(loaded.spec, make(loaded, model, frames), prompt_ids_for(model, loaded.spec.query))
 
@@ -124,6 +137,8 @@ class _AsFloat32:
 
 def prompt_ids_for(model, question: str) -> torch.Tensor:
     """Stage 2's text half: the templated question, tokenised with its −200 event placeholder → [L] on the device."""
+    if model.family != "eventgpt":
+        return model.prompt_ids(question)
     ids = tokenize_with_event_placeholder(model.template.render(question, model.tokenizer), model.tokenizer,
                                           model.fold_to_vocab)
     return torch.tensor(ids, dtype=torch.long).to(model.device, non_blocking=True)
@@ -132,7 +147,7 @@ def prompt_ids_for(model, question: str) -> torch.Tensor:
 @torch.inference_mode()
 def stage3_vision(pre: PreprocessedSample, model) -> EncodedSample:
     frame_features = model.encode_frames(pre.pixel_values)  # [T, P, H]
-    return EncodedSample(pre.spec, model.pool(frame_features), pre.prompt_ids)
+    return EncodedSample(pre.spec, model.pool(frame_features), pre.prompt_ids, model.max_context)
 
 
 @torch.inference_mode()
@@ -140,7 +155,8 @@ def stage3_vision_batch(pres: list[PreprocessedSample], model) -> list[EncodedSa
     """Stage 3 for several samples in one vision-tower call (all their frames batched), for batched strategies."""
     counts = [int(pre.pixel_values.shape[0]) for pre in pres]
     features = model.encode_frames(torch.cat([pre.pixel_values for pre in pres]))  # [sum T, P, H]
-    return [EncodedSample(pre.spec, model.pool(f), pre.prompt_ids) for pre, f in zip(pres, features.split(counts))]
+    return [EncodedSample(pre.spec, model.pool(f), pre.prompt_ids, model.max_context)
+            for pre, f in zip(pres, features.split(counts))]
 
 
 def stage4_decode(encoded: EncodedSample, model, strategy, settings: GenerationSettings, clock: Clock) -> DecodeResult:
@@ -150,6 +166,7 @@ def stage4_decode(encoded: EncodedSample, model, strategy, settings: GenerationS
 
 def make_request(encoded: EncodedSample, settings: GenerationSettings) -> DecodeRequest:
     prefix_len = encoded.prompt_ids.numel() - 1 + encoded.event_features.shape[0]
-    if prefix_len + settings.max_new_tokens > MAX_CONTEXT:
-        raise EgptError(f"sample {encoded.spec.id}: prefix {prefix_len} + --max-new-tokens {settings.max_new_tokens} exceeds EventGPT's {MAX_CONTEXT}-token context; lower --max-new-tokens.")
+    if prefix_len + settings.max_new_tokens > encoded.max_context:
+        raise EgptError(f"sample {encoded.spec.id}: prefix {prefix_len} + --max-new-tokens {settings.max_new_tokens} "
+                        f"exceeds the model's {encoded.max_context}-token context; lower --max-new-tokens.")
     return DecodeRequest(encoded.spec.id, encoded.prompt_ids, encoded.event_features, settings)

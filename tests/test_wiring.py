@@ -179,3 +179,62 @@ def test_library_defaults_are_the_cli_defaults():
                                                            MeasureOptions().model)
     bare = RunContext(device=torch.device("cpu"), dtype=torch.float32, options={})  # a caller passing no options
     assert registry.build("pld", bare).settings()["max_ngram"] == StrategyOptions().pld_ngram
+
+
+# ------------------------------------------------------------------------------------------ issue 17 item 1
+
+
+@pytest.fixture(scope="module")
+def llava_checkpoints(tmp_path_factory):
+    from helpers import make_sp_tokenizer
+    from test_llava_family import write_llava, write_video_llava
+
+    tokenizer = make_sp_tokenizer(tmp_path_factory.mktemp("llava-tok"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+    root = tmp_path_factory.mktemp("llava-ckpt")
+    return {"llava": write_llava(root / "llava", tokenizer), "video_llava": write_video_llava(root / "video", tokenizer)}
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_llava_families_run_through_compare_exactly(family, llava_checkpoints, tiny_dataset, tmp_path):
+    import torch
+
+    from egpt_speed.datasets import discover_samples
+    from egpt_speed.llava_family import FRAMES, load_clip_frames, load_llava_checkpoint
+    from test_llava_family import transformers_reference
+
+    checkpoint, out = llava_checkpoints[family], tmp_path / "out"
+    result = invoke("compare", "baseline", "speculative", "--model", str(checkpoint), "--draft", "target",
+                    "--data", str(tiny_dataset), "-n", "2", "--warmup", "1", "--max-new-tokens", "6", "--device", "cpu",
+                    "--dtype", "float32", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    document = only_result(out)
+    config = document["config"]
+    assert (config["model_family"], config["frames_used"], config["preprocess"]) == (family, FRAMES[family], "cpu")
+    (comparison,) = document["comparisons"]
+    assert comparison["exact_match_rate"] == 1.0
+    samples = document["runs"]["baseline"]["samples"]
+    first = discover_samples(tiny_dataset)[0]
+    assert samples[0]["id"] == first.id
+    model = load_llava_checkpoint(checkpoint, torch.float32, torch.device("cpu"))
+    expected, expanded = transformers_reference(family, checkpoint, model, load_clip_frames(first, family), first.query)
+    assert samples[0]["token_ids"] == expected[:6] and samples[0]["prompt_tokens"] == expanded
+
+
+@pytest.mark.parametrize("flags, needle", [(("--source", "png"), "--source png"),
+                                           (("--preprocess", "device"), "--preprocess device"),
+                                           (("--vision-tower", "/nonexistent"), "--vision-tower")])
+def test_llava_families_refuse_event_only_options_before_loading(flags, needle, llava_checkpoints, tmp_path, no_load):
+    refused(invoke("run", "baseline", "--model", str(llava_checkpoints["video_llava"]), *flags, "--device", "cpu",
+                   "--out", str(tmp_path)), needle)
+
+
+def test_synthetic_video_frames_only_when_a_llava_family_needs_them(tmp_path):
+    from egpt_speed.datasets import resolve_samples
+
+    plain = resolve_samples("synthetic", 1, 0, 0, 2000, tmp_path)
+    video = resolve_samples("synthetic", 1, 0, 0, 2000, tmp_path, video=True)
+    assert plain[0].video_dir is None
+    assert len(list(video[0].video_dir.glob("*.png"))) >= 8
+    assert np.load(plain[0].event_path, allow_pickle=True).item()["x"].tolist() == \
+        np.load(video[0].event_path, allow_pickle=True).item()["x"].tolist()  # the same clip, with frames
