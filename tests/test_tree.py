@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from egpt_speed.decoding import GenerationSettings
+from egpt_speed.decoding import GenerationSettings, with_cache
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
 from egpt_speed.proposers import EagleProposer
 from egpt_speed.speculation import DynamicTarget, speculative_decode
@@ -80,7 +80,7 @@ def test_one_tree_forward_equals_sequential_forwards_per_branch():
         for node in range(len(BRANCHY.tokens)):
             cache = copy.deepcopy(reference_cache)
             ids = torch.tensor([[BRANCHY.tokens[n] for n in path_to(BRANCHY, node)]])
-            sequential = llm(input_ids=ids, past_key_values=cache, use_cache=True).logits[0, -1]
+            sequential = llm(**with_cache(cache, input_ids=ids)).logits[0, -1]
             torch.testing.assert_close(tree_logits[node], sequential, atol=1e-5, rtol=1e-4)
 
 
@@ -94,7 +94,7 @@ def test_kept_cache_equals_the_cache_of_the_accepted_path(path):
         target.verify_tree(BRANCHY)
         target.keep_path([0] + path)
         ids = torch.tensor([[BRANCHY.tokens[n] for n in [0] + path]])
-        llm(input_ids=ids, past_key_values=sequential_cache, use_cache=True)
+        llm(**with_cache(sequential_cache, input_ids=ids))
     assert target.cache.get_seq_length() == base + 1 + len(path)
     for kept, expected in zip(target.cache.layers, sequential_cache.layers):
         torch.testing.assert_close(kept.keys, expected.keys, atol=1e-5, rtol=1e-4)
@@ -253,8 +253,8 @@ def test_eagle_tree_refuses_what_cannot_carry_its_tree_mask():
     from egpt_speed.strategies.registry import RunContext
 
     context = RunContext(device=CPU, dtype=torch.float32, draft_spec=None)
-    with pytest.raises(EgptError, match="eagle-tree cannot run on compile's static-cache target.*eagle, early-exit, pld, speculative"):
-        registry.build("compile+eagle-tree", context)
+    with pytest.raises(EgptError, match="hf-assisted cannot run on compile's static-cache target.*eagle-tree"):
+        registry.build("compile+hf-assisted", context)
     with pytest.raises(EgptError, match="--tree-topk"):
         registry.build("eagle-tree", RunContext(device=CPU, dtype=torch.float32, options={"tree_topk": 0})).tree_shape()
 
