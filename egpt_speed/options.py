@@ -118,7 +118,7 @@ class TrainDraftOptions(CommonOptions):
     store_dtype: str = option("auto", "--store-dtype", help="Collected features in memory and collected.pt: auto (bfloat16 on CUDA, float32 on CPU) | float32 | bfloat16.")
     resume: bool = option(False, "--resume", help="Reuse the answers journaled in --out by an earlier run with the same data settings, and continue its interrupted training from the last finished epoch.")
     store_features: bool = option(False, "--store-features", help="Keep every answer's target features in memory and collected.pt and train from them (the old path); default: train online, recomputing the features per batch with one teacher-forced target forward, nothing written but the answers.")
-    prompt_window: int = option(16, "--prompt-window", help="Prompt positions before the answer that online training also learns from (drafting starts from the prompt's last rows).")
+    prompt_window: int = option(8, "--prompt-window", help="Prompt positions before the answer that online training also learns from (drafting starts from the prompt's last rows).")
     eagle1_layout: bool = option(False, "--eagle1-layout", help="Train the head without its layer's input norm, as EAGLE-1 and vLLM / SGLang's EAGLE loaders expect, so `export-draft --format eagle` is exact.")
 
 

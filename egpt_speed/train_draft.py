@@ -1,11 +1,13 @@
 """`egpt-speed train-draft`: fit an EAGLE head to a target on its own answers to event clips.
 
-1. collect — for (clip, question) pairs, run Stages 1–3 once per clip, the target's greedy answers
-   for a batch of prompts in one `generate`, then one batched teacher-forced target forward over
-   [prefix, answer] for its post-norm features.
+1. collect — for (clip, question) pairs, run Stages 1–3 once per clip and the target's greedy answers
+   for a batch of prompts in one `generate` (answers journaled as token ids).
 2. train — the head maps (f_t, e_{t+1}) → f_{t+1}; loss = SmoothL1 on features + 0.1 × CE of the
    target's LM head on the prediction against the target's next token (EAGLE's recipe), on the
-   answer positions only (the head still reads the prefix, as it does when drafting).
+   answer positions plus the last `--prompt-window` prompt positions (the head still reads the whole
+   prefix, as it does when drafting). Online (default): each training batch's features come from one
+   teacher-forced target forward over [prefix, answer], nothing stored; `--store-features`: that
+   forward runs once at collection and every sequence's features are kept (and saved) for training.
 3. report — teacher-forced top-1 agreement with the target on held-out clips *and* questions.
 """
 
@@ -74,6 +76,8 @@ class TrainReport:
     clips: ClipRecord
     draft_vocab: int = 0  # ids the head may draft (0 = all)
     heldout_vocab_coverage: float = 1.0  # share of held-out answer tokens inside that vocabulary
+    online: bool = False  # features computed per training batch (True) or stored at collection
+    prompt_window: int = 0  # prompt positions before the answer in the loss
 
 
 def synthetic_seed(seed: int) -> int:
@@ -136,11 +140,32 @@ def collect_sequence(model, spec: SampleSpec, question: str, settings: Generatio
     return teacher_forced(model, [request], [answer], store_dtype)[0]
 
 
+@dataclass
+class AnswerItem:
+    """One collected pair for online training: the target's request (prompt ids, clip features on the
+    device, shared by every pair of that clip) and its greedy answer."""
+
+    request: DecodeRequest
+    answer: list[int]
+
+
 @torch.no_grad()
 def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: GenerationSettings, frames: int,
                   batch_size: int, store_dtype: torch.dtype = torch.float32, progress: Progress | None = None,
                   known: list[list[int]] | None = None, on_answers: AnswerSink | None = None) -> list[TrainingSequence]:
-    """Training sequences for `pairs`, in order: Stage 3 once per clip, `batch_size` answers per `generate`.
+    """Stored training sequences for `pairs` (`collect_answers`, then one teacher-forced forward per batch)."""
+    items = collect_answers(model, pairs, settings, frames, batch_size, progress, known, on_answers)
+    sequences: list[TrainingSequence] = []
+    for chunk in chunks(items, batch_size):
+        sequences += teacher_forced(model, [item.request for item in chunk], [item.answer for item in chunk], store_dtype)
+    return sequences
+
+
+@torch.no_grad()
+def collect_answers(model, pairs: list[tuple[SampleSpec, str]], settings: GenerationSettings, frames: int,
+                    batch_size: int, progress: Progress | None = None, known: list[list[int]] | None = None,
+                    on_answers: AnswerSink | None = None) -> list[AnswerItem]:
+    """The target's answers to `pairs`, in order: Stage 3 once per clip, `batch_size` answers per `generate`.
 
     `known` answers (journaled by an interrupted run) are not generated again, only teacher-forced;
     `on_answers(first, answers)` receives each batch's new answers before the next batch starts.
@@ -153,7 +178,7 @@ def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: Generati
     known = known or []
     event_features: dict[Path | None, torch.Tensor] = {}  # Stage 3 depends only on the clip (and frames)
     clock = Clock(model.device, enabled=False)
-    sequences: list[TrainingSequence] = []
+    items: list[AnswerItem] = []
     for first in range(0, len(pairs), batch_size):
         requests = []
         for spec, question in pairs[first:first + batch_size]:
@@ -168,10 +193,10 @@ def collect_batch(model, pairs: list[tuple[SampleSpec, str]], settings: Generati
             if on_answers:
                 on_answers(first + len(answers), new)
             answers = answers + new
-        sequences += teacher_forced(model, requests, answers, store_dtype)
+        items += [AnswerItem(request, answer) for request, answer in zip(requests, answers)]
         if progress:
             progress(len(requests))
-    return sequences
+    return items
 
 
 def clip_features(model, spec: SampleSpec, frames: int) -> torch.Tensor:
@@ -216,12 +241,19 @@ class SequenceBatch:
 
     features: torch.Tensor  # [B, T, H]
     inputs: torch.Tensor  # [B, T + 1, H]
-    labels: torch.Tensor  # [B, T]
+    labels: torch.Tensor  # [B, T] (only positions from `starts` on are read)
     lengths: torch.Tensor  # [B] each sequence's own T
-    starts: torch.Tensor  # [B] first counted prediction: the last prefix rows on, what drafting uses
+    starts: torch.Tensor  # [B] first prediction in the loss: the prompt window's first row
+    scored: torch.Tensor  # [B] first prediction in top-1: the last prefix rows on, what drafting uses
 
 
-def make_batch(sequences: list[TrainingSequence], device: torch.device) -> SequenceBatch:
+def first_predictions(prefix_lens: list[int], window: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss starts, top-1 starts) [B]: column prefix_len − 2 predicts the feature whose argmax is the answer's first token."""
+    scored = torch.tensor([max(n - 2, 0) for n in prefix_lens], device=device)
+    return (scored - window).clamp(min=0), scored
+
+
+def make_batch(sequences: list[TrainingSequence], device: torch.device, window: int = 0) -> SequenceBatch:
     def padded(tensors: list[torch.Tensor]) -> torch.Tensor:
         return pad_sequence(tensors, batch_first=True).to(device)
 
@@ -229,7 +261,68 @@ def make_batch(sequences: list[TrainingSequence], device: torch.device) -> Seque
                          padded([s.input_embeds[0] for s in sequences]).float(),
                          padded([s.labels for s in sequences]),
                          torch.tensor([s.features.shape[1] for s in sequences], device=device),
-                         torch.tensor([max(s.prefix_len - 2, 0) for s in sequences], device=device))
+                         *first_predictions([s.prefix_len for s in sequences], window, device))
+
+
+@torch.no_grad()
+def online_batch(model, items: list[AnswerItem], window: int) -> SequenceBatch:
+    """A training batch computed now: one teacher-forced target forward over the right-padded
+    [prefix, answer] rows (as `teacher_forced`), labels only where the loss reads them."""
+    embed = model.llm.get_input_embeddings()
+    prefixes = [model.splice(i.request.prompt_ids, i.request.event_features)[0] for i in items]  # B × [L_i, H]
+    rows = [torch.cat([prefix, embed(torch.tensor(i.answer, device=prefix.device)).to(prefix.dtype)])
+            for prefix, i in zip(prefixes, items)]  # B × [L_i + n_i, H]
+    device = prefixes[0].device
+    lengths = torch.tensor([row.shape[0] - 1 for row in rows], device=device)
+    inputs = pad_sequence([row[:-1] for row in rows], batch_first=True)  # [B, T, H]
+    index = torch.arange(inputs.shape[1], device=device)
+    attention = (index < lengths[:, None]).long()
+    hidden = model.llm.model(inputs_embeds=inputs, attention_mask=attention, use_cache=False).last_hidden_state
+    starts, scored = first_predictions([prefix.shape[0] for prefix in prefixes], window, device)
+    needed = (index >= starts[:, None]) & (index < lengths[:, None])  # [B, T]
+    labels = torch.zeros(needed.shape, dtype=torch.long, device=device)
+    labels[needed] = model.llm.lm_head(hidden[needed]).argmax(-1)  # the vocab projection only where read
+    features = hidden.float() * attention[..., None]  # zero padding rows, as the stored path pads
+    return SequenceBatch(features, pad_sequence(rows, batch_first=True).float(), labels, lengths, starts, scored)
+
+
+class StoredSet:
+    """Training data whose features were stored at collection (`--store-features`)."""
+
+    def __init__(self, sequences: list[TrainingSequence], window: int = 0):
+        self.sequences, self.window = sequences, window
+
+    def __len__(self) -> int:
+        return len(self.sequences)
+
+    def batch(self, indices: list[int], device: torch.device) -> SequenceBatch:
+        return make_batch([self.sequences[i] for i in indices], device, self.window)
+
+    def answers(self) -> list[torch.Tensor]:
+        return [answer_labels(s) for s in self.sequences]
+
+
+class OnlineSet:
+    """Training data as answers only: each batch's features come from the target when it is drawn."""
+
+    def __init__(self, model, items: list[AnswerItem], window: int):
+        self.model, self.items, self.window = model, items, window
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, indices: list[int], device: torch.device) -> SequenceBatch:
+        return online_batch(self.model, [self.items[i] for i in indices], self.window)
+
+    def answers(self) -> list[torch.Tensor]:
+        return [torch.tensor(item.answer, dtype=torch.long) for item in self.items]
+
+
+TrainingData = StoredSet | OnlineSet
+
+
+def as_training_data(data: "TrainingData | list[TrainingSequence]", window: int = 0) -> TrainingData:
+    return StoredSet(data, window) if isinstance(data, list) else data
 
 
 def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -264,7 +357,7 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
         per_sequence = torch.zeros(count, device=device).index_add(0, rows, per_position) / counted.sum(1).clamp(min=1)
         total = total + per_sequence.sum() / step
         if step == 1:
-            first_hits = logits.argmax(-1) == labels
+            first_hits = (logits.argmax(-1) == labels)[columns >= batch.scored[rows]]
         current = predicted
     return total / count, first_hits
 
@@ -279,21 +372,27 @@ def auto_train_batch(sequences: int) -> int:
     return max(1, min(16, sequences // 250))
 
 
-def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSequence], epochs: int, lr: float,
-               seed: int, progress: Progress | None = None, unroll: int = 1, batch_size: int = 1,
-               checkpoint: Path | None = None, resume: bool = False) -> tuple[EagleHead, float, float, float]:
+def train_head(model, train: TrainingData | list[TrainingSequence], heldout: TrainingData | list[TrainingSequence],
+               epochs: int, lr: float, seed: int, progress: Progress | None = None, unroll: int = 1,
+               batch_size: int = 1, checkpoint: Path | None = None, resume: bool = False,
+               input_norm: bool = True) -> tuple[EagleHead, float, float, float]:
     """Head, last step's loss, train and held-out top-1; `batch_size` sequences per optimizer step.
+
+    `train` / `heldout`: stored sequences (a list, or a StoredSet) or an OnlineSet (features per batch).
+    `input_norm=False`: EAGLE-1's layer without an input norm (--eagle1-layout).
 
     With `checkpoint`, the head, optimizer, schedule and shuffling state are saved after every epoch;
     `resume` continues from that file, giving the weights an uninterrupted run would have.
     """
     if batch_size < 1:
         raise EgptError("--train-batch must be at least 1.")
+    train, heldout = as_training_data(train), as_training_data(heldout)
     torch.manual_seed(seed)
     device = model.device
-    head = EagleHead(head_config_from_target(model.llm.config)).to(device=device, dtype=torch.float32)
+    head = EagleHead(head_config_from_target(model.llm.config), input_norm).to(device=device, dtype=torch.float32)
     with torch.no_grad():  # start from the target's last layer: a far better init than random
-        head.layer.load_state_dict(model.llm.model.layers[-1].state_dict())
+        own = head.layer.state_dict()
+        head.layer.load_state_dict({k: v for k, v in model.llm.model.layers[-1].state_dict().items() if k in own})
         hidden = model.llm.config.hidden_size
         head.fc.weight.zero_()
         head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
@@ -305,7 +404,8 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     rng = random.Random(seed)
     last = float("nan")
-    settings = dict(epochs=epochs, lr=lr, seed=seed, unroll=unroll, batch_size=batch_size, sequences=len(train))
+    settings = dict(epochs=epochs, lr=lr, seed=seed, unroll=unroll, batch_size=batch_size, sequences=len(train),
+                    input_norm=input_norm, data=type(train).__name__, window=train.window)
     done = 0
     if resume and checkpoint is not None and checkpoint.exists():
         done, last = _restore(checkpoint, settings, head, optimizer, scheduler, rng)
@@ -315,7 +415,7 @@ def train_head(model, train: list[TrainingSequence], heldout: list[TrainingSeque
         order = list(range(len(train)))
         rng.shuffle(order)
         for indices in chunks(order, batch_size):
-            loss, _ = head_loss(head, lm_head, make_batch([train[i] for i in indices], device), unroll)
+            loss, _ = head_loss(head, lm_head, train.batch(indices, device), unroll)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(head.parameters(), 1.0)
@@ -355,12 +455,13 @@ def _restore(path: Path, settings: dict, head: EagleHead, optimizer, scheduler, 
 
 
 @torch.no_grad()
-def top1(head: EagleHead, lm_head, sequences: list[TrainingSequence], device: torch.device,
+def top1(head: EagleHead, lm_head, sequences: TrainingData | list[TrainingSequence], device: torch.device,
          batch_size: int = 1) -> float:
     """Share of answer positions where the teacher-forced head's token is the target's (all positions pooled)."""
+    data = as_training_data(sequences)
     hits = total = 0
-    for chunk in chunks(sequences, batch_size):
-        _, correct = head_loss(head, lm_head, make_batch(chunk, device))
+    for chunk in chunks(list(range(len(data))), batch_size):
+        _, correct = head_loss(head, lm_head, data.batch(chunk, device))
         hits += int(correct.sum())
         total += correct.numel()
     return hits / total if total else 0.0
@@ -401,14 +502,15 @@ def answer_labels(sequence: TrainingSequence) -> torch.Tensor:
     return sequence.labels[max(sequence.prefix_len - 1, 0):]
 
 
-def set_draft_vocabulary(head: EagleHead, train: list[TrainingSequence], heldout: list[TrainingSequence], size: int,
-                         always: list[int]) -> float:
+def set_draft_vocabulary(head: EagleHead, train: TrainingData | list[TrainingSequence],
+                         heldout: TrainingData | list[TrainingSequence], size: int, always: list[int]) -> float:
     """Restrict the head to the `size` ids most frequent in the training answers (0: all) → held-out coverage."""
     if size == 0:
         head.draft_vocab = None
         return 1.0
-    head.draft_vocab = draft_vocabulary([answer_labels(s) for s in train], size, always).to(head.fc.weight.device)
-    labels = torch.cat([answer_labels(s) for s in heldout]) if heldout else torch.empty(0, dtype=torch.long)
+    train, heldout = as_training_data(train), as_training_data(heldout)
+    head.draft_vocab = draft_vocabulary(train.answers(), size, always).to(head.fc.weight.device)
+    labels = torch.cat(heldout.answers()) if len(heldout) else torch.empty(0, dtype=torch.long)
     return float(torch.isin(labels, head.draft_vocab.cpu()).float().mean()) if labels.numel() else 1.0
 
 
@@ -449,6 +551,8 @@ def validate(config: TrainDraftConfig) -> int:
                                ("--draft-vocab", config.draft_vocab, 0)):
         if value < least:
             raise EgptError(f"{flag} must be at least {least}" + (" (0 = auto / all)." if least == 0 else "."))
+    if config.prompt_window < 0:
+        raise EgptError("--prompt-window must be at least 0 (prompt positions trained on besides the answer).")
     clips = min(config.samples, 200) if config.clips is None else config.clips
     if clips < 2:
         raise EgptError("--clips must be at least 2: some clips are held out.")
@@ -461,12 +565,13 @@ def validate(config: TrainDraftConfig) -> int:
     return clips
 
 
-def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype,
-                         progress: ProgressFactory | None) -> tuple[list[TrainingSequence], int]:
+def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype | None,
+                         progress: ProgressFactory | None) -> tuple[list[TrainingSequence] | list[AnswerItem], int]:
     """The target's answers to `pairs`, each batch journaled (token ids, JSON) before the next starts.
 
-    With --resume, a journal of the same collection settings is continued: its answers are only
-    teacher-forced again (one forward), the rest generated. → (sequences, answers reused).
+    With --resume, a journal of the same collection settings is continued: its answers are not
+    generated again, the rest are. `storage` None: answers only (online training); a dtype: stored
+    sequences (their features teacher-forced now). → (answers or sequences, answers reused).
     """
     from egpt_speed import journal
 
@@ -483,10 +588,30 @@ def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collecti
                                                 "collection": collection})
     advance = progress("target answers", len(pairs)) if progress else None
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens)
+    sink = lambda first, answers: records.append({"first": first, "answers": answers})  # noqa: E731
     with records:
-        sequences = collect_batch(target, pairs, settings, config.frames, config.batch_size, storage, advance, known,
-                                  lambda first, answers: records.append({"first": first, "answers": answers}))
-    return sequences, len(known)
+        if storage is None:
+            return collect_answers(target, pairs, settings, config.frames, config.batch_size, advance, known, sink), len(known)
+        return collect_batch(target, pairs, settings, config.frames, config.batch_size, storage, advance, known, sink), len(known)
+
+
+def collect_training_data(target, config: TrainDraftConfig, train_pairs: list, heldout_pairs: list, collection: dict,
+                          storage: torch.dtype, progress: ProgressFactory | None) -> tuple[TrainingData, TrainingData, int]:
+    """(train, held-out, answers reused): OnlineSets of journaled answers, or with --store-features
+    StoredSets of sequences also saved to collected.pt (reused as a whole by --resume)."""
+    pairs, count = train_pairs + heldout_pairs, len(train_pairs)
+    if not config.store_features:
+        items, reused = collect_with_journal(target, config, pairs, collection, None, progress)
+        return (OnlineSet(target, items[:count], config.prompt_window),
+                OnlineSet(target, items[count:], config.prompt_window), reused)
+    cache_file, reused = config.out / "collected.pt", 0
+    if config.resume and cache_file.exists():
+        train, heldout = load_collected(cache_file, collection)
+    else:
+        collected, reused = collect_with_journal(target, config, pairs, collection, storage, progress)
+        train, heldout = collected[:count], collected[count:]
+        save_collected(cache_file, collection, train, heldout)
+    return StoredSet(train, config.prompt_window), StoredSet(heldout, config.prompt_window), reused
 
 
 def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> TrainOutcome:
@@ -506,24 +631,21 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
                       synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
                       holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames)
     target = load_model(config.model, torch.float32, device)
-    cache_file, reused = config.out / "collected.pt", 0
     started = time.perf_counter()
-    if config.resume and cache_file.exists():
-        train_seqs, heldout_seqs = load_collected(cache_file, collection)
-    else:
-        collected, reused = collect_with_journal(target, config, train_pairs + heldout_pairs, collection, storage, progress)
-        train_seqs, heldout_seqs = collected[:len(train_pairs)], collected[len(train_pairs):]
-        save_collected(cache_file, collection, train_seqs, heldout_seqs)
+    train_seqs, heldout_seqs, reused = collect_training_data(target, config, train_pairs, heldout_pairs, collection,
+                                                             storage, progress)
     collect_s, started = time.perf_counter() - started, time.perf_counter()
     advance = progress("training head", config.epochs * len(train_seqs)) if progress else None
     head, loss, train_top1, heldout_top1 = train_head(
         target, train_seqs, heldout_seqs, config.epochs, config.lr, config.seed, advance, config.unroll,
-        config.train_batch or auto_train_batch(len(train_seqs)), config.out / "train_checkpoint.pt", config.resume)
+        config.train_batch or auto_train_batch(len(train_seqs)), config.out / "train_checkpoint.pt", config.resume,
+        input_norm=not config.eagle1_layout)
     train_s = time.perf_counter() - started
     coverage = set_draft_vocabulary(head, train_seqs, heldout_seqs, config.draft_vocab, sorted(eos_ids(target)))
     report = TrainReport(len(train_seqs), len(heldout_seqs), config.epochs, loss, train_top1, heldout_top1, collect_s,
                          train_s, clip_record(config.data, data_seed, train_pairs, heldout_pairs),
-                         draft_vocab=config.draft_vocab, heldout_vocab_coverage=coverage)
+                         draft_vocab=config.draft_vocab, heldout_vocab_coverage=coverage,
+                         online=not config.store_features, prompt_window=config.prompt_window)
     save_head(head, config.out, report, config.model)
     (config.out / "train_checkpoint.pt").unlink(missing_ok=True)  # the head is saved; nothing left to resume
     return TrainOutcome(config.out, report, reused)

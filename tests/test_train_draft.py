@@ -141,7 +141,7 @@ def test_train_draft_through_the_cli(tmp_path, td_loader, monkeypatch):
     tiny_loader = td_loader
     out = tmp_path / "head"
     common = ("--data", "synthetic", "--synthetic-events", "2000", "-n", "24", "--clips", "5", "--device", "cpu",
-              "--out", str(out), "--batch-size", "8", "--train-batch", "4", "--epochs", "4")
+              "--out", str(out), "--batch-size", "8", "--train-batch", "4", "--epochs", "4", "--store-features")
     result = invoke(*common, "--max-new-tokens", "12")
     assert result.exit_code == 0, result.output
     assert "held-out top-1" in result.stdout
@@ -206,3 +206,54 @@ def test_interrupted_training_resumes_to_the_head_an_uninterrupted_run_gives(col
         torch.testing.assert_close(resumed.state_dict()[name], tensor, msg=name)
     with pytest.raises(td.EgptError, match="other settings"):
         td.train_head(model, train, heldout, 4, 1e-3, 0, batch_size=2, checkpoint=checkpoint, resume=True)
+
+
+def test_online_batches_equal_the_stored_sequences(collected):
+    """An online batch (features computed now, padded with other rows) is the stored path's batch."""
+    model, pairs, _, stored = collected
+    items = td.collect_answers(model, pairs, SETTINGS, 5, batch_size=4)
+    assert [item.answer for item in items] == [s.answer for s in stored]
+    for window in (0, 3):
+        online = td.OnlineSet(model, items, window).batch([1, 4, 6], CPU)
+        offline = td.make_batch([stored[i] for i in (1, 4, 6)], CPU, window)
+        assert torch.equal(online.starts, offline.starts) and torch.equal(online.scored, offline.scored)
+        assert torch.equal(online.lengths, offline.lengths)
+        torch.testing.assert_close(online.features, offline.features, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(online.inputs, offline.inputs)
+        read = torch.arange(online.labels.shape[1]) >= online.starts[:, None]
+        read &= torch.arange(online.labels.shape[1]) < online.lengths[:, None]
+        assert torch.equal(online.labels[read], offline.labels[read])
+    assert bool((td.make_batch(stored[:2], CPU, 3).starts < td.make_batch(stored[:2], CPU, 0).starts).all())
+
+
+def test_online_training_learns_as_well_as_stored_features_at_equal_data(collected):
+    model, pairs, _, stored = collected
+    items = td.collect_answers(model, pairs, SETTINGS, 5, batch_size=4)
+    split = 8
+    runs = {}
+    for name, train, heldout in (("stored", td.StoredSet(stored[:split], 2), td.StoredSet(stored[split:], 2)),
+                                 ("online", td.OnlineSet(model, items[:split], 2), td.OnlineSet(model, items[split:], 2))):
+        runs[name] = td.train_head(model, train, heldout, 6, 1e-3, 0, batch_size=2)
+    untrained = EagleHead(head_config_from_target(model.llm.config))
+    baseline = td.top1(untrained, model.llm.lm_head, stored[split:], CPU)
+    (_, _, stored_train, stored_heldout), (_, _, online_train, online_heldout) = runs["stored"], runs["online"]
+    assert online_train > td.top1(untrained, model.llm.lm_head, stored[:split], CPU) + 0.1
+    assert abs(online_train - stored_train) < 0.05 and abs(online_heldout - stored_heldout) < 0.05, runs
+    assert online_heldout >= baseline
+
+
+def test_online_train_draft_writes_no_features_and_resumes_from_the_answers(tmp_path, td_loader, monkeypatch):
+    out = tmp_path / "head"
+    common = ("--data", "synthetic", "--synthetic-events", "2000", "-n", "12", "--clips", "4", "--device", "cpu",
+              "--out", str(out), "--batch-size", "8", "--train-batch", "4", "--epochs", "2", "--max-new-tokens", "8",
+              "--eagle1-layout")
+    result = invoke(*common)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["collect.journal.jsonl", "eagle_config.json", "eagle_head.safetensors"]
+    meta = json.loads((out / "eagle_config.json").read_text())
+    assert meta["report"]["online"] and meta["report"]["prompt_window"] == 8 and meta["input_norm"] is False
+    assert not EagleHead.load(out, CPU, torch.float32).input_norm
+    monkeypatch.setattr(td, "generate_batch", lambda *a, **k: pytest.fail("--resume must reuse the journaled answers"))
+    again = invoke(*common, "--resume")
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "eagle_config.json").read_text())["report"]["heldout_top1"] == meta["report"]["heldout_top1"]
