@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from egpt_speed.baselines import encode as encode_module
 from egpt_speed.baselines import runner
 from egpt_speed.baselines.runner import RunConfig, StrategyState, decode_one, execute, interleaved_order, warmup_then_counted
 from egpt_speed import metrics, results
@@ -50,7 +51,7 @@ def run_tiny(tmp_path, data, **overrides):
     counters: list[CallCounter] = []
     tokenizer = overrides.pop("tokenizer")
 
-    def load(spec, dtype, device, vision_tower=None):
+    def load(spec, dtype, device, vision_tower=None, allow_tokenizer_mismatch=False):
         model = make_tiny_eventgpt(0, tokenizer=tokenizer)
         counters.append(CallCounter(vision_tower=model.vision_tower, projector=model.projector, adaptor=model.adaptor))
         return model
@@ -67,14 +68,14 @@ def run_tiny(tmp_path, data, **overrides):
 def compare_run(tmp_path_factory, tiny_dataset, sp_tokenizer):
     """baseline vs pld, 2 warm-up + 3 counted samples of a 6-clip dataset; Stage-1 calls recorded."""
     loads = []
-    real_stage1 = runner.stage1_load
+    real_stage1 = encode_module.stage1_load
 
-    def counting_stage1(spec, source, frames):
+    def counting_stage1(spec, source, frames, family="eventgpt"):
         loads.append(spec.id)
-        return real_stage1(spec, source, frames)
+        return real_stage1(spec, source, frames, family)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(runner, "stage1_load", counting_stage1)
+        patch.setattr(encode_module, "stage1_load", counting_stage1)
         document, counters = run_tiny(tmp_path_factory.mktemp("compare"), tiny_dataset, tokenizer=sp_tokenizer,
                                       strategies=["baseline", "pld"], samples=3, warmup=2)
     return document, counters, loads
@@ -130,22 +131,22 @@ def test_tokenisation_is_timed_inside_stage_2(tmp_path, tiny_dataset, sp_tokeniz
     delay_s = 0.06
     calls = []
     in_stage2 = {"now": False}
-    real_stage2 = runner.stage2_preprocess
+    real_stage2 = encode_module.stage2_preprocess
 
     def slow_tokenize(prompt, tokenizer, fold_to_vocab=None):
         calls.append(in_stage2["now"])
         time.sleep(delay_s)
         return tokenize_with_event_placeholder(prompt, tokenizer, fold_to_vocab)
 
-    def stage2(loaded, model, frames):
+    def stage2(loaded, model, frames, preprocess="cpu"):
         in_stage2["now"] = True
         try:
-            return real_stage2(loaded, model, frames)
+            return real_stage2(loaded, model, frames, preprocess)
         finally:
             in_stage2["now"] = False
 
     monkeypatch.setattr("egpt_speed.stages.tokenize_with_event_placeholder", slow_tokenize)
-    monkeypatch.setattr(runner, "stage2_preprocess", stage2)
+    monkeypatch.setattr(encode_module, "stage2_preprocess", stage2)
     document, _ = run_tiny(tmp_path, tiny_dataset, tokenizer=sp_tokenizer, samples=2, warmup=1)
     assert calls == [True, True, True]  # once per sample (1 warm-up + 2 counted), always inside Stage 2
     for sample in document["runs"]["baseline"]["samples"]:
