@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import typer
 
 from egpt_speed.errors import EgptError, RunInterrupted
-from egpt_speed.options import CommonOptions, ExportDraftOptions, ReportOptions, RunOptions, TrainDraftOptions
+from egpt_speed.options import CommonOptions, ExportDraftOptions, MergeOptions, ReportOptions, RunOptions, TrainDraftOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Measure EventGPT inference in four decoupled stages and compare Stage-4 strategies.")
@@ -117,7 +117,8 @@ def _progress():
 def _run_or_resume(strategies: list[str], name: str, options: RunOptions) -> None:
     from transformers.utils import logging as hf_logging
 
-    from egpt_speed.baselines import runner
+    from egpt_speed.baselines import distributed, runner
+    from egpt_speed.shards import samples_of
     from egpt_speed.summary_table import print_summary
 
     hf_logging.disable_progress_bar()  # our bar shows progress; transformers' loading bars would add stderr lines
@@ -128,17 +129,19 @@ def _run_or_resume(strategies: list[str], name: str, options: RunOptions) -> Non
             return lambda step: progress.advance(task, step)
 
         try:
-            outcome = runner.run(config, options.out, factory, name=name, resume=options.resume)
+            outcome = distributed.run(config, options.out, factory, name=name, resume=options.resume)
         except BaseException:
             progress.live.transient = True  # a failed run leaves its one error line, not a stale bar
             raise
+    if distributed.is_quiet_rank() and not _state["debug"]:
+        return  # rank 0 of the launch reports the merged result
     print_summary(outcome.document)
     if not outcome.rerun:
         typer.echo(f"--resume: {outcome.json_path} already holds this configuration; nothing re-run.")
         return
     if outcome.reused:
         typer.echo(f"--resume: reused {outcome.reused} journaled samples from {outcome.paths[-1]}, "
-                   f"ran {config.samples - outcome.reused}.")
+                   f"ran {samples_of(config.shard, config.samples) - outcome.reused}.")
     typer.echo("wrote " + ", ".join(str(path) for path in outcome.paths))
 
 
@@ -172,6 +175,17 @@ def report(result: list[Path], options: ReportOptions) -> None:
     plot = render.write_plots(document, target.with_suffix(".png"))
     print_summary(document)
     typer.echo(f"wrote {target.with_suffix('.md')}" + (f" and {plot}" if plot else ""))
+
+
+@command("merge", MergeOptions, (argument("results", list[Path], "Result JSONs (or journals) of every shard of one command (--shard i/n or torchrun ranks)."),))
+def merge(results: list[Path], options: MergeOptions) -> None:
+    """Merge the shards of one run or compare into one result in dataset order (refuses mixed or missing shards)."""
+    from egpt_speed.merge import merge_files
+    from egpt_speed.summary_table import print_summary
+
+    document, written = merge_files(results, options.out)
+    print_summary(document)
+    typer.echo("wrote " + ", ".join(str(path) for path in written))
 
 
 @command("strategies", None, tuple(p for p in option_parameters(CommonOptions) if p.name == "device"))

@@ -46,6 +46,13 @@ class ReportOptions:
 
 
 @dataclass
+class MergeOptions:
+    """`merge`: join the shard results of one command."""
+
+    out: Optional[Path] = option(None, "--out", help="Directory for the merged result (default: the first shard's).")
+
+
+@dataclass
 class MeasureOptions(CommonOptions):
     """What a run or compare measures with; recorded under `config` in the result."""
 
