@@ -26,6 +26,7 @@ from egpt_speed.baselines import runner
 from egpt_speed.baselines.journaling import Outcome
 from egpt_speed.errors import EgptError
 from egpt_speed.models import resolve_device
+from egpt_speed.presets import PRESETS, tiny_llm_dir
 
 ProgressFactory = Callable[[int], Callable[[int], None]]
 PROGRESS_KEY = "egpt-speed/progress"
@@ -63,6 +64,7 @@ def run(config: runner.RunConfig, out: Path, progress_factory: ProgressFactory |
     results.check_writable_dir(out)
     device = shards.local_device(resolve_device(config.device))
     with process_group(device) as store:
+        fill_shared_caches(config, launch.rank)
         counter = SharedProgress(store, launch, config, progress_factory)
         outcome = runner.run(config, out, counter.factory, shard_name(name, config.strategies, out, launch.shard),
                              resume)
@@ -88,6 +90,18 @@ def process_group(device: torch.device) -> Iterator[object]:
     finally:
         if owned:
             dist.destroy_process_group()
+
+
+def fill_shared_caches(config: runner.RunConfig, rank: int) -> None:
+    """Rank 0 writes the caches every rank reads (synthetic clips, the converted SmolLM2) while the others
+    wait: two ranks creating one cache entry at once collide on its final rename."""
+    import torch.distributed as dist
+
+    if rank == 0:
+        runner.resolve_samples(config)
+        if config.model in PRESETS:
+            tiny_llm_dir()
+    dist.barrier()
 
 
 class SharedProgress:
