@@ -93,6 +93,32 @@ def test_launcher_environment_gives_rank_shard_and_local_device():
     assert shards.local_device(torch.device("cuda"), {}) == torch.device("cuda")
 
 
+def test_rank_0_draws_one_bar_for_every_ranks_samples():
+    """Two ranks' counters on one store: only rank 0 has a bar; resumed entries count; it ends at the total."""
+    import torch.distributed as dist
+
+    from egpt_speed.baselines.distributed import SharedProgress
+    from egpt_speed.baselines.runner import RunConfig
+
+    store, bars = dist.HashStore(), []
+
+    def bar(total: int):
+        bars.append([total, 0])
+        return lambda step: bars[-1].__setitem__(1, bars[-1][1] + step)
+
+    config = RunConfig(strategies=["baseline"], samples=5, warmup=2)
+    rank0 = SharedProgress(store, shards.Launch(0, 2, 0), config, bar)
+    rank1 = SharedProgress(store, shards.Launch(1, 2, 1), config, bar)
+    assert bars == [[2 * 2 + 5, 0]]  # one bar, on rank 0: both ranks' warm-up and all counted samples
+    rank1.factory(4)(1)  # rank 1 resumed 0 of its 4 entries, ran one
+    step = rank0.factory(3)  # rank 0 resumed 2 of its 5 entries
+    step(1)
+    assert bars[0][1] == 2 + 1 + 1
+    rank1.finish()  # its other 3 entries, as when it returns
+    rank0.finish()
+    assert bars == [[9, 9]]
+
+
 # ------------------------------------------------------------------------------------------ --shard + merge
 
 
