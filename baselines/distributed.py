@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import replace
-from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -31,14 +30,11 @@ from egpt_speed.presets import PRESETS, tiny_llm_dir
 ProgressFactory = Callable[[int], Callable[[int], None]]
 PROGRESS_KEY = "egpt-speed/progress"
 POLL_S = 0.5
-# ranks wait for each other on the store counter, so a collective never waits long; this bounds a hang
-COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 def is_quiet_rank() -> bool:
     """True in a launched process other than rank 0: it prints nothing unless --debug."""
-    launch = shards.launcher()
-    return launch is not None and launch.rank != 0
+    return shards.secondary_rank()
 
 
 def shard_name(name: str, strategies: list[str], out: Path, shard: shards.Shard) -> str:
@@ -80,11 +76,7 @@ def process_group(device: torch.device) -> Iterator[object]:
     """The launcher's process group (NCCL on CUDA, gloo on CPU), initialised here unless it already is."""
     import torch.distributed as dist
 
-    owned = not dist.is_initialized()
-    if owned:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    owned = shards.init_process_group(device)
     try:
         yield dist.distributed_c10d._get_default_store()
     finally:

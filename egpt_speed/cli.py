@@ -224,7 +224,8 @@ def train_draft(options: TrainDraftOptions) -> None:
             return lambda step: progress.advance(task, step)
 
         outcome = td.run(options, factory)
-    typer.echo(outcome.describe())
+    if outcome.report is not None:  # None: a launched rank other than 0, which only collected answers
+        typer.echo(outcome.describe())
 
 
 @command("export-draft", ExportDraftOptions, (argument("head_dir", Path, "A train-draft head dir, or an EAGLE-1 / EAGLE-3 head dir."),))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from typing import Any, Mapping, Sequence, TypeVar
 
 import torch
@@ -79,6 +80,12 @@ def launcher(env: Mapping[str, str] | None = None) -> Launch | None:
     return Launch(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
 
 
+def secondary_rank() -> bool:
+    """True in a launched process other than rank 0 (it prints nothing unless --debug, rank 0 reports)."""
+    launch = launcher()
+    return launch is not None and launch.rank != 0
+
+
 def check_shard(shard: Shard | None, samples: int) -> None:
     if shard is not None and shard.count > samples:
         raise EgptError(f"{shard.count} shards need at least {shard.count} counted samples; raise --samples "
@@ -114,3 +121,19 @@ def group_hash(config: Mapping[str, Any]) -> str:
 def differing_keys(first: Mapping[str, Any], other: Mapping[str, Any]) -> list[str]:
     """The configuration fields (those `group_hash` covers) on which two shards differ."""
     return [key for key in _group_keys() if config_hash({"v": first.get(key)}) != config_hash({"v": other.get(key)})]
+
+
+# ranks wait for each other on the store or a barrier before a collective; this bounds a hang
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+
+
+def init_process_group(device: torch.device) -> bool:
+    """The launcher's process group (NCCL on CUDA, gloo on CPU), initialised unless it already is → owned."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=COLLECTIVE_TIMEOUT)
+    return True

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
+from egpt_speed import shards
 from egpt_speed.datasets import SampleSpec, resolve_samples
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
@@ -527,7 +528,7 @@ COLLECT_JOURNAL = "collect.journal.jsonl"
 @dataclass
 class TrainOutcome:
     out: Path
-    report: TrainReport
+    report: TrainReport | None  # None on a launched rank other than 0 (it only collected)
     reused_answers: int = 0
 
     def describe(self) -> str:
@@ -566,7 +567,24 @@ def validate(config: TrainDraftConfig) -> int:
 
 
 def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype | None,
-                         progress: ProgressFactory | None) -> tuple[list[TrainingSequence] | list[AnswerItem], int]:
+                         progress: ProgressFactory | None) -> tuple[list[TrainingSequence] | list[AnswerItem] | None, int]:
+    """`collect_journaled` into `collect.journal.jsonl`; launched, split over the ranks (None on ranks but 0)."""
+    launch = shards.launcher()
+    if launch is None:
+        return collect_journaled(target, config, pairs, collection, storage, progress, config.out / COLLECT_JOURNAL)
+    from egpt_speed.train_draft_shards import collect_sharded
+
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens)
+    ours = progress if launch.rank == 0 else None
+    collect = lambda part, keys, path: collect_journaled(target, config, part, keys, None, ours, path)  # noqa: E731
+    rebuild = lambda answers: (  # noqa: E731 - rank 0, every answer known: Stage 3 (and teacher forcing) only
+        collect_answers(target, pairs, settings, config.frames, config.batch_size, None, answers) if storage is None
+        else collect_batch(target, pairs, settings, config.frames, config.batch_size, storage, None, answers))
+    return collect_sharded(collect, pairs, collection, config.out, launch, lambda items: [i.answer for i in items], rebuild)
+
+
+def collect_journaled(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype | None,
+                      progress: ProgressFactory | None, path: Path) -> tuple[list[TrainingSequence] | list[AnswerItem], int]:
     """The target's answers to `pairs`, each batch journaled (token ids, JSON) before the next starts.
 
     With --resume, a journal of the same collection settings is continued: its answers are not
@@ -575,7 +593,6 @@ def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collecti
     """
     from egpt_speed import journal
 
-    path = config.out / COLLECT_JOURNAL
     digest = journal.config_hash(collection)
     known: list[list[int]] = []
     if config.resume and path.exists() and journal.find_journal(config.out, digest) == path:
@@ -602,13 +619,19 @@ def collect_training_data(target, config: TrainDraftConfig, train_pairs: list, h
     pairs, count = train_pairs + heldout_pairs, len(train_pairs)
     if not config.store_features:
         items, reused = collect_with_journal(target, config, pairs, collection, None, progress)
+        if items is None:  # a launched rank other than 0: rank 0 has its answers
+            return None, None, reused
         return (OnlineSet(target, items[:count], config.prompt_window),
                 OnlineSet(target, items[count:], config.prompt_window), reused)
     cache_file, reused = config.out / "collected.pt", 0
     if config.resume and cache_file.exists():
+        if shards.secondary_rank():
+            return None, None, 0
         train, heldout = load_collected(cache_file, collection)
     else:
         collected, reused = collect_with_journal(target, config, pairs, collection, storage, progress)
+        if collected is None:
+            return None, None, reused
         train, heldout = collected[:count], collected[count:]
         save_collected(cache_file, collection, train, heldout)
     return StoredSet(train, config.prompt_window), StoredSet(heldout, config.prompt_window), reused
@@ -621,19 +644,23 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
     from egpt_speed.datasets import load_questions
     from egpt_speed.decoding import eos_ids
     from egpt_speed.devices import resolve_device
+    from egpt_speed.train_draft_shards import rank_zero_first
 
     clip_count = validate(config)
-    device = resolve_device(config.device)
+    device = shards.local_device(resolve_device(config.device))
     storage = store_dtype_for(config.store_dtype, device)
-    specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
+    with rank_zero_first(config.device):  # launched: rank 0 fills the caches every rank reads (clips, SmolLM2)
+        specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
+        target = load_model(config.model, torch.float32, device)
     train_pairs, heldout_pairs = pairs_for(specs, load_questions(), config.samples, config.holdout, config.seed)
     collection = dict(model=config.model, data=config.data, synthetic_seed=data_seed,
                       synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
                       holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames)
-    target = load_model(config.model, torch.float32, device)
     started = time.perf_counter()
     train_seqs, heldout_seqs, reused = collect_training_data(target, config, train_pairs, heldout_pairs, collection,
                                                              storage, progress)
+    if train_seqs is None:  # a launched rank other than 0: its answers went to rank 0, which trains
+        return TrainOutcome(config.out, None, reused)
     collect_s, started = time.perf_counter() - started, time.perf_counter()
     advance = progress("training head", config.epochs * len(train_seqs)) if progress else None
     head, loss, train_top1, heldout_top1 = train_head(

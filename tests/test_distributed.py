@@ -238,3 +238,24 @@ def test_torchrun_resume_continues_the_killed_ranks_journal(tmp_path, checkpoint
     assert "reused 4 journaled samples" in done.stdout and "ran 1." in done.stdout  # 3 of rank 0 + 1 of rank 1
     assert len(journal.read_journal(rank1).entries) == 2
     assert _tokens(_merged(out)) == _tokens(first)
+
+
+def _answers(path: Path) -> list[list[int]]:
+    entries = sorted(journal.read_journal(path).entries, key=lambda entry: entry["first"])
+    return [answer for entry in entries for answer in entry["answers"]]
+
+
+def test_torchrun_train_draft_splits_collection_and_trains_once(tmp_path, checkpoint):
+    """Each rank answers every other pair into its own journal; rank 0 trains on all, as one process would."""
+    args = ["train-draft", "--model", str(checkpoint), "--data", "synthetic", "--synthetic-events", "2000", "-n", "8",
+            "--clips", "4", "--device", "cpu", "--batch-size", "1", "--train-batch", "4", "--epochs", "1",
+            "--max-new-tokens", "6"]
+    launched = _run(_torchrun(*args, "--out", str(tmp_path / "ranks")))
+    _run([sys.executable, "-m", "egpt_speed.cli", *args, "--out", str(tmp_path / "single")])
+    shard_answers = [_answers(tmp_path / "ranks" / f"collect.shard{r}-of-2.journal.jsonl") for r in (0, 1)]
+    single = _answers(tmp_path / "single" / "collect.journal.jsonl")
+    assert len(single) == 10 and [len(a) for a in shard_answers] == [5, 5]  # 8 train + 2 held-out pairs
+    assert [shard_answers[i % 2][i // 2] for i in range(10)] == single
+    assert launched.stdout.count("held-out top-1") == 1
+    report = json.loads((tmp_path / "ranks" / "eagle_config.json").read_text())["report"]
+    assert report["train_sequences"] == 8 and report["heldout_sequences"] == 2
