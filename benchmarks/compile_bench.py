@@ -139,8 +139,7 @@ def profile_decode_step(engine: StaticEngine, request, model, steps: int, out_di
             "ms_per_step_by_group": by_group, "top_kernels": [{"kernel": k, "per_step": c, "ms_per_step": ms} for k, c, ms in rows[:15]]}
 
 
-@torch.inference_mode()
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="synthetic-7b")
     parser.add_argument("--dtype", default="auto")
@@ -154,38 +153,36 @@ def main() -> None:
     parser.add_argument("--bare", action="store_true", help="skip the preset: the bare 7B LLM and a random prompt of its length")
     parser.add_argument("--bare-layers", type=int, default=None, help="layers of the bare LLM (smoke runs only)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = parser.parse_args()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    args.out.mkdir(parents=True, exist_ok=True)
+    return parser.parse_args()
 
-    started = time.perf_counter()
-    bare = args.bare
-    if not bare:
+
+def load_bench_model(args: argparse.Namespace, dtype: torch.dtype, device: torch.device) -> tuple[EventGPT, bool]:
+    """The preset, or the bare 7B LLM when asked or when `synthetic-7b` cannot be built; (model, bare)."""
+    if not args.bare:
         try:
-            model = load_model(args.model, dtype, device)
+            return load_model(args.model, dtype, device), False
         except EgptError as error:
             if args.model != "synthetic-7b":
                 raise
             print(f"note: {error} → using the bare 7B LLM with a random prompt of the same length")
-            bare = True
-    if bare:
-        model = bare_7b(dtype, device, args.bare_layers)
-    load_s = time.perf_counter() - started
-    request = build_request(model, args.max_new_tokens, bare)
-    prefix_len = int(request.prompt_ids.numel()) - 1 + EVENT_TOKENS
-    bandwidth = measure_copy_bandwidth(device, megabytes=1024 if device.type == "cuda" else 128)
-    bytes_per_token = bytes_per_decoded_token(model, prefix_len + args.max_new_tokens / 2)
+    return bare_7b(dtype, device, args.bare_layers), True
 
+
+def build_methods(spec_list: str, model: EventGPT, model_spec: str, device: torch.device, dtype: torch.dtype) -> list[dict]:
+    """One prepared strategy per `strategy[:option=value...]` entry, in order (the first is the reference)."""
     methods = []
-    for spec in [m.strip() for m in args.methods.split(",") if m.strip()]:
+    for spec in [m.strip() for m in spec_list.split(",") if m.strip()]:
         name, *pairs = spec.split(":")
         options = dict(pair.split("=", 1) for pair in pairs)
-        strategy = registry.build(name, RunContext(device=device, dtype=dtype, model_spec=args.model, options=options))
+        strategy = registry.build(name, RunContext(device=device, dtype=dtype, model_spec=model_spec, options=options))
         strategy.prepare(model)
         methods.append({"label": spec, "strategy": strategy, "first": None, "runs": [], "error": None})
+    return methods
 
-    # first call apart (compilation, capture), then warm-up rounds, then counted rounds, rotating the order
+
+def run_methods(methods: list[dict], model: EventGPT, request: DecodeRequest, device: torch.device,
+                warmup: int, rounds: int) -> None:
+    """First call apart (compilation, capture), then warm-up rounds, then counted rounds, rotating the order."""
     for method in methods:
         try:
             method["first"] = decode_once(method["strategy"], model, request, device)
@@ -193,13 +190,16 @@ def main() -> None:
             method["error"] = f"{type(error).__name__}: {str(error)[:300]}"
             print(f"{method['label']}: failed: {method['error']}")
     live = [m for m in methods if m["error"] is None]
-    for round_index in range(args.warmup + args.rounds):
+    for round_index in range(warmup + rounds):
         shift = round_index % max(len(live), 1)
         for method in live[shift:] + live[:shift]:
             run = decode_once(method["strategy"], model, request, device)
-            if round_index >= args.warmup:
+            if round_index >= warmup:
                 method["runs"].append(run)
 
+
+def method_rows(methods: list[dict], bytes_per_token: float, bandwidth: float) -> list[dict]:
+    """One result row per method: medians over the counted runs, MBU, first-call cost, agreement with the first."""
     reference = methods[0]["runs"][0]["token_ids"] if methods[0]["runs"] else None
     rows = []
     for method in methods:
@@ -218,52 +218,91 @@ def main() -> None:
             row["agreement_with_reference"] = agreement.token_match_rate
             row["first_divergence"] = agreement.first_divergence
         rows.append(row)
+    return rows
 
+
+def profile_first_engine(methods: list[dict], model: EventGPT, request: DecodeRequest, model_spec: str, out: Path) -> dict:
+    """Kernel breakdown of the first compile method's engine (its step is compiled already)."""
+    live = [m for m in methods if m["error"] is None]
+    engine = next((m["strategy"].engine for m in live if hasattr(m["strategy"], "engine")), None) or StaticEngine(model.llm)
+    profile = profile_decode_step(engine, request, model, 16, out, timestamped_name(f"compile_bench_{model_spec}"))
+    profile["engine"] = {"compile_mode": engine.compile_mode, "captured": engine.captured}
+    return profile
+
+
+def fmt(value, spec: str = ".2f") -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def method_line(row: dict) -> str:
+    if row["error"]:
+        return f"| {row['method']} | failed: {row['error'][:120]} | | | | | | | |"
+    return (f"| {row['method']} | {fmt(row['per_token_ms'])} | {fmt(row['tokens_per_s'], '.1f')} | "
+            f"{fmt(row['mbu'] and row['mbu'] * 100, '.0f')}% | {fmt(row['prefill_ms'], '.1f')} | {fmt(row['num_tokens'], '.0f')} | "
+            f"{fmt(row['first_call_ms'], '.0f')} | {fmt(row['compile_ms'], '.0f')} | {fmt(row.get('agreement_with_reference'))} |")
+
+
+def profile_lines(profile: dict) -> list[str]:
+    lines = ["", f"## One captured decode step (compile_mode {profile['engine']['compile_mode']}), by kernel group (heuristic, by kernel name) "
+             f"({profile['kernels_per_step']:.0f} kernels/step, "
+             f"{profile['kernel_ms_per_step']:.2f} ms kernel time/step)", "", "| group | ms/step |", "|---|---:|"]
+    lines += [f"| {group} | {ms:.3f} |" for group, ms in profile["ms_per_step_by_group"].items()]
+    lines += ["", "| kernel | per step | ms/step |", "|---|---:|---:|"]
+    lines += [f"| `{k['kernel']}` | {k['per_step']:.0f} | {k['ms_per_step']:.3f} |" for k in profile["top_kernels"]]
+    return lines
+
+
+def markdown(document: dict) -> str:
+    config, env = document["config"], document["env"]
+    bandwidth = env["copy_bandwidth_bytes_per_s"]
+    lines = [f"# Stage-4 decode: static cache + CUDA graph vs generate ({config['model']}{', bare LLM' if config['bare_llm'] else ''})", "",
+             f"- device {env.get('device_name')}, torch.{config['dtype']}, prefix {config['prefix_len']} tokens, "
+             f"{config['max_new_tokens']} new tokens, {config['rounds']} counted rounds after {config['warmup']} warm-up (medians)",
+             f"- bytes/token {config['bytes_per_token'] / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+             f"→ roofline {config['roofline_ms_per_token']:.2f} ms/token",
+             f"- command: `{env['command']}`", "",
+             "| method | ms/token | tok/s | MBU | TTFT ms | tokens | first call ms | compile/capture ms | agreement vs ref |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [method_line(row) for row in document["methods"]]
+    if document["profile"]:
+        lines += profile_lines(document["profile"])
+    return "\n".join(lines) + "\n"
+
+
+@torch.inference_mode()
+def main() -> None:
+    args = parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    started = time.perf_counter()
+    model, bare = load_bench_model(args, dtype, device)
+    load_s = time.perf_counter() - started
+    request = build_request(model, args.max_new_tokens, bare)
+    prefix_len = int(request.prompt_ids.numel()) - 1 + EVENT_TOKENS
+    bandwidth = measure_copy_bandwidth(device, megabytes=1024 if device.type == "cuda" else 128)
+    bytes_per_token = bytes_per_decoded_token(model, prefix_len + args.max_new_tokens / 2)
+
+    methods = build_methods(args.methods, model, args.model, device, dtype)
+    run_methods(methods, model, request, device, args.warmup, args.rounds)
+    rows = method_rows(methods, bytes_per_token, bandwidth)
     profile = None
-    if args.profile and device.type == "cuda":  # the first compile method's engine: its step is compiled already
-        engine = next((m["strategy"].engine for m in live if hasattr(m["strategy"], "engine")), None) or StaticEngine(model.llm)
-        profile = profile_decode_step(engine, request, model, 16, args.out, timestamped_name(f"compile_bench_{args.model}"))
-        profile["engine"] = {"compile_mode": engine.compile_mode, "captured": engine.captured}
+    if args.profile and device.type == "cuda":
+        profile = profile_first_engine(methods, model, request, args.model, args.out)
 
-    roofline_ms = bytes_per_token / bandwidth * 1e3
     document = {"schema": "egpt-speed/compile-bench/1", "env": capture_env(device, bandwidth),
                 "config": {"model": args.model, "bare_llm": bare, "dtype": str(dtype).replace("torch.", ""),
                            "prefix_len": prefix_len, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                            "warmup": args.warmup, "load_s": load_s, "weight_bytes": weight_bytes(model),
-                           "bytes_per_token": bytes_per_token, "roofline_ms_per_token": roofline_ms},
+                           "bytes_per_token": bytes_per_token, "roofline_ms_per_token": bytes_per_token / bandwidth * 1e3},
                 "methods": rows, "profile": profile, "elapsed_s": time.perf_counter() - started}
-    stem = timestamped_name(f"compile_bench_{args.model}")
-    path = args.out / f"{stem}.json"
+    path = args.out / f"{timestamped_name(f'compile_bench_{args.model}')}.json"
     write_json_atomic(json.loads(json.dumps(document, default=str)), path)
-
-    def fmt(value, spec=".2f"):
-        return "—" if value is None else format(value, spec)
-
-    lines = [f"# Stage-4 decode: static cache + CUDA graph vs generate ({args.model}{', bare LLM' if bare else ''})", "",
-             f"- device {document['env'].get('device_name')}, {dtype}, prefix {prefix_len} tokens, {args.max_new_tokens} new tokens, "
-             f"{args.rounds} counted rounds after {args.warmup} warm-up (medians)",
-             f"- bytes/token {bytes_per_token / 1e9:.2f} GB, copy bandwidth {bandwidth / 1e12:.2f} TB/s → roofline {roofline_ms:.2f} ms/token",
-             f"- command: `{document['env']['command']}`", "",
-             "| method | ms/token | tok/s | MBU | TTFT ms | tokens | first call ms | compile/capture ms | agreement vs ref |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in rows:
-        if row["error"]:
-            lines.append(f"| {row['method']} | failed: {row['error'][:120]} | | | | | | | |")
-            continue
-        lines.append(f"| {row['method']} | {fmt(row['per_token_ms'])} | {fmt(row['tokens_per_s'], '.1f')} | "
-                     f"{fmt(row['mbu'] and row['mbu'] * 100, '.0f')}% | {fmt(row['prefill_ms'], '.1f')} | {fmt(row['num_tokens'], '.0f')} | "
-                     f"{fmt(row['first_call_ms'], '.0f')} | {fmt(row['compile_ms'], '.0f')} | {fmt(row.get('agreement_with_reference'))} |")
-    if profile:
-        lines += ["", f"## One captured decode step (compile_mode {profile['engine']['compile_mode']}), by kernel group (heuristic, by kernel name) "
-                  f"({profile['kernels_per_step']:.0f} kernels/step, "
-                  f"{profile['kernel_ms_per_step']:.2f} ms kernel time/step)", "", "| group | ms/step |", "|---|---:|"]
-        lines += [f"| {group} | {ms:.3f} |" for group, ms in profile["ms_per_step_by_group"].items()]
-        lines += ["", "| kernel | per step | ms/step |", "|---|---:|---:|"]
-        lines += [f"| `{k['kernel']}` | {k['per_step']:.0f} | {k['ms_per_step']:.3f} |" for k in profile["top_kernels"]]
-    write_text_atomic("\n".join(lines) + "\n", path.with_suffix(".md"))
-    print("\n".join(lines))
+    text = markdown(document)
+    write_text_atomic(text, path.with_suffix(".md"))
+    print(text, end="")
     print(f"\nwrote {path} and {path.with_suffix('.md')} in {document['elapsed_s']:.0f} s")
-
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ from egpt_speed.baselines import runner
 from egpt_speed.hf_generate import generate_baseline
 from egpt_speed.baselines.runner import RunConfig, execute
 from egpt_speed.attention import FORCED_FLASH, register_sdpa_variant, set_llm_attention
-from egpt_speed.decoding import DecodeRequest, GenerationSettings
+from egpt_speed.decoding import DecodeRequest, GenerationSettings, with_cache
 from egpt_speed.errors import EgptError
 from egpt_speed.prompt import tokenize_with_event_placeholder
 from egpt_speed.timing import Clock
@@ -226,8 +226,8 @@ def test_lower_right_mask_matches_sdpa_on_a_multi_token_cached_step(tokenizer, m
         set_llm_attention(model.llm, implementation)
         with torch.inference_mode():
             cache = DynamicCache(config=model.llm.config)
-            model.llm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
-            logits[implementation] = model.llm(input_ids=step, past_key_values=cache, use_cache=True).logits
+            model.llm(**with_cache(cache, inputs_embeds=prefix))
+            logits[implementation] = model.llm(**with_cache(cache, input_ids=step)).logits
     assert "CausalBias" in made, "the 4-token step on the cache must take the lower-right path"
     torch.testing.assert_close(logits[name], logits["sdpa"], rtol=1e-5, atol=1e-5)
 
@@ -404,6 +404,6 @@ def test_sdpa_flash_runs_prefill_decode_and_verify_on_gpu(tokenizer):
         registry.build(name, ctx(cuda, torch.bfloat16)).prepare(model)
         with torch.inference_mode():
             cache = DynamicCache(config=model.llm.config)
-            model.llm(inputs_embeds=prefix, past_key_values=cache, use_cache=True)
-            logits[name] = model.llm(input_ids=step, past_key_values=cache, use_cache=True).logits.float()
+            model.llm(**with_cache(cache, inputs_embeds=prefix))
+            logits[name] = model.llm(**with_cache(cache, input_ids=step)).logits.float()
     torch.testing.assert_close(logits["sdpa-flash"], logits["sdpa"], rtol=2e-2, atol=2e-2)
