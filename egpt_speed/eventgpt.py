@@ -14,7 +14,39 @@ if TYPE_CHECKING:
     from egpt_speed.tokenizers import TokenizerMismatch
 
 
-class EventGPT(nn.Module):
+class SplicingModel(nn.Module):
+    """What Stage 4 asks of every model family: the LLM's device and width, and the splice of the
+    visual features into the prompt's embeddings. Subclasses set ``llm`` and ``placeholder_name``."""
+
+    llm: nn.Module
+    placeholder_name = "<event>"  # how the error message names the −200 placeholder
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def hidden_size(self) -> int:
+        return self.llm.get_input_embeddings().weight.shape[1]
+
+    def splice(self, prompt_ids: torch.Tensor, event_features: torch.Tensor) -> torch.Tensor:
+        """Text embeddings with the visual features put in place of the −200 placeholder.
+
+        prompt_ids: [L] (one −200) ; event_features: [N_ev, H] → inputs_embeds [1, L - 1 + N_ev, H].
+        """
+        positions = (prompt_ids == EVENT_TOKEN_INDEX).nonzero().flatten().tolist()
+        if len(positions) != 1:
+            raise EgptError(f"the prompt must hold exactly one {self.placeholder_name} placeholder, "
+                            f"found {len(positions)}; fix the query text.")
+        at = positions[0]
+        embed = self.llm.get_input_embeddings()
+        before = embed(prompt_ids[:at].to(self.device))
+        after = embed(prompt_ids[at + 1:].to(self.device))
+        spliced = torch.cat([before, event_features.to(before.dtype), after], dim=0)
+        return spliced.unsqueeze(0)
+
+
+class EventGPT(SplicingModel):
     """The EventGPT network with each part a standard module; Stage 3 and Stage 4 call into it.
 
     ``frames_mode`` is not stored here: pooling takes the frame count from its input.
@@ -41,14 +73,6 @@ class EventGPT(nn.Module):
         self.random_weights = random_weights
         self.tokenizer_mismatch: TokenizerMismatch | None = None
 
-    @property
-    def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
-
     def encode_frames(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """CLIP → projector → adaptor (exactly once) for each frame.
 
@@ -72,18 +96,3 @@ class EventGPT(nn.Module):
         temporal = frame_features.mean(dim=1)
         spatial = frame_features.mean(dim=0)
         return torch.cat([temporal, spatial], dim=0)
-
-    def splice(self, prompt_ids: torch.Tensor, event_features: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the event features put in place of the −200 placeholder.
-
-        prompt_ids: [L] (one −200) ; event_features: [N_ev, H] → inputs_embeds [1, L - 1 + N_ev, H].
-        """
-        positions = (prompt_ids == EVENT_TOKEN_INDEX).nonzero().flatten().tolist()
-        if len(positions) != 1:
-            raise EgptError(f"the prompt must hold exactly one <event> placeholder, found {len(positions)}; fix the query text.")
-        at = positions[0]
-        embed = self.llm.get_input_embeddings()
-        before = embed(prompt_ids[:at].to(self.device))
-        after = embed(prompt_ids[at + 1:].to(self.device))
-        spliced = torch.cat([before, event_features.to(before.dtype), after], dim=0)
-        return spliced.unsqueeze(0)

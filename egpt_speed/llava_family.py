@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from egpt_speed.errors import EgptError
+from egpt_speed.eventgpt import SplicingModel
 from egpt_speed.prompt import EVENT_TOKEN_INDEX
 
 FAMILIES = ("llava", "video_llava")
@@ -103,9 +104,10 @@ def causal_lm_view(multimodal: nn.Module) -> nn.Module:
     return view.eval()
 
 
-class LlavaFamilyModel(nn.Module):
+class LlavaFamilyModel(SplicingModel):
     """A LLaVA-1.5 or Video-LLaVA checkpoint seen through the EventGPT interface of the stages."""
 
+    placeholder_name = "visual"
     adaptor = None  # EventGPT's feature adaptor has no counterpart here
     template = None  # prompts come from the checkpoint's chat template, see `prompt_text`
     fold_to_vocab = None
@@ -132,14 +134,6 @@ class LlavaFamilyModel(nn.Module):
         if self.llm.generation_config.pad_token_id is None:
             pad = self.tokenizer.pad_token_id
             self.llm.generation_config.pad_token_id = pad if pad is not None else self.tokenizer.eos_token_id
-
-    @property
-    def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
-
-    @property
-    def hidden_size(self) -> int:
-        return self.llm.get_input_embeddings().weight.shape[1]
 
     # ---- Stage 2 -------------------------------------------------------------------------------
 
@@ -214,22 +208,6 @@ class LlavaFamilyModel(nn.Module):
         frame_features: [T, P, H] → [T * P, H].
         """
         return frame_features.reshape(-1, frame_features.shape[-1])
-
-    # ---- Stage 4 -------------------------------------------------------------------------------
-
-    def splice(self, prompt_ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
-        """Text embeddings with the visual features in place of the −200 placeholder.
-
-        prompt_ids: [L] (one −200) ; features: [N, H] → inputs_embeds [1, L - 1 + N, H].
-        """
-        positions = (prompt_ids == EVENT_TOKEN_INDEX).nonzero().flatten().tolist()
-        if len(positions) != 1:
-            raise EgptError(f"the prompt must hold exactly one visual placeholder, found {len(positions)}.")
-        at = positions[0]
-        embed = self.llm.get_input_embeddings()
-        before = embed(prompt_ids[:at].to(self.device))
-        after = embed(prompt_ids[at + 1:].to(self.device))
-        return torch.cat([before, features.to(before.dtype), after], dim=0).unsqueeze(0)
 
 
 def collapse_placeholder(ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:

@@ -80,6 +80,21 @@ def round_up(value: int, multiple: int = CACHE_ROUNDING) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
+def capture_cuda_graph(body: Callable[[], None], device: torch.device, warmup: int) -> torch.cuda.CUDAGraph:
+    """`body` captured once as a CUDA graph, after `warmup` runs on a side stream (cuBLAS handles,
+    SDPA kernel choice, compilation happen there, outside the capture)."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            body()
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        body()
+    return graph
+
+
 class StaticEngine:
     """Greedy batch-1 decoding of a transformers Llama on a static cache; the decode step is a CUDA graph on CUDA.
 
@@ -160,18 +175,9 @@ class StaticEngine:
                     body()
             self._steps[name] = body
             return
-        # Warm up on a side stream (cuBLAS handles, SDPA kernel choice, compilation), then capture once.
         # The buffers hold whatever the caller loaded: warm-up writes only cache positions that are about
         # to be overwritten (or a cache that setup() resets right after).
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+        graph = capture_cuda_graph(body, self.device, warmup=3)
         self._graphs[name] = graph
         self._steps[name] = graph.replay
 

@@ -25,7 +25,7 @@ import torch
 from egpt_speed.eagle import EagleHead
 from egpt_speed.errors import EgptError
 from egpt_speed.proposers import Proposer
-from egpt_speed.static_decode import HostStaging, StaticKVCache, round_up
+from egpt_speed.static_decode import HostStaging, StaticKVCache, capture_cuda_graph, round_up
 from egpt_speed.tree import DraftTree
 from egpt_speed.verify import ChainDraft
 
@@ -89,15 +89,7 @@ class _Graphs:
     def _prepare(self, body):
         if not self.capture:
             return body
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                body()
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            body()
+        graph = capture_cuda_graph(body, self.device, warmup=2)
         self._keep.append(graph)
         return graph.replay
 

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import importlib.util
 
-from egpt_speed.attention import attention_settings, check_flash_head_dim, half_precision_cuda_reason, set_llm_attention
+from egpt_speed.attention import half_precision_cuda_reason
 from egpt_speed.quantize import package_version
+from egpt_speed.strategies.preparers import FlashAttentionPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
-class FlashAttn(Strategy):
+class FlashAttn(FlashAttentionPreparer, Strategy):
     name = "flash-attn"
     summary = "LLM attention = flash_attention_2 from the flash-attn package; fp16/bf16 CUDA; CLIP tower unchanged"
-    decodes = False
-    modifies_model = True
+    attn_implementation = "flash_attention_2"
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("flash_attn") is None:
@@ -27,10 +27,5 @@ class FlashAttn(Strategy):
                     "sdpa-flash runs PyTorch's own FlashAttention kernel without it.")
         return half_precision_cuda_reason(self.ctx.device, self.ctx.dtype, "flash_attention_2")
 
-    def prepare(self, model) -> None:
-        check_flash_head_dim(model.llm.config)
-        set_llm_attention(model.llm, "flash_attention_2")
-        self.recorded = {**attention_settings(model), "flash_attn": package_version("flash-attn")}
-
-    def settings(self) -> dict:
-        return getattr(self, "recorded", {"attn_implementation": "flash_attention_2"})
+    def extra_settings(self) -> dict:
+        return {"flash_attn": package_version("flash-attn")}

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, cuda_reason, package_reason, quantize_llm_torchao, torchao_settings
+from egpt_speed.quantize import cuda_reason, package_reason
+from egpt_speed.strategies.preparers import TorchaoWeightOnlyPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
-class Int4WeightOnly(Strategy):
+class Int4WeightOnly(TorchaoWeightOnlyPreparer, Strategy):
     name = "int4wo"
     summary = "torchao int4 weight-only LLM linears (group 128, tinygemm); bf16 on sm80+; vision stack unchanged"
-    decodes = False
-    modifies_model = True
-    lossless = False
 
     def unavailable_reason(self) -> str | None:
         reason = cuda_reason(self.ctx.device, "torchao int4 weight-only") or package_reason("torchao", "torchao")
@@ -31,10 +29,3 @@ class Int4WeightOnly(Strategy):
         if torch.cuda.is_available() and torch.cuda.get_device_capability(self.ctx.device)[0] < 8:
             return "the tinygemm int4 kernel needs a GPU of compute capability 8.0 or newer (Ampere, Hopper)."
         return None
-
-    def prepare(self, model) -> None:
-        self.converted = quantize_llm_torchao(model.llm, self.name)
-
-    def settings(self) -> dict:
-        return {**torchao_settings(self.name), "quantized_linears": getattr(self, "converted", None),
-                "kept_in_run_dtype": KEPT_IN_RUN_DTYPE}

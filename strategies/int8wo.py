@@ -7,24 +7,15 @@ static-cache decoder (`int8wo+compile`).
 
 from __future__ import annotations
 
-from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, cuda_reason, package_reason, quantize_llm_torchao, torchao_settings
+from egpt_speed.quantize import cuda_reason, package_reason
+from egpt_speed.strategies.preparers import TorchaoWeightOnlyPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
-class Int8WeightOnly(Strategy):
+class Int8WeightOnly(TorchaoWeightOnlyPreparer, Strategy):
     name = "int8wo"
     summary = "torchao int8 weight-only LLM linears (per-channel scales); vision stack unchanged"
-    decodes = False
-    modifies_model = True
-    lossless = False
 
     def unavailable_reason(self) -> str | None:
         return cuda_reason(self.ctx.device, "torchao int8 weight-only") or package_reason("torchao", "torchao")
-
-    def prepare(self, model) -> None:
-        self.converted = quantize_llm_torchao(model.llm, self.name)
-
-    def settings(self) -> dict:
-        return {**torchao_settings(self.name), "quantized_linears": getattr(self, "converted", None),
-                "kept_in_run_dtype": KEPT_IN_RUN_DTYPE}

@@ -9,26 +9,23 @@ CUDA, float16/bfloat16 and sm80+ only.
 
 from __future__ import annotations
 
-from egpt_speed.attention import (FORCED_FLASH, attention_settings, check_flash_head_dim, forced_flash_reason,
-                                  register_sdpa_variant, set_llm_attention)
+from egpt_speed.attention import FORCED_FLASH, forced_flash_reason, register_sdpa_variant, set_llm_attention
+from egpt_speed.strategies.preparers import FlashAttentionPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
-class SDPAFlash(Strategy):
+class SDPAFlash(FlashAttentionPreparer, Strategy):
     name = "sdpa-flash"
     summary = "LLM attention = PyTorch SDPA forced onto its FlashAttention kernel; fp16/bf16 CUDA; CLIP tower unchanged"
-    decodes = False
-    modifies_model = True
+    attn_implementation = FORCED_FLASH
 
     def unavailable_reason(self) -> str | None:
         return forced_flash_reason(self.ctx.device, self.ctx.dtype)
 
-    def prepare(self, model) -> None:
-        check_flash_head_dim(model.llm.config)
+    def install(self, model) -> None:
         set_llm_attention(model.llm, register_sdpa_variant(FORCED_FLASH, enforce=True))
-        self.recorded = {**attention_settings(model), "sdpa_backend": "FLASH_ATTENTION (forced)",
-                         "multi_token_steps": "lower-right causal on the kernel", "padded_batches": "refused"}
 
-    def settings(self) -> dict:
-        return getattr(self, "recorded", {"attn_implementation": FORCED_FLASH})
+    def extra_settings(self) -> dict:
+        return {"sdpa_backend": "FLASH_ATTENTION (forced)", "multi_token_steps": "lower-right causal on the kernel",
+                "padded_batches": "refused"}
