@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from egpt_speed import metrics
 from egpt_speed.errors import EgptError
 from egpt_speed.results import STAGE_KEYS
 
@@ -111,6 +112,11 @@ def render_markdown(document: dict, memory_budget_gb: float | None = None) -> st
         lines += ["", "## Ranking (median of per-sample ratios vs the same-run reference)", ""] + ranking_table(ranking(document))
         lines += ["", "Memory: LLM weights + draft + Stage-4 working memory where measured (CUDA), else the device peak, "
                   "else the weights alone. Lossless: declared lossless and no `real` divergence (bf16 near-ties allowed)."]
+        over = over_fastest_autoregressive(document)
+        if over:
+            lines += ["", "## Speculation over the fastest autoregressive strategy (same run)", "",
+                      "Median of per-sample Stage-4 ratios against the fastest lossless, unbatched, non-speculative "
+                      "strategy of this run; per step = per target forward.", ""] + speculation_table(document, over)
         lines += ["", "## Recommendations", ""] + recommendations(document, memory_budget_gb)
         lines += ["", "## Speedup and agreement (per-sample ratios, interleaved order)", ""]
         lines += comparison_table(document["comparisons"])
@@ -324,6 +330,88 @@ def ranking(document: dict) -> list[Ranked]:
     return sorted((r for r in rows if r.rankable), key=key) + sorted((r for r in rows if not r.rankable), key=key)
 
 
+# ---- speculation against the fastest autoregressive strategy -------------------------------------------
+
+
+def is_speculative(run: dict) -> bool:
+    """Drafts and verifies: its samples count drafted tokens, or its summary has a mean accepted length."""
+    summary = run.get("summary", {})
+    if "mean_accepted_tokens" in summary or "mean_accepted_tokens" in (summary.get("speculation") or {}):
+        return True
+    return any("drafted" in sample for sample in run.get("samples", []))
+
+
+def is_batched(run: dict) -> bool:
+    """Decoded several prompts at once (its Stage-4 times are whole batches', not one sample's)."""
+    if run.get("summary", {}).get("batches"):
+        return True
+    return any((sample.get("batch_size") or 1) > 1 for sample in run.get("samples", []))
+
+
+def fastest_autoregressive(document: dict) -> str | None:
+    """The lossless, unbatched, non-speculative run with the highest median Stage-4 speedup over the reference."""
+    runs = document["runs"]
+    rows = [r for r in ranking(document) if r.lossless and r.speedup_stage4 is not None
+            and not is_speculative(runs[r.name]) and not is_batched(runs[r.name])]
+    return max(rows, key=lambda r: r.speedup_stage4).name if rows else None
+
+
+@dataclass(frozen=True)
+class OverAutoregressive:
+    """A speculative candidate's Stage-4 speedup over the fastest lossless autoregressive run of the same document."""
+
+    autoregressive: str
+    candidate: str
+    samples: int  # samples with a ratio
+    median: float | None  # median over samples i of stage4_ms[autoregressive][i] / stage4_ms[candidate][i]
+    q1: float | None
+    q3: float | None
+
+
+def over_fastest_autoregressive(document: dict) -> dict[str, OverAutoregressive]:
+    """Every speculative run against the fastest autoregressive one, by per-sample Stage-4 ratios (samples
+    aligned by index, as the runner interleaves them); empty when the run has no such pair."""
+    runs = document["runs"]
+    autoregressive = fastest_autoregressive(document)
+    if autoregressive is None:
+        return {}
+    base = runs[autoregressive].get("samples", [])
+    result = {}
+    for name, run in runs.items():
+        if name == autoregressive or not is_speculative(run):
+            continue
+        ratios = [metrics.ratio(b.get("stage4_ms"), c.get("stage4_ms")) for b, c in zip(base, run.get("samples", []))]
+        q = metrics.quantiles(ratios)
+        result[name] = OverAutoregressive(autoregressive, name, sum(r is not None for r in ratios),
+                                          q.get("median"), q.get("q1"), q.get("q3"))
+    return result
+
+
+def _per_verify_step(summary: dict, key: str) -> float | None:
+    """A per-sample mean time (draft_ms, verify_ms) as ms per target forward."""
+    forwards = (summary.get("speculation") or {}).get("target_forwards")
+    if summary.get(key) is None or not forwards or not summary.get("samples"):
+        return None
+    return summary[key] * summary["samples"] / forwards
+
+
+def speculation_table(document: dict, over: dict[str, OverAutoregressive]) -> list[str]:
+    """Each speculative candidate against the fastest autoregressive run and the reference, with its cost decomposition."""
+    runs, rows = document["runs"], {r.name: r for r in ranking(document)}
+    autoregressive = next(iter(over.values())).autoregressive
+    reference = document.get("config", {}).get("reference") or next(iter(runs))
+    lines = [f"| candidate | vs fastest AR ({autoregressive}) median [IQR] | vs {reference} | τ (tokens per verify step) | "
+             "draft ms per step | verify ms per step | predicted E/(γc+1), measured E |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, o in over.items():
+        summary = runs[name]["summary"]
+        spec = summary.get("speculation") or {}
+        lines.append(f"| {name} | **{_f(o.median, 2, '×')}** [{_f(o.q1, 2)}–{_f(o.q3, 2)}] | "
+                     f"{_f(rows[name].speedup_stage4 if name in rows else None, 2, '×')} | "
+                     f"{_f(spec.get('mean_accepted_tokens'), 2)} | {_f(_per_verify_step(summary, 'draft_ms'), 2)} | "
+                     f"{_f(_per_verify_step(summary, 'verify_ms'), 2)} | {_f(spec.get('predicted_speedup_measured_e'), 2, '×')} |")
+    return lines
+
+
 def _pct(value: float | None, digits: int = 0) -> str:
     return _f(100 * value if value is not None else None, digits, " %")
 
@@ -419,6 +507,11 @@ def recommendations(document: dict, memory_budget_gb: float | None = None) -> li
     lossless = [r for r in rankable if r.lossless]
     if lossless:
         lines.append(f"- Fastest lossless: {_describe(lossless[0])}.")
+    over = [o for o in over_fastest_autoregressive(document).values() if o.median is not None]
+    if over:
+        best = max(over, key=lambda o: o.median)
+        lines.append(f"- Best speculation over the fastest autoregressive strategy ({best.autoregressive}): **{best.candidate}** "
+                     f"{_f(best.median, 2, '×')} (median of per-sample Stage-4 ratios).")
     lossy_faster = [r for r in rankable if not r.lossless and lossless and (r.speedup_stage4 or 0) > (lossless[0].speedup_stage4 or 0)]
     if lossy_faster:
         lines.append(f"- Faster but not lossless: {_describe(lossy_faster[0])}; use it only where its answers are acceptable.")

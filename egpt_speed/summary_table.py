@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from egpt_speed.report import _f
+from egpt_speed.report import _f, over_fastest_autoregressive
 
 WIDTH = 100  # headers are abbreviated so numbers are never cut at this width
 NOISY_BELOW_SAMPLES = 5
@@ -32,15 +32,18 @@ def runs_table(document: dict) -> Table:
 
 def comparisons_table(document: dict) -> Table:
     reference = document["comparisons"][0]["reference"]
-    table = _table(f"vs {reference}: median per-sample ratio [IQR]; τ = mean accepted tokens",
-                   ("candidate", "S4 speedup", "total", "exact", "tok match", "α", "τ"))
+    over = over_fastest_autoregressive(document)
+    vs_ar = f"; vs AR = S4 vs {next(iter(over.values())).autoregressive}" if over else ""
+    table = _table(f"vs {reference}: median per-sample ratio [IQR]{vs_ar}; τ = mean accepted tokens",
+                   ("candidate", "S4 speedup", "total", "exact", "tok match", "α", "τ") + (("vs AR",) if over else ()))
     for c in document["comparisons"]:
         spec = document["runs"][c["candidate"]]["summary"].get("speculation") or {}
+        ar_ratio = (f"{_f(over[c['candidate']].median, 2)}×" if c["candidate"] in over else "–",) if over else ()
         table.add_row(c["candidate"],
                       f"{_f(c['speedup_stage4_median'], 2)}× [{_f(c['speedup_stage4_q1'], 2)}–{_f(c['speedup_stage4_q3'], 2)}]",
                       f"{_f(c['speedup_total_median'], 2)}×", f"{_f(100 * c['exact_match_rate'], 0)} %",
                       f"{_f(100 * c['token_match_rate'], 1)} %", _f(spec.get("accept_rate"), 3),
-                      _f(spec.get("mean_accepted_tokens"), 2))
+                      _f(spec.get("mean_accepted_tokens"), 2), *ar_ratio)
     return table
 
 

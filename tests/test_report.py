@@ -175,3 +175,51 @@ def test_plots_render_every_panel(tmp_path):
     doc["runs"]["speculative"]["summary"]["speculation"]["acceptance_by_position"] = [0.9, 0.7, 0.5, 0.3]
     path = report.write_plots(doc, tmp_path / "plot.png")
     assert path.exists() and path.stat().st_size > 10_000
+
+
+def ar_doc() -> dict:
+    """baseline (reference), compile (fastest lossless AR), a faster lossy and a faster batched run, two speculative ones."""
+    def timed(stage4: list[float], lossless: bool = True, **sample) -> dict:
+        entry = run(0.5, lossless=lossless)
+        entry["samples"] = [{"id": f"s{i}", "stage4_ms": ms, **sample} for i, ms in enumerate(stage4)]
+        return entry
+
+    doc = document()
+    doc["config"]["samples"] = 5
+    doc["runs"] = {"baseline": timed([100.0] * 5), "compile": timed([20.0] * 5),
+                   "int4wo+compile": timed([10.0] * 5, lossless=False), "batch": timed([5.0] * 5, batch_size=4),
+                   "compile+eagle": timed([10.0, 12.5, 20.0, 8.0, 10.0]),
+                   "compile+eagle-tree": timed([16.0] * 5, drafted=12)}
+    doc["runs"]["compile+eagle"]["summary"]["speculation"] = {"mean_accepted_tokens": 2.7, "target_forwards": 40}
+    doc["runs"]["compile+eagle"]["summary"].update(draft_ms=8.0, verify_ms=40.0, samples=5)
+    doc["comparisons"] = [comparison("compile", 5.0, samples=5), comparison("int4wo+compile", 10.0, samples=5),
+                          comparison("batch", 20.0, samples=5), comparison("compile+eagle", 10.0, samples=5),
+                          comparison("compile+eagle-tree", 6.25, samples=5)]
+    return doc
+
+
+def test_speculation_is_measured_against_the_fastest_lossless_unbatched_autoregressive_run():
+    doc = ar_doc()
+    assert report.fastest_autoregressive(doc) == "compile"  # int4wo+compile is lossy, batch is batched
+    over = report.over_fastest_autoregressive(doc)
+    assert list(over) == ["compile+eagle", "compile+eagle-tree"]  # the tree is told speculative by its samples
+    assert over["compile+eagle"].median == pytest.approx(2.0)  # ratios 2, 1.6, 1, 2.5, 2
+    assert over["compile+eagle"].q1 == pytest.approx(1.6) and over["compile+eagle"].q3 == pytest.approx(2.0)
+    assert over["compile+eagle-tree"].median == pytest.approx(1.25) and over["compile+eagle-tree"].samples == 5
+
+
+def test_a_real_divergence_takes_a_run_out_of_the_autoregressive_candidates():
+    doc = ar_doc()
+    doc["comparisons"][0] = comparison("compile", 5.0, samples=5, exact=0.8, real=1)
+    assert report.fastest_autoregressive(doc) == "baseline"
+    assert report.over_fastest_autoregressive(doc)["compile+eagle-tree"].median == pytest.approx(100 / 16)
+
+
+def test_markdown_shows_speculation_against_the_fastest_autoregressive_run_and_its_cost_per_step():
+    markdown = report.render_markdown(ar_doc())
+    table = markdown[markdown.index("## Speculation over the fastest autoregressive"):]
+    assert "| candidate | vs fastest AR (compile) median [IQR] | vs baseline |" in table
+    # 8 ms drafting and 40 ms verifying per sample over 40 forwards of 5 samples: 1.00 and 5.00 ms per step
+    assert "| compile+eagle | **2.00×** [1.60–2.00] | 10.00× | 2.70 | 1.00 | 5.00 |" in table
+    assert "over the fastest autoregressive strategy (compile): **compile+eagle** 2.00×" in markdown
+    assert "## Speculation over" not in report.render_markdown(document())  # no speculative run, no section
