@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -114,8 +115,6 @@ def test_rank_0_draws_one_bar_for_every_ranks_samples():
     step = rank0.factory(3)  # rank 0 resumed 2 of its 5 entries
     step(1)
     assert bars[0][1] == 2 + 1 + 1
-    import threading
-
     waiting = threading.Thread(target=rank1.finish, daemon=True)  # its other 3 entries; it waits for rank 0
     waiting.start()
     rank0.finish()
