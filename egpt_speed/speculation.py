@@ -82,14 +82,6 @@ class DynamicTarget:
         keep_cache_positions(self.cache, self._tree_base, keep)
 
 
-def lend_target_to(strategy, prefix_embeds: torch.Tensor, settings: GenerationSettings, model) -> Target:
-    """The target a speculative strategy verifies on: the one its `lender` lends (compile+speculative:
-    a static-cache StaticTarget), else a DynamicTarget on the model's LLM."""
-    if strategy.lender is None:
-        return DynamicTarget(model.llm)
-    return strategy.lender.lend_target(model, prefix_embeds.shape[1] + settings.max_new_tokens, strategy.ctx.gamma)
-
-
 @torch.inference_mode()
 def speculative_decode(target: Target, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
                        gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import layer_truncated_view
 from egpt_speed.proposers import CausalLMProposer
-from egpt_speed.speculation import lend_target_to, speculative_decode
+from egpt_speed.speculation import speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
 
@@ -28,7 +28,7 @@ class EarlyExit(Strategy):
     def decode(self, model, request, clock):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = CausalLMProposer(self.view, prefix_embeds=prefix_embeds)
-        target = lend_target_to(self, prefix_embeds, request.settings, model)
+        target = self.verify_target(model, prefix_embeds, request.settings)
         return speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model), clock)
 
     def settings(self) -> dict:

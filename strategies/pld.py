@@ -10,7 +10,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.options import StrategyOptions
 from egpt_speed.proposers import PromptLookupProposer
-from egpt_speed.speculation import lend_target_to, speculative_decode
+from egpt_speed.speculation import speculative_decode
 from egpt_speed.strategies.registry import Strategy, register
 
 DEFAULT_MAX_NGRAM = StrategyOptions.pld_ngram  # used when the run gives no --pld-ngram (the CLI's default)
@@ -30,7 +30,7 @@ class PromptLookup(Strategy):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = PromptLookupProposer(request.text_ids.tolist(), model.llm.get_output_embeddings().weight.shape[0],
                                         model.device, self.max_ngram)
-        target = lend_target_to(self, prefix_embeds, request.settings, model)
+        target = self.verify_target(model, prefix_embeds, request.settings)
         return speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model), clock)
 
     def settings(self) -> dict:

@@ -17,6 +17,7 @@ import torch
 
 from egpt_speed.decoding import DecodeRequest, DecodeResult
 from egpt_speed.errors import EgptError
+from egpt_speed.speculation import DynamicTarget, Target
 from egpt_speed.options import MeasureOptions, default_strategy_options
 from egpt_speed.timing import Clock
 
@@ -62,6 +63,17 @@ class Strategy:
     def lend_target(self, model, max_seq: int, gamma: int):
         """A speculative target (speculation.Target: prefill / verify / crop) with room for max_seq positions."""
         raise NotImplementedError
+
+    def lend_drafter(self, head, model, prefix_embeds: torch.Tensor, settings, gamma: int, tree=None):
+        """A lender's own drafter for an EAGLE head (compile: graph-captured), or None for the eager one."""
+        return None
+
+    def verify_target(self, model, prefix_embeds: torch.Tensor, settings) -> Target:
+        """The target this decoder verifies on: its lender's (compile+speculative: a static-cache
+        StaticTarget), else a DynamicTarget on the model's LLM. prefix_embeds: [1, L, H]."""
+        if self.lender is None:
+            return DynamicTarget(model.llm)
+        return self.lender.lend_target(model, prefix_embeds.shape[1] + settings.max_new_tokens, self.ctx.gamma)
 
     def unavailable_reason(self) -> str | None:
         """None when it can run here, else one sentence saying why not (missing package, no CUDA)."""

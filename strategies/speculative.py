@@ -5,7 +5,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
-from egpt_speed.speculation import lend_target_to, speculative_decode
+from egpt_speed.speculation import speculative_decode
 from egpt_speed.tree import TreeShape
 from egpt_speed.strategies.registry import Strategy, register
 
@@ -23,7 +23,7 @@ class Speculative(Strategy):
         if self.draft.head is not None:
             # a compiled lender drafts with the head captured on a static cache (greedy); else the eager head
             lent = self.lender.lend_drafter(self.draft.head, model, prefix_embeds, request.settings, self.ctx.gamma,
-                                            self.tree_shape()) if hasattr(self.lender, "lend_drafter") else None
+                                            self.tree_shape()) if self.lender is not None else None
             return lent or EagleProposer(self.draft.head, model.llm, prefix_embeds)
         if not self.draft.multimodal:
             return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
@@ -35,7 +35,7 @@ class Speculative(Strategy):
     def decode(self, model, request, clock):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
-        target = lend_target_to(self, prefix_embeds, request.settings, model)
+        target = self.verify_target(model, prefix_embeds, request.settings)
         return speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model), clock,
                                   adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")), tree=self.tree_shape())
 
