@@ -426,7 +426,12 @@ def write_synthetic_dataset(
     try:
         entries = [_write_clip(tmp, i, num_clips, seed, config, questions, video) for i in range(num_clips)]
         (tmp / INSTRUCTION_JSON).write_text(json.dumps(entries, indent=1))
-        tmp.rename(root)
+        try:
+            tmp.rename(root)
+        except OSError:  # another process wrote the same deterministic dataset first: keep its copy
+            if not (root / INSTRUCTION_JSON).exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -60,8 +61,12 @@ def tiny_llm_dir() -> Path:
     staging = target.with_name(target.name + f".tmp{os.getpid()}")
     llm.save_pretrained(str(staging))
     tokenizer.save_pretrained(str(staging))
-    if not target.exists():
+    try:
         staging.rename(target)
+    except OSError:  # another process finished the same conversion first: keep its copy
+        if not target.exists():
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
