@@ -552,6 +552,9 @@ def validate(config: TrainDraftConfig) -> int:
                                ("--draft-vocab", config.draft_vocab, 0)):
         if value < least:
             raise EgptError(f"{flag} must be at least {least}" + (" (0 = auto / all)." if least == 0 else "."))
+    from egpt_speed.devices import resolve_dtype
+
+    resolve_dtype(config.target_dtype)  # an unknown --target-dtype fails here, before any model loads
     if config.prompt_window < 0:
         raise EgptError("--prompt-window must be at least 0 (prompt positions trained on besides the answer).")
     clips = min(config.samples, 200) if config.clips is None else config.clips
@@ -643,7 +646,7 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
 
     from egpt_speed.datasets import load_questions
     from egpt_speed.decoding import eos_ids
-    from egpt_speed.devices import resolve_device
+    from egpt_speed.devices import resolve_device, resolve_dtype
     from egpt_speed.train_draft_shards import rank_zero_first
 
     clip_count = validate(config)
@@ -651,11 +654,12 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
     storage = store_dtype_for(config.store_dtype, device)
     with rank_zero_first(config.device):  # launched: rank 0 fills the caches every rank reads (clips, SmolLM2)
         specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
-        target = load_model(config.model, torch.float32, device)
+        target = load_model(config.model, resolve_dtype(config.target_dtype, device), device)
     train_pairs, heldout_pairs = pairs_for(specs, load_questions(), config.samples, config.holdout, config.seed)
     collection = dict(model=config.model, data=config.data, synthetic_seed=data_seed,
                       synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
-                      holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames)
+                      holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames,
+                      target_dtype=str(target.llm.dtype).replace("torch.", ""))
     started = time.perf_counter()
     train_seqs, heldout_seqs, reused = collect_training_data(target, config, train_pairs, heldout_pairs, collection,
                                                              storage, progress)

@@ -257,3 +257,18 @@ def test_online_train_draft_writes_no_features_and_resumes_from_the_answers(tmp_
     again = invoke(*common, "--resume")
     assert again.exit_code == 0, again.output
     assert json.loads((out / "eagle_config.json").read_text())["report"]["heldout_top1"] == meta["report"]["heldout_top1"]
+
+
+def test_train_draft_with_a_bfloat16_target(tmp_path, td_loader):
+    """--target-dtype bfloat16: the target is loaded in bf16 (half the memory at 7B), the head still trains in fp32."""
+    out = tmp_path / "head"
+    result = invoke("--data", "synthetic", "--synthetic-events", "2000", "-n", "8", "--clips", "3", "--device", "cpu",
+                    "--out", str(out), "--batch-size", "4", "--train-batch", "4", "--epochs", "1", "--max-new-tokens", "6",
+                    "--target-dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    assert td_loader[-1].llm.dtype == torch.bfloat16
+    assert EagleHead.load(out, CPU, torch.float32).fc.weight.dtype == torch.float32
+    collection = json.loads((out / "collect.journal.jsonl").read_text().splitlines()[0])["collection"]
+    assert collection["target_dtype"] == "bfloat16"
+    bad = invoke("--data", "synthetic", "-n", "8", "--device", "cpu", "--out", str(tmp_path / "bad"), "--target-dtype", "int3")
+    assert bad.exit_code == 2 and "int3" in bad.output
