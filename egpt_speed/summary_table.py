@@ -66,11 +66,21 @@ def _wide(comparison: dict) -> bool:
     return q1 < median * (1 - NOISY_IQR) or q3 > median * (1 + NOISY_IQR)
 
 
+def real_divergence_warning(document: dict) -> str | None:
+    """One loud line when a candidate chose a token the reference clearly did not prefer (not a bf16 near-tie)."""
+    real = [f"{c['candidate']} ({c['real_divergence_count']})" for c in document["comparisons"]
+            if c.get("real_divergence_count")]
+    if not real:
+        return None
+    return (f"WARNING: real divergences from {document['comparisons'][0]['reference']}: {', '.join(real)} — "
+            "not explained by rounding; see the report's REAL DIVERGENCES section.")
+
+
 def print_summary(document: dict, console: Console | None = None) -> None:
     console = console or Console(width=WIDTH)
     console.print(runs_table(document))
     if document["comparisons"]:
         console.print(comparisons_table(document))
-    note = noise_note(document)
-    if note:
-        console.print(note, soft_wrap=True, markup=False, highlight=False)
+    for line in (real_divergence_warning(document), noise_note(document)):
+        if line:
+            console.print(line, soft_wrap=True, markup=False, highlight=False)

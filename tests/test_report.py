@@ -223,3 +223,15 @@ def test_markdown_shows_speculation_against_the_fastest_autoregressive_run_and_i
     assert "| compile+eagle | **2.00×** [1.60–2.00] | 10.00× | 2.70 | 1.00 | 5.00 |" in table
     assert "over the fastest autoregressive strategy (compile): **compile+eagle** 2.00×" in markdown
     assert "## Speculation over" not in report.render_markdown(document())  # no speculative run, no section
+
+
+def test_summary_warns_loudly_about_real_divergences_only():
+    from egpt_speed.summary_table import real_divergence_warning
+
+    def document(counts):
+        return {"comparisons": [{"reference": "baseline", "candidate": name, "real_divergence_count": n}
+                                for name, n in counts.items()]}
+
+    line = real_divergence_warning(document({"int8": 3, "speculative": 0}))
+    assert line.startswith("WARNING") and "int8 (3)" in line and "speculative" not in line
+    assert real_divergence_warning(document({"speculative": 0, "compile": None})) is None
