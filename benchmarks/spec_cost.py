@@ -13,7 +13,6 @@ EAGLE head of the target's width (random weights: cost only): one chain step and
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
@@ -29,19 +28,14 @@ from egpt_speed.eagle import EagleHead, head_config_from_target  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
-from egpt_speed.timing import TimedRegion, measure_copy_bandwidth  # noqa: E402
+from egpt_speed.timing import measure_copy_bandwidth  # noqa: E402
+from egpt_speed.timing import median_ms as timing_median_ms  # noqa: E402
 from egpt_speed.tree import DraftTree, tree_attention_mask, tree_position_ids  # noqa: E402
 
 
-def median_ms(fn, device, repeats: int, warmup: int = 10) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        with TimedRegion(device) as region:
-            fn()
-        samples.append(region.ms)
-    return statistics.median(samples)
+def median_ms(fn, device, repeats: int) -> float:
+    return timing_median_ms(fn, device, repeats, warmup=10)  # eager cached steps: more warm-up than the static ones
+
 
 
 def random_tree(nodes: int, topk: int, max_depth: int = 6, seed: int = 0) -> DraftTree:

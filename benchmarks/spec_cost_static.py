@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -40,7 +39,7 @@ from egpt_speed.quantize import quantize_llm_torchao  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.static_decode import StaticEngine, StaticTarget  # noqa: E402
 from egpt_speed.static_draft import DeviceTree, StaticEagleDrafter  # noqa: E402
-from egpt_speed.timing import TimedRegion, measure_copy_bandwidth  # noqa: E402
+from egpt_speed.timing import measure_copy_bandwidth, median_ms  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spec_cost import random_tree  # noqa: E402
@@ -48,16 +47,6 @@ from spec_cost import random_tree  # noqa: E402
 DECODE_POSITION_OFFSET = 23  # a realistic decode position: prefix + ~half the seed's 45.5 answer tokens
 DRAFT_VOCAB = 8192  # the shipped tiny-eagle head's draft-vocabulary size (FR-Spec)
 
-
-def median_ms(fn, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        with TimedRegion(device) as region:
-            fn()
-        samples.append(region.ms)
-    return statistics.median(samples)
 
 
 def decode_ms_per_token(engine: StaticEngine, embeds: torch.Tensor, new_tokens: int, repeats: int) -> float:

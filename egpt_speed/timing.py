@@ -6,8 +6,10 @@ through the `Clock` the runner hands them (a first-token mark for TTFT, draft/ve
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -113,3 +115,15 @@ def measure_copy_bandwidth(device: torch.device, megabytes: int = 512, repeats: 
         samples.append(2 * source.numel() * 4 / (region.ms / 1e3))
     samples.sort()
     return samples[len(samples) // 2]
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> float:
+    """Benchmarks' micro-timing: `warmup` untimed calls, then the median of `repeats` synchronised calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        with TimedRegion(device) as region:
+            fn()
+        samples.append(region.ms)
+    return statistics.median(samples)
