@@ -36,8 +36,13 @@ class Speculative(Strategy):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
         target = self.verify_target(model, prefix_embeds, request.settings)
-        return speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model), clock,
-                                  adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")), tree=self.tree_shape())
+        result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
+                                    clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
+                                    tree=self.tree_shape())
+        # compile+eagle drafts with a graph-captured head when greedy and with the eager head when sampling:
+        # each sample records which one it measured
+        result.metrics["drafter"] = type(proposer).__name__
+        return result
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""

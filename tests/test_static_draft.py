@@ -174,6 +174,7 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
     assert results[name].metrics["drafted"] > 0
     lender = next(part for part in strategy.parts if part.lends_target)
     assert isinstance(lender._drafter, StaticEagleDrafter)  # the captured drafter, not the eager head
+    assert results[name].metrics["drafter"] == "StaticEagleDrafter"  # and the sample says so
 
 
 def test_pending_tree_reads_back_lazily_and_before_the_next_draft(model, head):
