@@ -6,15 +6,8 @@ import math
 
 from egpt_speed.errors import EgptError
 
-# Preparers that set the same thing on the model: composed, the last would silently win.
-EXCLUSIVE_PREPARERS = {
-    "the LLM's attention implementation": {"eager", "sdpa", "sdpa-flash", "flash-attn"},
-    "the LLM's weight format": {"int8", "nf4", "fp4", "int8wo", "int4wo"},
-}
-
-
 def check_strategy_names(strategies: list[str]) -> None:
-    """No strategy twice in one run, no composition of preparers that override each other."""
+    """No strategy twice in one run (preparers that override each other: registry.check_overrides)."""
     if not strategies:
         raise EgptError("name at least one strategy, e.g. `egpt-speed run baseline`.")
     seen = set()
@@ -22,11 +15,6 @@ def check_strategy_names(strategies: list[str]) -> None:
         if name in seen:
             raise EgptError(f"strategy {name!r} is listed twice; name each strategy once.")
         seen.add(name)
-        parts = [part.strip() for part in name.split("+")]
-        for what, group in EXCLUSIVE_PREPARERS.items():
-            clashing = [part for part in parts if part in group]
-            if len(clashing) > 1:
-                raise EgptError(f"{name!r} composes {' and '.join(clashing)}, which both set {what}; keep one.")
 
 
 def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:

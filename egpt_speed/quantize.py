@@ -184,6 +184,7 @@ class BnbPreparer:
     scheme: BnbScheme
     kernel: str  # named in the "needs CUDA" refusal
     decodes = False
+    sets = "the LLM's weight format"  # two of these in one composition are refused
     modifies_model = True
     lossless = False
 

@@ -14,6 +14,7 @@ class EagerAttention(Strategy):
     name = "eager"
     summary = "LLM attention = transformers eager (matmul + softmax); CLIP tower unchanged"
     decodes = False
+    sets = "the LLM's attention implementation"
     modifies_model = True  # the attention setting lives on the model: compare gives it its own copy
 
     def prepare(self, model) -> None:

@@ -16,6 +16,7 @@ class FlashAttentionPreparer:
 
     attn_implementation: str  # the transformers attention implementation name
     decodes = False
+    sets = "the LLM's attention implementation"
     modifies_model = True  # the attention setting lives on the model: compare gives it its own copy
 
     def install(self, model) -> None:
@@ -38,6 +39,7 @@ class TorchaoWeightOnlyPreparer:
 
     name: str  # int8wo / int4wo: also the torchao scheme's key in egpt_speed.quantize
     decodes = False
+    sets = "the LLM's weight format"
     modifies_model = True
     lossless = False
 

@@ -55,6 +55,9 @@ class Strategy:
     # the decoder that `accepts_lent_target` (speculative, pld, early-exit) the target it verifies on.
     lends_target: ClassVar[bool] = False
     accepts_lent_target: ClassVar[bool] = False
+    # What a preparer sets on the model (e.g. the attention implementation): two parts of one composition
+    # that set the same thing are refused, since the last would silently win.
+    sets: ClassVar[str | None] = None
 
     def __init__(self, ctx: RunContext):
         self.ctx = ctx
@@ -171,6 +174,14 @@ def available() -> dict[str, type[Strategy]]:
     return dict(sorted(_REGISTRY.items()))
 
 
+def check_overrides(expression: str, parts: list[Strategy]) -> None:
+    """Refuse a composition of two parts that set the same thing on the model (eager+sdpa, nf4+int8wo)."""
+    for what in {part.sets for part in parts if part.sets}:
+        clashing = [part.name for part in parts if part.sets == what]
+        if len(clashing) > 1:
+            raise EgptError(f"{expression!r} composes {' and '.join(clashing)}, which both set {what}; keep one.")
+
+
 def build(expression: str, ctx: RunContext) -> Strategy:
     """`name` or `a+b+...` → a strategy instance; unknown names and two decoders are refused."""
     registry = available()
@@ -181,6 +192,7 @@ def build(expression: str, ctx: RunContext) -> Strategy:
     if len(set(names)) != len(names):
         raise EgptError(f"strategy {expression!r} names a part twice; list each part once.")
     parts = [registry[n](ctx) for n in names]
+    check_overrides(expression, parts)
     if len(parts) == 1 and parts[0].decodes:
         return parts[0]
     decoders = [p for p in parts if p.decodes]

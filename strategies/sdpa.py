@@ -15,6 +15,7 @@ class SDPA(Strategy):
     name = "sdpa"
     summary = "LLM attention = PyTorch SDPA, PyTorch picks the kernel; CLIP tower unchanged"
     decodes = False
+    sets = "the LLM's attention implementation"
     modifies_model = True
 
     def prepare(self, model) -> None:

@@ -407,3 +407,23 @@ def test_sdpa_flash_runs_prefill_decode_and_verify_on_gpu(tokenizer):
             model.llm(**with_cache(cache, inputs_embeds=prefix))
             logits[name] = model.llm(**with_cache(cache, input_ids=step)).logits.float()
     torch.testing.assert_close(logits["sdpa-flash"], logits["sdpa"], rtol=2e-2, atol=2e-2)
+
+
+def test_a_plugin_preparer_that_sets_the_attention_clashes_with_sdpa():
+    """Overrides are declared by each preparer (`sets`), so a third-party one is checked like ours."""
+    from egpt_speed.strategies.registry import Strategy, register
+
+    @register
+    class PluginAttention(Strategy):
+        name = "plugin-attention-test"
+        summary = "a test plugin that sets the LLM's attention"
+        decodes = False
+        sets = "the LLM's attention implementation"
+
+    ctx = RunContext(device=torch.device("cpu"), dtype=torch.float32)
+    try:
+        with pytest.raises(EgptError, match="plugin-attention-test and sdpa.*both set the LLM's attention"):
+            registry.build("plugin-attention-test+sdpa", ctx)
+        assert registry.build("plugin-attention-test+nf4", ctx).decoder.name == "baseline"
+    finally:
+        registry._REGISTRY.pop(PluginAttention.name)  # keep the registry as other tests expect it
