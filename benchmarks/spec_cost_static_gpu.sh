@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 11 (7B shapes) + issue 13 (Stages 1-3) on the GPU machine, first of two calls: also parks the first half
-# of the SmolLM2 GGUF (.carry1/part00) in /tmp/gguf for benchmarks/compile_eagle_gpu2.sh.
+# of the SmolLM2 GGUF (.carry1/part00) in /tmp/gguf for a second call such as benchmarks/compile_eagle_gpu.sh.
 #   run(carry=[".carry1", ".whl"]): bash benchmarks/spec_cost_static_gpu.sh $OUT
 # .whl holds torchao-0.18.0 (int8wo/int4wo). Results land directly in OUT (≤ 8 files come back).
 set -uo pipefail
