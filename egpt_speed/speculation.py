@@ -9,14 +9,17 @@ greedy/sampling only without per-position counters. The loop owns no model: it d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 
 from egpt_speed.decoding import DecodeResult, GenerationSettings, crop_cache, make_generator, with_cache
+from egpt_speed.errors import EgptError
 from egpt_speed.metrics import SpeculationCounters, ratio, speculation_metrics
 from egpt_speed.proposers import Proposer
+from egpt_speed.static_decode import HostStaging
 from egpt_speed.timing import Clock
 from egpt_speed.tree import DraftTree, TreeShape, keep_cache_positions, tree_attention_mask, tree_position_ids
 from egpt_speed.verify import ChainDraft, Verdict, verify_draft
@@ -43,19 +46,37 @@ class Target(Protocol):
 
 
 class DynamicTarget:
-    """The target on transformers' DynamicCache (crop slices the cache tensors)."""
+    """The target on transformers' DynamicCache (crop slices the cache tensors).
 
-    def __init__(self, llm):
+    aux_layers (EAGLE-3 heads, `capture_layers`): `last_hidden` then holds the inputs of those
+    decoder layers concatenated, [1, q, len(aux_layers) * H], instead of the final-norm states.
+    """
+
+    def __init__(self, llm, aux_layers: list[int] | None = None):
         self.llm = llm
         self.cache = DynamicCache(config=llm.config)
         self.last_hidden: torch.Tensor | None = None
         self._tree_base = 0  # cache length before the last verify_tree
+        self.aux_layers: list[int] = []
+        if aux_layers:
+            self.capture_layers(aux_layers)
+
+    def capture_layers(self, aux_layers: list[int]) -> None:
+        """Keep the inputs of these decoder layers (vLLM's aux hidden states: id i = the input of
+        layer i = HF's hidden_states[i]) as `last_hidden` from the next forward on."""
+        count = len(self.llm.model.layers)
+        if any(not 0 <= index < count for index in aux_layers):
+            raise EgptError(f"the draft head reads target layers {list(aux_layers)}, but the target has layers 0..{count - 1}; "
+                            "use a head trained for this target.")
+        self.aux_layers = list(aux_layers)
 
     def _forward(self, last_only: bool = False, **inputs) -> torch.Tensor:
         """One forward on the cache → logits [T, V] (the last position only for prefill, as generate
-        does); keeps the post-norm hidden states [1, T, H] an EAGLE-style head drafts from."""
-        hidden = self.llm.model(**with_cache(self.cache, **inputs)).last_hidden_state
-        self.last_hidden = hidden
+        does); keeps the hidden states an EAGLE-style head drafts from: post-norm [1, T, H], or the
+        aux layers' inputs [1, T, 3H]."""
+        with capture_layer_inputs(self.llm.model.layers, self.aux_layers) as captured:
+            hidden = self.llm.model(**with_cache(self.cache, **inputs)).last_hidden_state
+        self.last_hidden = torch.cat([captured[index] for index in self.aux_layers], dim=-1) if self.aux_layers else hidden
         return self.llm.lm_head(hidden[:, -1:] if last_only else hidden)[0]
 
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
@@ -82,6 +103,25 @@ class DynamicTarget:
         keep_cache_positions(self.cache, self._tree_base, keep)
 
 
+@contextmanager
+def capture_layer_inputs(layers, indices: list[int]):
+    """{index: the hidden states [B, T, H] entering layers[index]} for the forwards run inside; the hooks
+    (one per index, none when empty) are removed on exit, so other users of the model never see them."""
+    captured: dict[int, torch.Tensor] = {}
+
+    def hook_for(index: int):
+        def hook(module, args, kwargs):
+            captured[index] = args[0] if args else kwargs["hidden_states"]
+        return hook
+
+    handles = [layers[index].register_forward_pre_hook(hook_for(index), with_kwargs=True) for index in set(indices)]
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 @torch.inference_mode()
 def speculative_decode(target: Target, prefix_embeds: torch.Tensor, proposer: Proposer, settings: GenerationSettings,
                        gamma: int, stop_ids: set[int], clock: Clock, adaptive_gamma: bool = False,
@@ -105,17 +145,22 @@ def speculative_decode(target: Target, prefix_embeds: torch.Tensor, proposer: Pr
     proposer.observe(target.last_hidden)  # features of every prefix position
     with clock.phase("draft"):
         proposer.start()
+    # token ids and tree paths travel host → device through pinned buffers: a pageable copy would stall
+    # the host until the device is idle, a second sync per step besides the verdict's read-back
+    pending = _PendingToken(prefix_embeds.device)
+    path_staging = HostStaging(gamma + 1, prefix_embeds.device) if tree is not None else None
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
         budget = min(gamma, settings.max_new_tokens - len(committed) - 1)  # leave room for the bonus token
         if tree is None:
-            proposed, verdict = _chain_step(target, proposer, committed, budget, settings, generator, clock, counters)
+            proposed, verdict = _chain_step(target, proposer, pending.load(committed[-1]), committed, budget,
+                                            settings, generator, clock, counters)
         else:
             proposed, verdict = _tree_step(target, proposer, committed, budget, tree, settings, generator, clock, counters)
         counters.record(proposed, len(verdict.accepted))
         committed += _cut(verdict.tokens, stop_ids, settings.max_new_tokens - len(committed))
         if tree is not None:
             target.keep_path([0] + verdict.path)  # block offsets: the root, then the accepted path
-            kept_hidden = target.last_hidden[:, [0] + verdict.path]
+            kept_hidden = _select_positions(target.last_hidden, [0] + verdict.path, path_staging)
         else:
             kept_hidden = target.last_hidden[:, :len(verdict.accepted) + 1]  # pending + accepted drafts
         target.crop(prefix_len + len(committed) - 1)
@@ -134,15 +179,37 @@ def _cut(tokens: list[int], stop_ids: set[int], room: int) -> list[int]:
     return tokens[:room]
 
 
-def _chain_step(target: Target, proposer: Proposer, committed: list[int], budget: int, settings: GenerationSettings,
-                generator: torch.Generator | None, clock: Clock, counters: SpeculationCounters) -> tuple[int, Verdict]:
-    """Draft ≤ budget tokens, verify [pending, d_1..d_k] in one forward → (k, verdict)."""
+class _PendingToken:
+    """The last committed token as a [1] device tensor, copied from a pinned buffer (no host stall)."""
+
+    def __init__(self, device: torch.device):
+        self.staging = HostStaging(1, device)
+        self.device_ids = torch.zeros(1, dtype=torch.long, device=device)  # [1]
+
+    def load(self, token: int) -> torch.Tensor:
+        self.device_ids = torch.empty_like(self.device_ids)  # a fresh tensor: the previous may still be read
+        self.staging.copy_to([token], self.device_ids)
+        return self.device_ids
+
+
+def _select_positions(hidden: torch.Tensor, positions: list[int], staging: HostStaging) -> torch.Tensor:
+    """hidden [1, q, H] → [1, len(positions), H], the index list copied through a pinned buffer."""
+    if positions == list(range(len(positions))):
+        return hidden[:, :len(positions)]
+    index = torch.empty(len(positions), dtype=torch.long, device=hidden.device)
+    staging.copy_to(positions, index)
+    return hidden.index_select(1, index)
+
+
+def _chain_step(target: Target, proposer: Proposer, pending: torch.Tensor, committed: list[int], budget: int,
+                settings: GenerationSettings, generator: torch.Generator | None, clock: Clock,
+                counters: SpeculationCounters) -> tuple[int, Verdict]:
+    """Draft ≤ budget tokens, verify [pending, d_1..d_k] in one forward → (k, verdict). pending: [1] on the device."""
     with clock.phase("draft"):
         draft = proposer.propose(committed, budget, settings, generator)
     proposed = int(draft.tokens.shape[0])
     counters.draft_forwards += proposed
     with clock.phase("verify"):
-        pending = torch.tensor([committed[-1]], device=draft.tokens.device)
         logits = target.verify(torch.cat([pending, draft.tokens]).unsqueeze(0))  # [k+1, V]
         verdict = verify_draft(logits, draft, settings, generator)
     return proposed, verdict

@@ -55,10 +55,20 @@ class PendingTree(DeviceTree):
     def materialize(self) -> tuple[list[int], list[int]]:
         """(tokens, parents) on the host; must run before the drafter's next tree overwrites its buffer."""
         if self._host is None:
-            packed = self._packed.tolist()  # the one host read of a tree draft
-            drafted = len(packed) // 2
-            self._host = ([self._root] + packed[:drafted], [-1] + packed[drafted:])
+            self._unpack(self._packed.tolist())
         return self._host
+
+    def read_back_with(self, extra: torch.Tensor) -> list[int]:
+        """Reads the tree and `extra` ([n] long, e.g. the target's argmax per node) in one device → host copy."""
+        if self._host is not None:
+            return extra.tolist()
+        values = torch.cat([self._packed, extra.to(self._packed.device)]).tolist()
+        self._unpack(values[:self._packed.shape[0]])
+        return values[self._packed.shape[0]:]
+
+    def _unpack(self, packed: list[int]) -> None:
+        drafted = len(packed) // 2
+        self._host = ([self._root] + packed[:drafted], [-1] + packed[drafted:])
 
     @property
     def tokens(self) -> list[int]:

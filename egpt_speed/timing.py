@@ -56,15 +56,19 @@ class TimedRegion:
 class Clock:
     """Handed to a strategy's decode: it marks the first new token (TTFT) and may time sub-phases.
 
-    Each mark synchronises the device once; strategies call `mark_first_token` exactly once and
-    `phase` around whole draft/verify blocks, never per token inside a graph-captured loop.
+    `begin`, `mark_first_token` and `end` synchronise the device once each. `phase` never does on
+    CUDA: it records two CUDA events on the current stream, and the events are read (one sync) the
+    first time `phases_ms` is read, after decoding; so phases cost no host stall and let the host
+    queue the next phase while the device works. A phase's time is then the device timeline between
+    its two events (idle gaps included). On the CPU phases keep perf_counter.
     """
 
     device: torch.device
     start: float = 0.0
     first_token: float | None = None
-    phases_ms: dict[str, float] = field(default_factory=dict)
     enabled: bool = True
+    _totals: dict[str, float] = field(default_factory=dict, repr=False)
+    _pending: list[tuple[str, "torch.cuda.Event", "torch.cuda.Event"]] = field(default_factory=list, repr=False)
 
     def begin(self) -> None:
         synchronize(self.device)
@@ -78,6 +82,19 @@ class Clock:
     def phase(self, name: str) -> "_Phase":
         return _Phase(self, name)
 
+    @property
+    def phases_ms(self) -> dict[str, float]:
+        """Total ms per phase name; reads the recorded CUDA events (waits for the last one) on first use."""
+        if self._pending:
+            self._pending[-1][2].synchronize()
+            for name, start, stop in self._pending:
+                self._add(name, start.elapsed_time(stop))
+            self._pending.clear()
+        return self._totals
+
+    def _add(self, name: str, ms: float) -> None:
+        self._totals[name] = self._totals.get(name, 0.0) + ms
+
     def end(self) -> tuple[float, float]:
         """Returns (prefill_ms, decode_ms)."""
         synchronize(self.device)
@@ -89,17 +106,22 @@ class Clock:
 class _Phase:
     def __init__(self, clock: Clock, name: str):
         self.clock, self.name, self._start = clock, name, 0.0
+        self._events = clock.enabled and clock.device.type == "cuda"
 
     def __enter__(self) -> None:
-        if self.clock.enabled:
-            synchronize(self.clock.device)
-        self._start = time.perf_counter()
+        if self._events:
+            self._start_event = torch.cuda.Event(enable_timing=True)
+            self._start_event.record()
+        else:
+            self._start = time.perf_counter()
 
     def __exit__(self, *exc) -> None:
-        if self.clock.enabled:
-            synchronize(self.clock.device)
-        elapsed = (time.perf_counter() - self._start) * 1e3
-        self.clock.phases_ms[self.name] = self.clock.phases_ms.get(self.name, 0.0) + elapsed
+        if self._events:
+            stop = torch.cuda.Event(enable_timing=True)
+            stop.record()
+            self.clock._pending.append((self.name, self._start_event, stop))
+        else:
+            self.clock._add(self.name, (time.perf_counter() - self._start) * 1e3)
 
 
 def measure_copy_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:

@@ -62,9 +62,14 @@ def verify_draft(logits: torch.Tensor, draft: ChainDraft | DraftTree, settings: 
     else:
         target_argmax = logits.argmax(dim=-1)  # [k+1]
         if isinstance(draft, DraftTree):
-            path, bonus = greedy_tree_accept(draft, target_argmax.tolist())
+            # a device-built tree is read back together with the argmax: one sync per step
+            read_back = getattr(draft, "read_back_with", None)
+            host_argmax = read_back(target_argmax) if read_back is not None else target_argmax.tolist()
+            path, bonus = greedy_tree_accept(draft, host_argmax)
             return Verdict([draft.tokens[node] for node in path], bonus, path)
-        accepted, bonus = greedy_accept(draft.tokens, target_argmax)
+        accepted, host_argmax = greedy_accept_host(draft.tokens, target_argmax)
+        # greedy: the accepted drafts equal the target's argmax there, so no second read of the draft
+        return Verdict(host_argmax[:accepted], host_argmax[accepted], list(range(accepted)))
     return Verdict(draft.tokens[:accepted].tolist(), bonus, list(range(accepted)))
 
 
@@ -79,6 +84,15 @@ def greedy_accept(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tu
     # index of the first mismatch, γ when none: cumsum is 0 exactly on the matching prefix
     accepted = int((mismatch.cumsum(0) == 0).sum().item())
     return accepted, int(target_argmax[accepted].item())
+
+
+def greedy_accept_host(draft_tokens: torch.Tensor, target_argmax: torch.Tensor) -> tuple[int, list[int]]:
+    """greedy_accept with one device → host read: (accepted count n, the target's argmax [k+1] as a list)."""
+    gamma = draft_tokens.shape[0]
+    mismatch = (draft_tokens != target_argmax[:gamma]).int()
+    accepted = (mismatch.cumsum(0) == 0).sum().view(1)
+    values = torch.cat([accepted, target_argmax]).tolist()
+    return values[0], values[1:]
 
 
 def rejection_sample(draft_tokens: torch.Tensor, p_draft: torch.Tensor | None, p_target: torch.Tensor,
