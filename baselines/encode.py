@@ -19,6 +19,7 @@ from egpt_speed.preprocess import PREPROCESS_MODES, Preprocess, check_preprocess
 from egpt_speed.stages import (EncodedSample, default_preprocess, preprocess_pixel_diff, stage1_load,
                                stage2_preprocess, stage3_vision)
 from egpt_speed.timing import TimedRegion
+from egpt_speed.vision_graph import check_vision_mode, use_vision_mode, vision_facts
 
 STAGE1_NOTE = "Stage 1 is a disk read, no caching across samples"
 PREPROCESS_CHOICES = ("auto", *PREPROCESS_MODES)
@@ -28,6 +29,7 @@ def check_input_options(config) -> None:
     """--preprocess and --source against the model family of --model (no weights read)."""
     if config.preprocess not in PREPROCESS_CHOICES:
         raise EgptError(f"--preprocess {config.preprocess!r} is not one of {', '.join(PREPROCESS_CHOICES)}; pick one.")
+    check_vision_mode(config.vision_mode)
     family = model_family(config.model)
     if family == "eventgpt":
         return
@@ -47,7 +49,9 @@ def resolve_preprocess(choice: str, device: torch.device, family: str = "eventgp
 
 
 def check_loaded(model, config) -> None:
-    """Right after loading: a processor the device path does not reproduce fails before any sample runs."""
+    """Right after loading: a processor the device path does not reproduce fails before any sample runs;
+    the model gets its Stage-3 frame encoder for --vision-mode."""
+    use_vision_mode(model, config.vision_mode)
     if resolve_preprocess(config.preprocess, model.device, model.family) == "device":
         clip_spec(model.image_processor)
 
@@ -85,4 +89,4 @@ def input_facts(records: list[dict], config, base) -> dict[str, Any]:
             "preprocess": resolve_preprocess(config.preprocess, base.device, base.family),
             "preprocess_requested": config.preprocess,
             "preprocess_max_pixel_diff": first.get("preprocess_max_pixel_diff"),
-            "input_warnings": warnings, "stage1_note": STAGE1_NOTE}
+            "input_warnings": warnings, "stage1_note": STAGE1_NOTE, **vision_facts(base)}

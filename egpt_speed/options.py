@@ -64,6 +64,7 @@ class MeasureOptions(CommonOptions):
     batch_size: int = option(1, "--batch-size", help="Prompts per generate call for the batch strategy.")
     source: str = option("npy", "--source", help="npy: render frames from events (timed); png: load the pre-rendered event_image PNGs like the seed.")
     preprocess: str = option("auto", "--preprocess", help="Where Stage 2's image work runs: auto (device on CUDA, cpu elsewhere) | device (torch, bit-exact to the CPU processor) | cpu.")
+    vision_mode: str = option("auto", "--vision-mode", help="How Stage 3's fixed-shape CLIP tower + projector + adaptor forward runs: auto (graph on CUDA, eager elsewhere) | graph (one CUDA graph per input shape) | compile (torch.compile) | eager.")
     allow_paths_outside_data: bool = option(False, "--allow-paths-outside-data", help="Let the dataset JSON point at files outside the dataset dir (absolute or '..' paths); only for a JSON you trust.")
     vision_tower: Optional[Path] = option(None, "--vision-tower", help="Local CLIP ViT dir overriding the checkpoint's mm_visual_tower.")
     allow_tokenizer_mismatch: bool = option(False, "--allow-tokenizer-mismatch", help="Run a checkpoint whose tokenizer encodes the prompt unlike its tokenizer.model; the mismatch is recorded in the result.")

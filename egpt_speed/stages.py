@@ -24,6 +24,7 @@ from egpt_speed.preprocess import (Preprocess, check_preprocess, clip_spec, even
                                    max_pixel_diff)
 from egpt_speed.prompt import MAX_CONTEXT, tokenize_with_event_placeholder
 from egpt_speed.timing import Clock
+from egpt_speed.vision_graph import encode_frames_fast
 
 Source = Literal["npy", "png"]
 
@@ -146,7 +147,8 @@ def prompt_ids_for(model, question: str) -> torch.Tensor:
 
 @torch.inference_mode()
 def stage3_vision(pre: PreprocessedSample, model) -> EncodedSample:
-    frame_features = model.encode_frames(pre.pixel_values)  # [T, P, H]
+    """CLIP → projector → adaptor per frame (through the model's frame encoder, see vision_graph), then pooling."""
+    frame_features = encode_frames_fast(model, pre.pixel_values)  # [T, P, H]
     return EncodedSample(pre.spec, model.pool(frame_features), pre.prompt_ids, model.max_context)
 
 
@@ -154,7 +156,7 @@ def stage3_vision(pre: PreprocessedSample, model) -> EncodedSample:
 def stage3_vision_batch(pres: list[PreprocessedSample], model) -> list[EncodedSample]:
     """Stage 3 for several samples in one vision-tower call (all their frames batched), for batched strategies."""
     counts = [int(pre.pixel_values.shape[0]) for pre in pres]
-    features = model.encode_frames(torch.cat([pre.pixel_values for pre in pres]))  # [sum T, P, H]
+    features = encode_frames_fast(model, torch.cat([pre.pixel_values for pre in pres]))  # [sum T, P, H]
     return [EncodedSample(pre.spec, model.pool(f), pre.prompt_ids, model.max_context)
             for pre, f in zip(pres, features.split(counts))]
 
