@@ -106,6 +106,10 @@ class EagleHead(nn.Module):
         head.draft_vocab = vocab.to(device=device, dtype=torch.long) if vocab is not None else None
         return head
 
+    def aux_layers_for(self, num_layers: int) -> None:
+        """None: the head reads the target's final-norm last layer (EAGLE-3 heads name three layers)."""
+        return None
+
     def draft_logits(self, lm_head: nn.Linear, features: torch.Tensor) -> torch.Tensor:
         """Logits [..., K] over the draft vocabulary (all V ids when there is none)."""
         if self.draft_vocab is None:

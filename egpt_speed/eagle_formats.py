@@ -11,8 +11,9 @@ Layouts (checked against vLLM `model_executor/models/llama_eagle.py`, `llama_eag
   `eagle_config.eagle_aux_hidden_state_layer_ids`), `midlayer.*` whose q/k/v read
   cat(input_layernorm(embedding), hidden_norm(hidden)) (2H wide), `norm.weight`, its own
   `lm_head.weight` [K, H] over a draft vocabulary, `d2t` [K] (target id − draft index), `t2d` [V] mask.
-  Eagle3Head below runs that forward; the speculative loop feeds heads only the target's last
-  layer, so an EAGLE-3 head is imported, checked and converted, and refused for drafting.
+  Eagle3Head below runs that forward; it drafts when the target passes the aux layers' inputs
+  (speculation.DynamicTarget.capture_layers; layer id i = the input of decoder layer i, as vLLM's
+  llama.py and the EAGLE repo capture them), and is converted with `egpt-speed export-draft`.
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ class Eagle3Head(nn.Module):
         hidden = residual + attended
         return hidden + self.layer.mlp(self.layer.post_attention_layernorm(hidden))
 
+    def aux_layers_for(self, num_layers: int) -> list[int]:
+        """The target layers whose inputs the head fuses: its config's, else vLLM's default (2, L//2, L-3)."""
+        return list(self.aux_layers) or default_aux_layers(num_layers)
+
     def draft_logits(self, lm_head: nn.Module, features: torch.Tensor) -> torch.Tensor:
         """Logits [..., K] from the head's own norm and LM head (the target's `lm_head` is unused)."""
         return self.lm_head(self.norm(features))
@@ -215,6 +220,11 @@ class Eagle3Head(nn.Module):
         t2d = torch.zeros(self.config.vocab_size, dtype=torch.bool, device=self.draft_vocab.device)
         state["t2d"] = t2d.index_fill(0, self.draft_vocab, True)
         return state
+
+
+def default_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's aux layers when a head names none (models/llama.py get_eagle3_aux_hidden_state_layers)."""
+    return [2, num_layers // 2, num_layers - 3]
 
 
 def eagle3_settings(raw: dict, hidden: int, vocab: int) -> tuple[list[int], int, int]:
@@ -287,10 +297,11 @@ def load_public_head(directory: Path, target_hidden: int, target_vocab: int, dev
 
 
 def refuse_running(head: nn.Module, directory: Path) -> None:
-    """The speculative loop feeds heads the target's last layer only; EAGLE-3 needs three layers' states."""
+    """Until the speculative strategy asks its target for the aux layers (DynamicTarget.capture_layers with
+    EagleProposer.aux_layers), an EAGLE-3 head is refused when loaded rather than failing on the first sample."""
     if isinstance(head, Eagle3Head):
         raise EgptError(f"EAGLE-3 head {directory} drafts from target layers {head.aux_layers}, which the speculative "
-                        "loop does not pass to draft heads yet; it can only be converted (`egpt-speed export-draft`).")
+                        "strategy does not pass to draft heads yet; it can only be converted (`egpt-speed export-draft`).")
 
 
 def load_any_head(directory: Path, device: torch.device, dtype: torch.dtype) -> EagleHead | Eagle3Head:

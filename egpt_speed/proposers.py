@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from egpt_speed.decoding import GenerationSettings, crop_cache, draft_token, sampling_probs, with_cache
+from egpt_speed.errors import EgptError
 from egpt_speed.tree import DraftTree, pool_tree_mask, sampling_branching, select_tree
 from egpt_speed.verify import ChainDraft
 
@@ -131,11 +132,14 @@ class EagleProposer(Proposer):
     """Chain or tree drafting with an EAGLE head (eagle.EagleHead) from the target's features.
 
     Position t of the head reads (target feature f_t, embedding of the input at t+1) and predicts
-    f_{t+1}; the target's LM head turns a predicted feature into draft logits.
+    f_{t+1}; the target's LM head turns a predicted feature into draft logits. An EAGLE-3 head
+    (eagle_formats.Eagle3Head) reads instead the inputs of three target layers, `aux_layers`, which
+    the target must pass (DynamicTarget.capture_layers), and drafts with its own norm and LM head.
     """
 
     def __init__(self, head, target_llm, prefix_embeds: torch.Tensor):
         self.head = head
+        self.aux_layers: list[int] | None = head.aux_layers_for(len(target_llm.model.layers))
         self.embed = target_llm.get_input_embeddings()
         self.lm_head = target_llm.lm_head
         self.prefix_embeds = prefix_embeds  # [1, L, H] the spliced prompt (event rows included)
@@ -146,6 +150,9 @@ class EagleProposer(Proposer):
         self.cache = DynamicCache(config=head.config)
 
     def observe(self, hidden: torch.Tensor) -> None:
+        if self.aux_layers and hidden.shape[-1] != len(self.aux_layers) * self.prefix_embeds.shape[-1]:
+            raise EgptError(f"this EAGLE-3 head reads target layers {self.aux_layers}, but the target passed only its last "
+                            "layer; verify on a DynamicTarget with capture_layers (not a compiled target).")
         self.features.append(hidden)
         self.observed += hidden.shape[1]
 
