@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 11 on the GPU machine, two calls back to back (the machine stays warm ~30 s between them):
+#   1. run(carry=[".carry1"]):  bash benchmarks/spec_sweep_gpu.sh park       # parks .carry1/part00 in /tmp/gguf
+#   2. run(carry=[".carry2"]):  bash benchmarks/spec_sweep_gpu.sh "$OUT" [sweep|compare]
+# sweep (default): benchmarks/spec_tree_sweep.py on `tiny` float32 (tree shapes, isolated costs, kernel profile).
+# compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
+# (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
+set -uo pipefail
+if [ "${1:-}" = park ]; then
+  mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit
+fi
+out=$1; what=${2:-sweep}
+gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -s "$gguf" ]; then
+  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
+  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+fi
+[ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
+[ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
+export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
+mkdir -p /tmp/res && rm -rf /tmp/res/*
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee /tmp/res/card.txt
+echo "bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null) N=${N:-10} SHAPES=${SHAPES:-}" > /tmp/res/command.txt
+pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
+if [ "$what" = sweep ]; then
+  python3 benchmarks/spec_tree_sweep.py --out /tmp/res --samples "${N:-4}" --warmup 1 ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
+    | grep -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
+  pack; exit
+fi
+cli() { python3 -m egpt_speed.cli "$@"; }
+common=(--model tiny --max-new-tokens 64 --compile-mode default --out /tmp/res ${EXTRA:-})
+cli compare baseline compile compile+eagle compile+eagle-tree --dtype float32 -n "${N:-10}" --warmup 2 "${common[@]}" 2>&1 \
+  | tee /tmp/res/fp32.log | tail -32; pack
+cli compare baseline compile compile+eagle compile+eagle-tree --dtype bfloat16 --fp32-check -n "${N:-10}" --warmup 2 "${common[@]}" 2>&1 \
+  | tee /tmp/res/bf16.log | tail -32; pack
