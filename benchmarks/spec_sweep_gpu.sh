@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --f
 echo "bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null) N=${N:-10} SHAPES=${SHAPES:-}" > /tmp/res/command.txt
 pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
 if [ "$what" = sweep ]; then
-  python3 benchmarks/spec_tree_sweep.py --out /tmp/res --samples "${N:-4}" --warmup 1 ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
+  python3 benchmarks/spec_tree_sweep.py --out /tmp/res --samples "${N:-4}" --warmup 1 --variants ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
     | grep -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
   pack; exit
 fi

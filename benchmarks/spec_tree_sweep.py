@@ -164,6 +164,22 @@ def kernel_profile(sweep: Sweep, prefix: torch.Tensor) -> str:
     return "\n".join(tables)
 
 
+def variant_costs(model, head, prefix: torch.Tensor, shape: tuple[int, int, int], repeats: int) -> dict:
+    """Isolated step / draft / verify costs of other engine variants: captured without inductor, eager attention."""
+    costs = {}
+    for label, attention, mode in (("sdpa, captured eager (no inductor)", "sdpa", None),
+                                   ("eager attention, compile default", "eager", "default")):
+        model.llm.config._attn_implementation = attention
+        try:
+            sweep = Sweep(model, head, [shape], mode, prefix.shape[1])
+            costs[label] = isolated_costs(sweep, prefix, repeats)
+        except Exception as error:  # a variant that fails is reported, not fatal
+            costs[label] = {"error": repr(error)[:300]}
+        print(label, costs[label], flush=True)
+    model.llm.config._attn_implementation = "sdpa"
+    return costs
+
+
 def render(document: dict) -> str:
     lines = [f"# spec_tree_sweep: tiny {document['dtype']}, compile mode {document['compile_mode']}", "",
              f"- command: `{document['command']}`", f"- device: {document['env'].get('device_name')}, torch {document['env'].get('torch')}",
@@ -176,6 +192,9 @@ def render(document: dict) -> str:
                      f"{get('tau')} | {get('draft_ms_per_step')} | {get('verify_ms_per_step')} | {get('decode_ms_per_step')} |")
     lines += ["", "Isolated graph replays (median ms):", "", "| what | ms |", "|---|---:|"]
     lines += [f"| {key} | {value:.3f} |" for key, value in document["isolated"].items()]
+    for label, costs in document.get("variants", {}).items():
+        lines += ["", f"Variant {label}:", "", "| what | ms |", "|---|---:|"]
+        lines += [f"| {key} | {value if isinstance(value, str) else f'{value:.3f}'} |" for key, value in costs.items()]
     return "\n".join(lines + ["", document.get("profile", "")]) + "\n"
 
 
@@ -188,6 +207,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x8x32,4x8x16,4x4x16,5x8x24,5x8x32,6x8x32,5x8x48")
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--variants", action="store_true", help="also: captured without inductor, eager attention")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_mode = None if args.compile_mode == "none" or device.type != "cuda" else args.compile_mode
@@ -202,6 +222,8 @@ def main() -> None:
     document["isolated"] = isolated_costs(sweep, embeds[0], args.repeats) if device.type == "cuda" else {}
     if device.type == "cuda":
         document["profile"] = kernel_profile(sweep, embeds[0])
+        if args.variants:
+            document["variants"] = variant_costs(model, head, embeds[0], sweep.shapes[0], args.repeats)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d_%H%M%S")
     (args.out / f"spec_tree_sweep_{args.dtype}_{stamp}.json").write_text(json.dumps(document, indent=1, default=str))
