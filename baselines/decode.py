@@ -14,7 +14,8 @@ from egpt_speed.decoding import GenerationSettings, eos_ids, teacher_forced_top1
 from egpt_speed.journal import Journal
 from egpt_speed.eventgpt import EventGPT
 from egpt_speed.results import SampleRecord, batch_tokens_per_s
-from egpt_speed.stages import EncodedSample, make_request, stage4_decode
+from egpt_speed.cross_modal import SampleRequest
+from egpt_speed.stages import EncodedSample, make_request
 from egpt_speed.strategies.registry import Strategy
 from egpt_speed.timing import Clock, TimedRegion
 
@@ -60,9 +61,15 @@ def decode_one(state: StrategyState, encoded: EncodedSample, settings: Generatio
     clock = Clock(device)
     with TimedRegion(device) as region:
         clock.begin()
-        result = stage4_decode(encoded, state.model, state.strategy, settings, clock)
+        result = state.strategy.decode(state.model, sample_request(encoded, settings), clock)
         prefill_ms, decode_ms = clock.end()
     return _record(state.model, result, prefill_ms, decode_ms, region, clock).to_dict()
+
+
+def sample_request(encoded: EncodedSample, settings: GenerationSettings) -> SampleRequest:
+    """Stage 4's request, naming the sample's files too (a cross-modal draft reads its own view of them)."""
+    request = make_request(encoded, settings)
+    return SampleRequest(request.id, request.prompt_ids, request.event_features, request.settings, spec=encoded.spec)
 
 
 def _record(model: EventGPT, result, prefill_ms: float, decode_ms: float, region, clock: Clock,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from egpt_speed.errors import EgptError
+from egpt_speed.llava_family import FAMILIES
 
 TINY_TRUNCATED_LAYERS = 8
 
@@ -22,6 +23,14 @@ class Draft:
     name: str
     eventgpt: object | None = None  # the draft's own EventGPT when it is one (its own vision stack)
     head: object | None = None  # an EAGLE head drafting from the target's features (llm is then the target's)
+    # a draft of another model family: it runs its own Stages 1–3 (its modality) on each sample
+    own_stages: object | None = None  # the draft's multimodal model (EventGPT or LlavaFamilyModel)
+    token_map: object | None = None  # cross_modal.TokenMap between the target's ids and the draft's
+
+    @property
+    def family(self) -> str | None:
+        model = self.own_stages if self.own_stages is not None else self.eventgpt
+        return getattr(model, "family", None)
 
 
 def layer_truncated_view(llm, num_layers: int):
@@ -93,7 +102,7 @@ def default_draft_for(model_spec: str) -> str:
     if model_spec == "synthetic-7b":
         return "synthetic-68m"
     raise EgptError("speculative strategies on a checkpoint need --draft PATH (a causal LM sharing the target's "
-                    "tokenizer, or an EventGPT checkpoint), or --draft target to check the loop.")
+                    "tokenizer, an EventGPT, LLaVA or Video-LLaVA checkpoint), or --draft target to check the loop.")
 
 
 def load_draft(spec: str | None, target, model_spec: str, device: torch.device, dtype: torch.dtype) -> Draft:
@@ -137,10 +146,13 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
         raise EgptError(f"draft {spec!r} is neither a preset (target, tiny-truncated, synthetic-68m) nor a model dir with config.json.")
     import json
 
-    if json.loads((path / "config.json").read_text()).get("model_type") == "EventChat_llama":
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type == "EventChat_llama" and target.family == "eventgpt":
         draft_model = load_eventgpt_checkpoint(path, dtype, device)
         check_shared_tokenizer(target, draft_model.llm, draft_model.tokenizer, spec)
         return Draft(draft_model.llm, multimodal=True, name=spec, eventgpt=draft_model)
+    if model_type == "EventChat_llama" or model_type in FAMILIES:
+        return cross_modal_draft(path, target, device, dtype)
     try:
         llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path)) if any(path.glob("tokenizer*")) else None
@@ -148,3 +160,15 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
         raise EgptError(f"could not load draft {path} ({type(error).__name__}: {error}).") from None
     check_shared_tokenizer(target, llm, tokenizer, spec)
     return Draft(llm, multimodal=False, name=spec)
+
+
+def cross_modal_draft(path: Path, target, device: torch.device, dtype: torch.dtype) -> Draft:
+    """A multimodal draft of another family (or any LLaVA-family draft): it reads its own view of each
+    sample through its own Stages 1–3; its ids are mapped onto the target's (`cross_modal.text_vocab_map`)."""
+    from egpt_speed.cross_modal import text_vocab_map
+    from egpt_speed.models import load_model
+
+    draft_model = load_model(str(path), dtype, device)
+    token_map = text_vocab_map(target.tokenizer, target.llm.get_output_embeddings().weight.shape[0],
+                               draft_model.tokenizer, draft_model.llm.get_output_embeddings().weight.shape[0], str(path))
+    return Draft(draft_model.llm, multimodal=True, name=str(path), own_stages=draft_model, token_map=token_map)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from egpt_speed.cross_modal import draft_prefix
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
@@ -14,7 +15,8 @@ from egpt_speed.strategies.registry import Strategy, register
 class Speculative(Strategy):
     name = "speculative"
     accepts_lent_target = True
-    summary = "draft (--draft: EAGLE head dir, causal LM, EventGPT, or target) proposes γ tokens, one target forward verifies; greedy lossless"
+    summary = ("draft (--draft: EAGLE head dir, causal LM, EventGPT / LLaVA / Video-LLaVA (cross-modal: its own view), "
+               "or target) proposes γ tokens, one target forward verifies; greedy lossless")
 
     def prepare(self, model) -> None:
         self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
@@ -27,12 +29,18 @@ class Speculative(Strategy):
             return lent or EagleProposer(self.draft.head, model.llm, prefix_embeds)
         if not self.draft.multimodal:
             return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
+        if self.draft.own_stages is not None:
+            # a draft of another family sees its own modality: its Stages 1–3 run here, charged to Stage 4
+            own = draft_prefix(self.draft.own_stages, getattr(request, "spec", None))
+            self._draft_stage_ms = own.stage_ms
+            return CausalLMProposer(self.draft.llm, prefix_embeds=own.embeds, token_map=self.draft.token_map)
         if self.draft.eventgpt is not None:
             # an EventGPT draft of the same width reuses the target's Stage-3 features
             prefix_embeds = self.draft.eventgpt.splice(request.prompt_ids, request.event_features)
         return CausalLMProposer(self.draft.llm, prefix_embeds=prefix_embeds)
 
     def decode(self, model, request, clock):
+        self._draft_stage_ms: dict = {}
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
         target = self.verify_target(model, prefix_embeds, request.settings)
@@ -42,6 +50,7 @@ class Speculative(Strategy):
         # compile+eagle drafts with a graph-captured head when greedy and with the eager head when sampling:
         # each sample records which one it measured
         result.metrics["drafter"] = type(proposer).__name__
+        result.metrics.update(self._draft_stage_ms)
         return result
 
     def tree_shape(self) -> TreeShape | None:
@@ -53,4 +62,7 @@ class Speculative(Strategy):
         return {"gamma": self.ctx.gamma, "draft": draft.name if draft else self.ctx.draft_spec,
                 "draft_kind": ("eagle-head" if draft.head is not None else "lm") if draft else None,
                 "draft_sees_events": draft.multimodal if draft else None,
+                "draft_family": draft.family if draft else None,
+                "draft_own_stages": draft.own_stages is not None if draft else None,
+                "draft_mapped_out_tokens": list(draft.token_map.mapped_out) if draft and draft.token_map else None,
                 "adaptive_gamma": bool(self.ctx.options.get("adaptive_gamma"))}
