@@ -40,13 +40,17 @@ class CausalLMProposer(Proposer):
     """Drafts with any causal LM on its own KV cache.
 
     The draft conditions on `prefix_ids` (a text-only draft: the prompt without the event
-    placeholder) or on `prefix_embeds` (a multimodal draft that shares the target's embedding
-    width, e.g. the target itself or its first layers).
+    placeholder) or on `prefix_embeds` (a multimodal draft's spliced prompt: the target's own, or a
+    cross-modal draft's, built from its own view of the sample). With `token_map`
+    (cross_modal.TokenMap) the draft reads the target's tokens as its own ids and drafts only ids
+    both tokenizers share; its proposals are over the target's vocabulary.
     """
 
-    def __init__(self, llm, prefix_ids: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None):
+    def __init__(self, llm, prefix_ids: torch.Tensor | None = None, prefix_embeds: torch.Tensor | None = None,
+                 token_map=None):
         assert (prefix_ids is None) != (prefix_embeds is None), "give the draft ids or embeddings"
         self.llm = llm
+        self.token_map = token_map
         self.prefix_ids = prefix_ids  # [L_text]
         self.prefix_embeds = prefix_embeds  # [1, L, H]
         self.device = llm.get_input_embeddings().weight.device
@@ -64,8 +68,11 @@ class CausalLMProposer(Proposer):
             self.prefix_len = self.prefix_ids.shape[0]
 
     def _next_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids: [1, n] → the draft's logits [V] after the last of them."""
-        return self.llm(**with_cache(self.cache, input_ids=ids, logits_to_keep=1)).logits[0, -1]
+        """ids: [1, n] target ids → the draft's logits [V] after the last of them (over the target's ids)."""
+        if self.token_map is None:
+            return self.llm(**with_cache(self.cache, input_ids=ids, logits_to_keep=1)).logits[0, -1]
+        logits = self.llm(**with_cache(self.cache, input_ids=self.token_map.draft_ids(ids), logits_to_keep=1)).logits
+        return self.token_map.target_logits(logits[0, -1])
 
     def propose(self, committed, gamma, settings, generator) -> ChainDraft:
         if gamma == 0:
