@@ -14,6 +14,7 @@ from typing import Any
 
 from egpt_speed import metrics
 from egpt_speed.errors import EgptError
+from egpt_speed.report_headline import plot_headline
 from egpt_speed.results import STAGE_KEYS
 
 STAGE_LABELS = {"stage1_ms": "Stage 1 load", "stage2_ms": "Stage 2 preprocess", "stage3_ms": "Stage 3 vision",
@@ -209,7 +210,8 @@ def plot_acceptance(ax, speculative: dict) -> None:
 
 
 def write_plots(document: dict, path: Path) -> Path | None:
-    """Stage breakdown (log), and for a compare: speedups, the speedup-vs-memory Pareto, acceptance by position."""
+    """Stage breakdown (log), and for a compare: the headline (Stage-4 vs end-to-end speedup, share of
+    Stages 1–3) first, speedups, the speedup-vs-memory Pareto, acceptance by position."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -218,13 +220,16 @@ def write_plots(document: dict, path: Path) -> Path | None:
         return None
     runs = document["runs"]
     speculative = {n: r["summary"]["speculation"] for n, r in runs.items() if r["summary"].get("speculation")}
-    panels = ["stages"] + (["speedups", "pareto"] if document.get("comparisons") else []) + (["acceptance"] if speculative else [])
+    compared = ["headline", "speedups", "pareto"] if document.get("comparisons") else []
+    panels = compared[:1] + ["stages"] + compared[1:] + (["acceptance"] if speculative else [])
     columns = min(len(panels), 2)
     rows_count = (len(panels) + 1) // 2
     figure, axes = plt.subplots(rows_count, columns, figsize=(6.5 * columns, 4.2 * rows_count), squeeze=False)
     ranked = ranking(document) if document.get("comparisons") else []
     for ax, panel in zip(axes.flat, panels):
-        if panel == "stages":
+        if panel == "headline":
+            plot_headline(ax, document)
+        elif panel == "stages":
             plot_stages(ax, runs)
         elif panel == "speedups":
             plot_speedups(ax, ranked)
