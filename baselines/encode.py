@@ -16,8 +16,8 @@ from egpt_speed.datasets import SampleSpec
 from egpt_speed.errors import EgptError
 from egpt_speed.models import model_family
 from egpt_speed.preprocess import PREPROCESS_MODES, Preprocess, check_preprocess, clip_spec
-from egpt_speed.stages import (EncodedSample, default_preprocess, preprocess_pixel_diff, stage1_load,
-                               stage2_preprocess, stage3_vision)
+from egpt_speed.stages import (EncodedSample, PreprocessedSample, default_preprocess, preprocess_pixel_diff,
+                               stage1_load, stage2_preprocess, stage3_vision, stage3_vision_batch)
 from egpt_speed.timing import TimedRegion
 from egpt_speed.vision_graph import check_vision_mode, use_vision_mode, vision_facts
 
@@ -62,21 +62,44 @@ def encode(spec: SampleSpec, config, base, measure_diff: bool = False) -> tuple[
     `measure_diff` (the first counted sample): also, untimed, the largest device-vs-CPU pixel
     difference when Stage 2 runs on the device.
     """
+    pre, common = encode_front(spec, config, base, measure_diff)
+    with TimedRegion(base.device) as r3:
+        encoded = stage3_vision(pre, base)
+    return encoded, {**common, **_stage3_fields(encoded, r3.ms, r3.peak_bytes)}
+
+
+def encode_batch(specs: list[SampleSpec], config, base,
+                 measure_diff: bool = False) -> list[tuple[EncodedSample, dict[str, Any]]]:
+    """Stages 1–2 per sample, then Stage 3 once for all their frames (`stage3_vision_batch`), for a
+    batched strategy. Each sample's `stage3_ms` is the batch's Stage 3 time divided by the samples
+    (`stage3_batch_size` says by how many); `measure_diff` applies to the first sample."""
+    fronts = [encode_front(spec, config, base, measure_diff and i == 0) for i, spec in enumerate(specs)]
+    with TimedRegion(base.device) as r3:
+        encoded = stage3_vision_batch([pre for pre, _ in fronts], base)
+    share = r3.ms / len(specs)
+    return [(e, {**common, **_stage3_fields(e, share, r3.peak_bytes), "stage3_batch_size": len(specs)})
+            for e, (_, common) in zip(encoded, fronts)]
+
+
+def encode_front(spec: SampleSpec, config, base, measure_diff: bool = False) -> tuple[PreprocessedSample, dict[str, Any]]:
+    """Stages 1 and 2 of one sample, timed → (preprocessed sample, their record fields)."""
     device, family = base.device, base.family
     preprocess = resolve_preprocess(config.preprocess, device, family)
     with TimedRegion(device) as r1:
         loaded = stage1_load(spec, config.source, config.frames, family)
     with TimedRegion(device) as r2:
         pre = stage2_preprocess(loaded, base, config.frames, preprocess)
-    with TimedRegion(device) as r3:
-        encoded = stage3_vision(pre, base)
-    events = int(encoded.event_features.shape[0])
-    common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms,
-              "stage3_peak_bytes": r3.peak_bytes, "event_tokens": events,
-              "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + events, "input_warnings": list(loaded.warnings)}
+    common = {"id": spec.id, "query": spec.query, "stage1_ms": r1.ms, "stage2_ms": r2.ms,
+              "input_warnings": list(loaded.warnings)}
     if measure_diff and preprocess == "device":
         common["preprocess_max_pixel_diff"] = preprocess_pixel_diff(loaded, base, config.frames)
-    return encoded, common
+    return pre, common
+
+
+def _stage3_fields(encoded: EncodedSample, ms: float, peak_bytes: int | None) -> dict[str, Any]:
+    events = int(encoded.event_features.shape[0])
+    return {"stage3_ms": ms, "stage3_peak_bytes": peak_bytes, "event_tokens": events,
+            "prompt_tokens": int(encoded.prompt_ids.numel()) - 1 + events}
 
 
 def input_facts(records: list[dict], config, base) -> dict[str, Any]:

@@ -37,4 +37,6 @@ class Batch(Strategy):
 
     def settings(self) -> dict:
         return {"batch_size": self.ctx.batch_size, "padding": "left", "cache": "dynamic",
-                "latency": "each sample's stage4_ms is its batch's"}
+                "latency": "each sample's stage4_ms is its batch's",
+                "stage3": "a sample whose record has stage3_batch_size was encoded with its batch in one vision-tower "
+                          "call (baselines.encode.encode_batch): its stage3_ms is the batch's Stage 3 time / batch size"}
