@@ -8,7 +8,7 @@ compared with the CPU processor's (`preprocess_max_pixel_diff`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -79,6 +79,29 @@ def encode_batch(specs: list[SampleSpec], config, base,
     share = r3.ms / len(specs)
     return [(e, {**common, **_stage3_fields(e, share, r3.peak_bytes), "stage3_batch_size": len(specs)})
             for e, (_, common) in zip(encoded, fronts)]
+
+
+def encode_plan(plan: list[tuple[SampleSpec, bool]], config, base, group: int = 1,
+                skip: int = 0) -> Iterator[tuple[int, int | None, EncodedSample, dict[str, Any]]]:
+    """Stages 1–3 of the run's samples in order → (plan index, counted index or None, encoded, fields).
+
+    `group` > 1 (every strategy batched): Stage 3 runs once per `group` samples (`encode_batch`);
+    warm-up and counted samples never share a group. The first `skip` counted samples are not run;
+    the first counted sample measures the pixel difference.
+    """
+    warmups = sum(1 for _, counted in plan if not counted)
+    todo = [(i, i - warmups if counted else None, spec) for i, (spec, counted) in enumerate(plan)
+            if not counted or i - warmups >= skip]
+    while todo:
+        warm = todo[0][1] is None
+        chunk = [todo.pop(0)]
+        while todo and len(chunk) < group and (todo[0][1] is None) == warm:
+            chunk.append(todo.pop(0))
+        specs = [spec for _, _, spec in chunk]
+        first = chunk[0][1] == 0
+        results = encode_batch(specs, config, base, first) if group > 1 else [encode(specs[0], config, base, first)]
+        for (index, counted_index, _), (encoded, common) in zip(chunk, results):
+            yield index, counted_index, encoded, common
 
 
 def encode_front(spec: SampleSpec, config, base, measure_diff: bool = False) -> tuple[PreprocessedSample, dict[str, Any]]:
