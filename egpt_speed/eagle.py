@@ -122,6 +122,14 @@ class EagleHead(nn.Module):
         """Draft-vocabulary indices → token ids."""
         return draft_indices if self.draft_vocab is None else self.draft_vocab[draft_indices]
 
+    def position_loss(self, lm_head: nn.Linear, prediction: torch.Tensor, target_features: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prediction, target_features [N, H], labels [N] → (per-position loss [N], top-1 hits [N]): EAGLE's
+        SmoothL1 on the feature + 0.1 × cross-entropy of the target's LM head against the target's token."""
+        logits = lm_head(prediction).float()
+        feature_loss = nn.functional.smooth_l1_loss(prediction.float(), target_features, reduction="none").mean(-1)
+        return feature_loss + 0.1 * nn.functional.cross_entropy(logits, labels, reduction="none"), logits.argmax(-1) == labels
+
 
 def draft_vocabulary(label_sequences: list[torch.Tensor], size: int, always: list[int]) -> torch.Tensor:
     """The `size` token ids the target emits most often in `label_sequences` (+ `always`, e.g. EOS), sorted."""

@@ -211,6 +211,22 @@ class Eagle3Head(nn.Module):
     def token_ids(self, draft_indices: torch.Tensor) -> torch.Tensor:
         return self.draft_vocab[draft_indices]
 
+    def draft_indices(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Target ids → draft-vocabulary indices, -100 (cross_entropy's ignore_index) outside it."""
+        lookup = torch.full((self.config.vocab_size,), -100, dtype=torch.long, device=self.draft_vocab.device)
+        lookup[self.draft_vocab] = torch.arange(self.draft_vocab.numel(), device=self.draft_vocab.device)
+        return lookup[token_ids]
+
+    def position_loss(self, lm_head: nn.Module, prediction: torch.Tensor, target_features: torch.Tensor,
+                      labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """prediction [N, H], labels [N] target ids → (per-position loss [N], top-1 hits [N]).
+
+        EAGLE-3 drops the feature regression (its outputs are no target layer's states): cross-entropy of its
+        own draft-vocabulary logits only; `target_features` is unused."""
+        logits = self.draft_logits(lm_head, prediction).float()
+        loss = nn.functional.cross_entropy(logits, self.draft_indices(labels), reduction="none", ignore_index=-100)
+        return loss, self.token_ids(logits.argmax(-1)) == labels
+
     def public_state(self) -> dict[str, torch.Tensor]:
         """Tensors under EAGLE-3's public names (d2t as offsets, t2d as a mask over target ids)."""
         state = {"fc.weight": self.fc.weight, "norm.weight": self.norm.weight, "lm_head.weight": self.lm_head.weight,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 from dataclasses import asdict, dataclass
@@ -21,16 +22,17 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 from egpt_speed import shards
 from egpt_speed.datasets import SampleSpec, resolve_samples
 from egpt_speed.decoding import DecodeRequest, GenerationSettings
 from egpt_speed.eagle import EagleHead, draft_vocabulary, head_config_from_target
+from egpt_speed.eagle_formats import Eagle3Head, default_aux_layers, export_eagle3
 from egpt_speed.errors import EgptError
 from egpt_speed.models import cache_root, load_model
 from egpt_speed.options import TrainDraftOptions
+from egpt_speed.speculation import capture_layer_inputs
 from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
 from egpt_speed.hf_generate import generate_batch
@@ -38,6 +40,7 @@ from egpt_speed.hf_generate import generate_batch
 # train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
 # clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).
 TRAIN_SEED_OFFSET = 7919
+HEAD_STYLES = ("eagle", "eagle3")  # --head-style: EAGLE-1/2's head on the last layer, or EAGLE-3's on three
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TrainDraftConfig = TrainDraftOptions  # the CLI's options are the run's configuration
 
@@ -79,6 +82,7 @@ class TrainReport:
     heldout_vocab_coverage: float = 1.0  # share of held-out answer tokens inside that vocabulary
     online: bool = False  # features computed per training batch (True) or stored at collection
     prompt_window: int = 0  # prompt positions before the answer in the loss
+    head_style: str = "eagle"
 
 
 def synthetic_seed(seed: int) -> int:
@@ -266,9 +270,11 @@ def make_batch(sequences: list[TrainingSequence], device: torch.device, window: 
 
 
 @torch.no_grad()
-def online_batch(model, items: list[AnswerItem], window: int) -> SequenceBatch:
+def online_batch(model, items: list[AnswerItem], window: int, aux_layers: list[int] | None = None) -> SequenceBatch:
     """A training batch computed now: one teacher-forced target forward over the right-padded
-    [prefix, answer] rows (as `teacher_forced`), labels only where the loss reads them."""
+    [prefix, answer] rows (as `teacher_forced`), labels only where the loss reads them.
+
+    aux_layers (EAGLE-3): the features are those layers' inputs concatenated, [B, T, 3H]."""
     embed = model.llm.get_input_embeddings()
     prefixes = [model.splice(i.request.prompt_ids, i.request.event_features)[0] for i in items]  # B × [L_i, H]
     rows = [torch.cat([prefix, embed(torch.tensor(i.answer, device=prefix.device)).to(prefix.dtype)])
@@ -278,11 +284,14 @@ def online_batch(model, items: list[AnswerItem], window: int) -> SequenceBatch:
     inputs = pad_sequence([row[:-1] for row in rows], batch_first=True)  # [B, T, H]
     index = torch.arange(inputs.shape[1], device=device)
     attention = (index < lengths[:, None]).long()
-    hidden = model.llm.model(inputs_embeds=inputs, attention_mask=attention, use_cache=False).last_hidden_state
+    with capture_layer_inputs(model.llm.model.layers, aux_layers or []) as captured:
+        hidden = model.llm.model(inputs_embeds=inputs, attention_mask=attention, use_cache=False).last_hidden_state
     starts, scored = first_predictions([prefix.shape[0] for prefix in prefixes], window, device)
     needed = (index >= starts[:, None]) & (index < lengths[:, None])  # [B, T]
     labels = torch.zeros(needed.shape, dtype=torch.long, device=device)
     labels[needed] = model.llm.lm_head(hidden[needed]).argmax(-1)  # the vocab projection only where read
+    if aux_layers:
+        hidden = torch.cat([captured[index] for index in aux_layers], dim=-1)
     features = hidden.float() * attention[..., None]  # zero padding rows, as the stored path pads
     return SequenceBatch(features, pad_sequence(rows, batch_first=True).float(), labels, lengths, starts, scored)
 
@@ -306,14 +315,15 @@ class StoredSet:
 class OnlineSet:
     """Training data as answers only: each batch's features come from the target when it is drawn."""
 
-    def __init__(self, model, items: list[AnswerItem], window: int):
+    def __init__(self, model, items: list[AnswerItem], window: int, aux_layers: list[int] | None = None):
         self.model, self.items, self.window = model, items, window
+        self.aux_layers = aux_layers  # EAGLE-3 heads: the target layers whose inputs are the features
 
     def __len__(self) -> int:
         return len(self.items)
 
     def batch(self, indices: list[int], device: torch.device) -> SequenceBatch:
-        return online_batch(self.model, [self.items[i] for i in indices], self.window)
+        return online_batch(self.model, [self.items[i] for i in indices], self.window, self.aux_layers)
 
     def answers(self) -> list[torch.Tensor]:
         return [torch.tensor(item.answer, dtype=torch.long) for item in self.items]
@@ -351,14 +361,12 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
         predicted = head(current[:, :length], batch.inputs[:, step:step + length], positions)  # ≈ features[:, step:]
         rows, columns = counted.nonzero(as_tuple=True)
         prediction = predicted[rows, columns]  # [N, H]: the LM head runs on counted positions only
-        labels = batch.labels[rows, columns + step]
-        logits = lm_head(prediction).float()
-        feature_loss = F.smooth_l1_loss(prediction.float(), batch.features[rows, columns + step], reduction="none")
-        per_position = feature_loss.mean(-1) + 0.1 * F.cross_entropy(logits, labels, reduction="none")
+        per_position, hits = head.position_loss(lm_head, prediction, batch.features[rows, columns + step],
+                                                batch.labels[rows, columns + step])
         per_sequence = torch.zeros(count, device=device).index_add(0, rows, per_position) / counted.sum(1).clamp(min=1)
         total = total + per_sequence.sum() / step
         if step == 1:
-            first_hits = (logits.argmax(-1) == labels)[columns >= batch.scored[rows]]
+            first_hits = hits[columns >= batch.scored[rows]]
         current = predicted
     return total / count, first_hits
 
@@ -376,11 +384,13 @@ def auto_train_batch(sequences: int) -> int:
 def train_head(model, train: TrainingData | list[TrainingSequence], heldout: TrainingData | list[TrainingSequence],
                epochs: int, lr: float, seed: int, progress: Progress | None = None, unroll: int = 1,
                batch_size: int = 1, checkpoint: Path | None = None, resume: bool = False,
-               input_norm: bool = True) -> tuple[EagleHead, float, float, float]:
+               input_norm: bool = True, draft_vocab: torch.Tensor | None = None) -> tuple[EagleHead, float, float, float]:
     """Head, last step's loss, train and held-out top-1; `batch_size` sequences per optimizer step.
 
     `train` / `heldout`: stored sequences (a list, or a StoredSet) or an OnlineSet (features per batch).
     `input_norm=False`: EAGLE-1's layer without an input norm (--eagle1-layout).
+    `draft_vocab` [K] target ids: train an EAGLE-3 head (--head-style eagle3) over that vocabulary from the
+    OnlineSets' aux layers (fused low/mid/high states, its own norm and LM head, cross-entropy only).
 
     With `checkpoint`, the head, optimizer, schedule and shuffling state are saved after every epoch;
     `resume` continues from that file, giving the weights an uninterrupted run would have.
@@ -390,14 +400,8 @@ def train_head(model, train: TrainingData | list[TrainingSequence], heldout: Tra
     train, heldout = as_training_data(train), as_training_data(heldout)
     torch.manual_seed(seed)
     device = model.device
-    head = EagleHead(head_config_from_target(model.llm.config), input_norm).to(device=device, dtype=torch.float32)
-    with torch.no_grad():  # start from the target's last layer: a far better init than random
-        own = head.layer.state_dict()
-        head.layer.load_state_dict({k: v for k, v in model.llm.model.layers[-1].state_dict().items() if k in own})
-        hidden = model.llm.config.hidden_size
-        head.fc.weight.zero_()
-        head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
-        head.fc.bias.zero_()
+    head = (initial_eagle_head(model, input_norm) if draft_vocab is None
+            else initial_eagle3_head(model, train.aux_layers, draft_vocab)).to(device=device, dtype=torch.float32)
     lm_head = copy.deepcopy(model.llm.lm_head).float()  # a frozen float32 copy: the target stays as loaded
     lm_head.requires_grad_(False)
     optimizer = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
@@ -406,7 +410,8 @@ def train_head(model, train: TrainingData | list[TrainingSequence], heldout: Tra
     rng = random.Random(seed)
     last = float("nan")
     settings = dict(epochs=epochs, lr=lr, seed=seed, unroll=unroll, batch_size=batch_size, sequences=len(train),
-                    input_norm=input_norm, data=type(train).__name__, window=train.window)
+                    input_norm=input_norm, data=type(train).__name__, window=train.window,
+                    head_style="eagle" if draft_vocab is None else "eagle3")
     done = 0
     if resume and checkpoint is not None and checkpoint.exists():
         done, last = _restore(checkpoint, settings, head, optimizer, scheduler, rng)
@@ -429,6 +434,41 @@ def train_head(model, train: TrainingData | list[TrainingSequence], heldout: Tra
             _save_checkpoint(checkpoint, settings, epoch + 1, last, head, optimizer, scheduler, rng)
     head.eval()
     return head, last, top1(head, lm_head, train, device, batch_size), top1(head, lm_head, heldout, device, batch_size)
+
+
+def initial_eagle_head(model, input_norm: bool) -> EagleHead:
+    """Start from the target's last layer, fc passing the feature through: a far better init than random."""
+    head = EagleHead(head_config_from_target(model.llm.config), input_norm)
+    with torch.no_grad():
+        own = head.layer.state_dict()
+        head.layer.load_state_dict({k: v for k, v in model.llm.model.layers[-1].state_dict().items() if k in own})
+        hidden = model.llm.config.hidden_size
+        head.fc.weight.zero_()
+        head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
+        head.fc.bias.zero_()
+    return head
+
+
+def initial_eagle3_head(model, aux_layers: list[int], draft_vocab: torch.Tensor) -> Eagle3Head:
+    """An EAGLE-3 head over `draft_vocab` [K] reading `aux_layers`, started like ours: fc passes the highest aux
+    layer through, the layer is the target's last (q/k/v: its weights on the hidden half, the embedding half
+    at PyTorch's default init), norm and LM head rows are the target's."""
+    llm = model.llm
+    hidden = llm.config.hidden_size
+    head = Eagle3Head(head_config_from_target(llm.config), list(aux_layers), draft_vocab.numel(), hidden)
+    last = {k: v.float() for k, v in llm.model.layers[-1].state_dict().items()}
+    with torch.no_grad():
+        for name, tensor in head.layer.state_dict().items():
+            if name in last and last[name].shape == tensor.shape:
+                tensor.copy_(last[name])
+            elif name in last and name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                tensor[:, hidden:].copy_(last[name])
+        head.fc.weight.zero_()
+        head.fc.weight[:, (len(aux_layers) - 1) * hidden:].copy_(torch.eye(hidden))
+        head.norm.weight.copy_(llm.model.norm.weight.float())
+        head.lm_head.weight.copy_(llm.lm_head.weight[draft_vocab.to(llm.lm_head.weight.device)].float())
+        head.draft_vocab.copy_(draft_vocab)
+    return head
 
 
 def _save_checkpoint(path: Path, settings: dict, epochs_done: int, last: float, head: EagleHead, optimizer,
@@ -515,7 +555,31 @@ def set_draft_vocabulary(head: EagleHead, train: TrainingData | list[TrainingSeq
     return float(torch.isin(labels, head.draft_vocab.cpu()).float().mean()) if labels.numel() else 1.0
 
 
-def save_head(head: EagleHead, out: Path, report: TrainReport, model_spec: str) -> None:
+def eagle3_aux_layers(num_layers: int) -> list[int]:
+    """vLLM's default aux layers (2, L//2, L-3), which the exported config names, for a target of ≥ 3 layers."""
+    if num_layers < 3:
+        raise EgptError(f"--head-style eagle3 fuses three target layers (2, L/2, L-3), but this target has {num_layers}; "
+                        "use --head-style eagle.")
+    return default_aux_layers(num_layers)
+
+
+def eagle3_vocabulary(train: TrainingData, size: int, always: list[int], vocab_size: int) -> torch.Tensor:
+    """An EAGLE-3 head's draft vocabulary [K], fixed before training (its LM head has K rows): the `size` ids
+    most frequent in the training answers, or all ids for 0."""
+    return torch.arange(vocab_size) if size == 0 else draft_vocabulary(train.answers(), size, always)
+
+
+def vocabulary_coverage(heldout: TrainingData, vocab: torch.Tensor) -> float:
+    labels = torch.cat(heldout.answers()) if len(heldout) else torch.empty(0, dtype=torch.long)
+    return float(torch.isin(labels, vocab.cpu()).float().mean()) if labels.numel() else 1.0
+
+
+def save_head(head: EagleHead | Eagle3Head, out: Path, report: TrainReport, model_spec: str) -> None:
+    """Ours: eagle_config.json + safetensors. EAGLE-3: the public layout (vLLM / SGLang), the report beside it."""
+    if isinstance(head, Eagle3Head):
+        export_eagle3(head, out)
+        (out / "train_report.json").write_text(json.dumps({"target": model_spec, "report": asdict(report)}, indent=1))
+        return
     head.save(out, extra={"target": model_spec, "report": asdict(report)})
 
 
@@ -555,6 +619,10 @@ def validate(config: TrainDraftConfig) -> int:
     from egpt_speed.devices import resolve_dtype
 
     resolve_dtype(config.target_dtype)  # an unknown --target-dtype fails here, before any model loads
+    if config.head_style not in HEAD_STYLES:
+        raise EgptError(f"--head-style {config.head_style!r} is not supported; use {' or '.join(HEAD_STYLES)}.")
+    if config.head_style == "eagle3" and (config.store_features or config.eagle1_layout):
+        raise EgptError("--head-style eagle3 trains online from three target layers; drop --store-features and --eagle1-layout.")
     if config.prompt_window < 0:
         raise EgptError("--prompt-window must be at least 0 (prompt positions trained on besides the answer).")
     clips = min(config.samples, 200) if config.clips is None else config.clips
@@ -624,8 +692,9 @@ def collect_training_data(target, config: TrainDraftConfig, train_pairs: list, h
         items, reused = collect_with_journal(target, config, pairs, collection, None, progress)
         if items is None:  # a launched rank other than 0: rank 0 has its answers
             return None, None, reused
-        return (OnlineSet(target, items[:count], config.prompt_window),
-                OnlineSet(target, items[count:], config.prompt_window), reused)
+        aux = eagle3_aux_layers(len(target.llm.model.layers)) if config.head_style == "eagle3" else None
+        return (OnlineSet(target, items[:count], config.prompt_window, aux),
+                OnlineSet(target, items[count:], config.prompt_window, aux), reused)
     cache_file, reused = config.out / "collected.pt", 0
     if config.resume and cache_file.exists():
         if shards.secondary_rank():
@@ -667,16 +736,20 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
         return TrainOutcome(config.out, None, reused)
     collect_s, started = time.perf_counter() - started, time.perf_counter()
     advance = progress("training head", config.epochs * len(train_seqs)) if progress else None
+    vocab = (eagle3_vocabulary(train_seqs, config.draft_vocab, sorted(eos_ids(target)), target.llm.config.vocab_size)
+             if config.head_style == "eagle3" else None)
     head, loss, train_top1, heldout_top1 = train_head(
         target, train_seqs, heldout_seqs, config.epochs, config.lr, config.seed, advance, config.unroll,
         config.train_batch or auto_train_batch(len(train_seqs)), config.out / "train_checkpoint.pt", config.resume,
-        input_norm=not config.eagle1_layout)
+        input_norm=not config.eagle1_layout, draft_vocab=vocab)
     train_s = time.perf_counter() - started
-    coverage = set_draft_vocabulary(head, train_seqs, heldout_seqs, config.draft_vocab, sorted(eos_ids(target)))
+    coverage = (vocabulary_coverage(heldout_seqs, vocab) if vocab is not None else
+                set_draft_vocabulary(head, train_seqs, heldout_seqs, config.draft_vocab, sorted(eos_ids(target))))
     report = TrainReport(len(train_seqs), len(heldout_seqs), config.epochs, loss, train_top1, heldout_top1, collect_s,
                          train_s, clip_record(config.data, data_seed, train_pairs, heldout_pairs),
                          draft_vocab=config.draft_vocab, heldout_vocab_coverage=coverage,
-                         online=not config.store_features, prompt_window=config.prompt_window)
+                         online=not config.store_features, prompt_window=config.prompt_window,
+                         head_style=config.head_style)
     save_head(head, config.out, report, config.model)
     (config.out / "train_checkpoint.pt").unlink(missing_ok=True)  # the head is saved; nothing left to resume
     return TrainOutcome(config.out, report, reused)

@@ -169,7 +169,9 @@ def test_train_draft_through_the_cli(tmp_path, td_loader, monkeypatch):
 
 @pytest.mark.parametrize("args, needle", [(["--store-dtype", "float16"], "--store-dtype 'float16'"),
                                           (["--clips", "1"], "--clips"), (["--train-batch", "-1"], "--train-batch"),
-                                          (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab")])
+                                          (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab"),
+                                          (["--head-style", "medusa"], "--head-style 'medusa'"),
+                                          (["--head-style", "eagle3", "--store-features"], "drop --store-features")])
 def test_bad_train_draft_options_are_one_error_line(tmp_path, td_loader, args, needle):
     tiny_loader = td_loader
     result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)

@@ -1,0 +1,76 @@
+"""train-draft --head-style eagle3: an EAGLE-3 head trained online from the target's fused low/mid/high layers
+with the training-time test (--unroll) learns, drafts losslessly, and is written in the vLLM / SGLang layout."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from egpt_speed import eagle_formats as ef
+from egpt_speed import train_draft as td
+from egpt_speed.datasets import discover_samples, load_questions
+from egpt_speed.decoding import GenerationSettings
+from egpt_speed.proposers import EagleProposer
+from egpt_speed.speculation import DynamicTarget, speculative_decode
+from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
+from egpt_speed.timing import Clock
+from helpers import make_tiny_eventgpt
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def trained(sp_tokenizer, tiny_dataset):
+    model = make_tiny_eventgpt(0, layers=6, tokenizer=sp_tokenizer)
+    specs = discover_samples(tiny_dataset)
+    train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), 16, 0.2, 0)
+    items = td.collect_answers(model, train_pairs + heldout_pairs, GenerationSettings(max_new_tokens=20), 5, batch_size=8)
+    aux = td.eagle3_aux_layers(6)
+    train = td.OnlineSet(model, items[:len(train_pairs)], 2, aux)
+    heldout = td.OnlineSet(model, items[len(train_pairs):], 2, aux)
+    vocab = td.eagle3_vocabulary(train, 0, [2], model.llm.config.vocab_size)
+    head, _, train_top1, heldout_top1 = td.train_head(model, train, heldout, 8, 1e-3, 0, unroll=2, batch_size=2,
+                                                      draft_vocab=vocab)
+    return model, specs, head, train, train_top1, vocab
+
+
+def test_an_eagle3_head_learns(trained):
+    model, _, head, train, train_top1, vocab = trained
+    assert head.aux_layers == [2, 3, 3] and torch.equal(head.draft_vocab, vocab)
+    untrained = td.initial_eagle3_head(model, [2, 3, 3], vocab)
+    assert train_top1 > td.top1(untrained, model.llm.lm_head, train, CPU) + 0.1
+
+
+def test_online_eagle3_batches_carry_the_fused_layers(trained):
+    model, _, _, train, _, _ = trained
+    batch = train.batch([0, 1], CPU)
+    plain = td.online_batch(model, [train.items[0], train.items[1]], 2)
+    assert batch.features.shape[-1] == 3 * plain.features.shape[-1]
+    assert torch.equal(batch.labels, plain.labels)
+
+
+def test_a_trained_eagle3_head_drafts_losslessly_after_export(trained, tmp_path):
+    model, specs, head, _, _, _ = trained
+    report = td.TrainReport(1, 1, 1, 0.0, 0.0, 0.0, 0.0, 0.0, td.ClipRecord("x", None, [], []), head_style="eagle3")
+    td.save_head(head, tmp_path / "h", report, "test")
+    assert json.loads((tmp_path / "h" / "train_report.json").read_text())["report"]["head_style"] == "eagle3"
+    loaded = ef.load_public_head(tmp_path / "h", model.hidden_size, model.llm.config.vocab_size, CPU, torch.float32)
+    encoded = stage3_vision(stage2_preprocess(stage1_load(specs[0], "npy", 5), model, 5), model)
+    embeds = model.splice(encoded.prompt_ids, encoded.event_features)
+    with torch.inference_mode():
+        reference = model.llm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                                       max_new_tokens=30, do_sample=False, eos_token_id=None)[0].tolist()
+    proposer = EagleProposer(loaded, model.llm, embeds)
+    clock = Clock(CPU)
+    clock.begin()
+    result = speculative_decode(DynamicTarget(model.llm, proposer.aux_layers), embeds, proposer,
+                                GenerationSettings(max_new_tokens=30), 4, set(), clock)
+    assert result.token_ids == reference
+    assert result.metrics["accepted"] > 0
+
+
+def test_eagle3_needs_three_layers_and_online_training():
+    with pytest.raises(Exception, match="fuses three target layers"):
+        td.eagle3_aux_layers(2)
