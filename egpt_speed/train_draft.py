@@ -40,6 +40,7 @@ from egpt_speed.hf_generate import generate_batch
 # train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
 # clips `run`/`compare --seed S` benchmark on (a clip's events derive from (seed, index) only).
 TRAIN_SEED_OFFSET = 7919
+TARGET_QUANTS = ("none", "nf4")
 HEAD_STYLES = ("eagle", "eagle3")  # --head-style: EAGLE-1/2's head on the last layer, or EAGLE-3's on three
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TrainDraftConfig = TrainDraftOptions  # the CLI's options are the run's configuration
@@ -619,6 +620,7 @@ def validate(config: TrainDraftConfig) -> int:
     from egpt_speed.devices import resolve_dtype
 
     resolve_dtype(config.target_dtype)  # an unknown --target-dtype fails here, before any model loads
+    check_target_quant(config.target_quant, resolve_device(config.device))
     if config.head_style not in HEAD_STYLES:
         raise EgptError(f"--head-style {config.head_style!r} is not supported; use {' or '.join(HEAD_STYLES)}.")
     if config.head_style == "eagle3" and (config.store_features or config.eagle1_layout):
@@ -635,6 +637,31 @@ def validate(config: TrainDraftConfig) -> int:
     check_model_spec(config.model)
     check_writable_dir(config.out, "--out")
     return clips
+
+
+def check_target_quant(kind: str, device: torch.device) -> None:
+    """--target-quant: none, or nf4 where bitsandbytes can run it (CUDA and the package), checked before loading."""
+    from egpt_speed.quantize import cuda_reason, package_reason
+
+    if kind not in TARGET_QUANTS:
+        raise EgptError(f"--target-quant {kind!r} is not supported; use {' or '.join(TARGET_QUANTS)}.")
+    if kind == "nf4":
+        reason = cuda_reason(device, "--target-quant nf4 (bitsandbytes)") or package_reason("bitsandbytes", "bitsandbytes")
+        if reason:
+            raise EgptError(f"--target-quant nf4 {reason}" if reason.startswith("needs") else reason)
+
+
+def load_target(config: TrainDraftConfig, device: torch.device):
+    """The target in --target-dtype; with --target-quant nf4 its decoder layers' linears become bitsandbytes NF4
+    (embeddings, norms and LM head stay in --target-dtype; the matmuls run in bfloat16, or float16 for a float16 target)."""
+    from egpt_speed.devices import resolve_dtype
+    from egpt_speed.quantize import BnbScheme, quantize_llm_bnb
+
+    target = load_model(config.model, resolve_dtype(config.target_dtype, device), device)
+    if config.target_quant == "nf4":
+        compute = torch.float16 if target.llm.dtype == torch.float16 else torch.bfloat16
+        quantize_llm_bnb(target.llm, BnbScheme("nf4", compute_dtype=compute), device)
+    return target
 
 
 def collect_with_journal(target, config: TrainDraftConfig, pairs: list, collection: dict, storage: torch.dtype | None,
@@ -715,7 +742,7 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
 
     from egpt_speed.datasets import load_questions
     from egpt_speed.decoding import eos_ids
-    from egpt_speed.devices import resolve_device, resolve_dtype
+    from egpt_speed.devices import resolve_device
     from egpt_speed.train_draft_shards import rank_zero_first
 
     clip_count = validate(config)
@@ -723,12 +750,14 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
     storage = store_dtype_for(config.store_dtype, device)
     with rank_zero_first(config.device):  # launched: rank 0 fills the caches every rank reads (clips, SmolLM2)
         specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
-        target = load_model(config.model, resolve_dtype(config.target_dtype, device), device)
+        target = load_target(config, device)
     train_pairs, heldout_pairs = pairs_for(specs, load_questions(), config.samples, config.holdout, config.seed)
     collection = dict(model=config.model, data=config.data, synthetic_seed=data_seed,
                       synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
                       holdout=config.holdout, seed=config.seed, max_new_tokens=config.max_new_tokens, frames=config.frames,
-                      target_dtype=str(target.llm.dtype).replace("torch.", ""))
+                      target_dtype=str(target.llm.dtype).replace("torch.", ""),
+                      # only when set: journals of earlier runs (no key) still resume
+                      **({"target_quant": config.target_quant} if config.target_quant != "none" else {}))
     started = time.perf_counter()
     train_seqs, heldout_seqs, reused = collect_training_data(target, config, train_pairs, heldout_pairs, collection,
                                                              storage, progress)

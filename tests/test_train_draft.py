@@ -171,7 +171,9 @@ def test_train_draft_through_the_cli(tmp_path, td_loader, monkeypatch):
                                           (["--clips", "1"], "--clips"), (["--train-batch", "-1"], "--train-batch"),
                                           (["--batch-size", "0"], "--batch-size"), (["--draft-vocab", "-1"], "--draft-vocab"),
                                           (["--head-style", "medusa"], "--head-style 'medusa'"),
-                                          (["--head-style", "eagle3", "--store-features"], "drop --store-features")])
+                                          (["--head-style", "eagle3", "--store-features"], "drop --store-features"),
+                                          (["--target-quant", "int3"], "--target-quant 'int3'"),
+                                          (["--target-quant", "nf4"], "--target-quant nf4 (bitsandbytes) needs CUDA")])
 def test_bad_train_draft_options_are_one_error_line(tmp_path, td_loader, args, needle):
     tiny_loader = td_loader
     result = invoke("--device", "cpu", "--out", str(tmp_path / "head"), *args)
@@ -274,3 +276,13 @@ def test_train_draft_with_a_bfloat16_target(tmp_path, td_loader):
     assert collection["target_dtype"] == "bfloat16"
     bad = invoke("--data", "synthetic", "-n", "8", "--device", "cpu", "--out", str(tmp_path / "bad"), "--target-dtype", "int3")
     assert bad.exit_code == 2 and "int3" in bad.output
+
+
+def test_nf4_target_without_bitsandbytes_is_refused_before_loading(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(td.EgptError, match=r"^--target-quant nf4 needs the bitsandbytes package \(pip install bitsandbytes\)\.$"):
+        td.check_target_quant("nf4", torch.device("cuda"))
+    td.check_target_quant("none", torch.device("cpu"))
