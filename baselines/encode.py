@@ -14,6 +14,7 @@ import torch
 
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.errors import EgptError
+from egpt_speed.events import png_decoder_name
 from egpt_speed.models import model_family
 from egpt_speed.preprocess import PREPROCESS_MODES, Preprocess, check_preprocess, clip_spec
 from egpt_speed.stages import (EncodedSample, PreprocessedSample, default_preprocess, preprocess_pixel_diff,
@@ -135,4 +136,5 @@ def input_facts(records: list[dict], config, base) -> dict[str, Any]:
             "preprocess": resolve_preprocess(config.preprocess, base.device, base.family),
             "preprocess_requested": config.preprocess,
             "preprocess_max_pixel_diff": first.get("preprocess_max_pixel_diff"),
-            "input_warnings": warnings, "stage1_note": STAGE1_NOTE, **vision_facts(base)}
+            "input_warnings": warnings, "stage1_note": STAGE1_NOTE, **vision_facts(base),
+            "png_decoder": png_decoder_name() if config.source == "png" else None}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -115,10 +116,11 @@ def _check_coordinates(path: Path, arrays: dict[str, np.ndarray], max_coordinate
 
 def _timestamp_warnings(path: Path, t: np.ndarray) -> tuple[str, ...]:
     found = []
-    negative = int(np.count_nonzero(t < 0))
+    backwards = int(np.count_nonzero(t[1:] < t[:-1]))
+    # Sorted (the usual case): only the first timestamp can be negative, which saves Stage 1 a pass over t.
+    negative = int(np.count_nonzero(t < 0)) if backwards or t[0] < 0 else 0
     if negative:
         found.append(f"{path.name}: {negative} negative timestamp(s); rendering ignores t, frames unaffected")
-    backwards = int(np.count_nonzero(t[1:] < t[:-1]))
     if backwards:
         found.append(f"{path.name}: timestamps not sorted ({backwards} decreasing step(s)); rendering ignores t, "
                      "frames unaffected")
@@ -211,19 +213,89 @@ def load_png_frames(paths: Sequence[Path]) -> list[np.ndarray]:
     return [_load_png(Path(p)) for p in paths]
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
 def _load_png(path: Path) -> np.ndarray:
+    """[H, W, 3] uint8 RGB; 8-bit RGB PNGs (what EventGPT saves) through the fastest installed decoder, others through PIL."""
     if not path.is_file():
         raise EgptError(f"Frame image {path} does not exist; check the dataset's event_image folders.")
+    data = path.read_bytes()
+    header = _png_header(data)
+    decode = fast_png_decoder()
+    if header is None or decode is None or not header[2]:
+        return _load_png_pil(path, data)
+    width, height, _ = header
+    _check_image_side(path, width, height)
     try:
-        with Image.open(path) as img:  # lazy: the size is known before any pixel is decoded
-            if max(img.size) > MAX_SENSOR_SIDE:
-                raise EgptError(f"Frame image {path} is {img.size[0]}x{img.size[1]} pixels, beyond the "
-                                f"{MAX_SENSOR_SIDE}-pixel sensor bound; re-render it from its clip.")
+        return decode(data)
+    except Exception:  # a file the fast decoder rejects gets PIL's diagnosis
+        return _load_png_pil(path, data)
+
+
+def _png_header(data: bytes) -> tuple[int, int, bool] | None:
+    """(width, height, is 8-bit RGB without palette or alpha) from the IHDR chunk; None if not a PNG."""
+    if len(data) < 26 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return width, height, data[24] == 8 and data[25] == 2
+
+
+def _check_image_side(path: Path, width: int, height: int) -> None:
+    if max(width, height) > MAX_SENSOR_SIDE:
+        raise EgptError(f"Frame image {path} is {width}x{height} pixels, beyond the "
+                        f"{MAX_SENSOR_SIDE}-pixel sensor bound; re-render it from its clip.")
+
+
+def _load_png_pil(path: Path, data: bytes) -> np.ndarray:
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:  # lazy: the size is known before any pixel is decoded
+            _check_image_side(path, *img.size)
             return np.array(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     except EgptError:
         raise
     except Exception as exc:  # PIL raises OSError, ValueError, SyntaxError... for bad files
         raise EgptError(f"Frame image {path} cannot be read ({exc}); it may be corrupt, so re-render it.") from exc
+
+
+@functools.lru_cache(maxsize=1)
+def fast_png_decoder():
+    """bytes of an 8-bit RGB PNG → [H, W, 3] uint8, by torchvision or OpenCV when installed; None → PIL."""
+    for make in (_torchvision_decoder, _opencv_decoder):
+        try:
+            return make()
+        except Exception:  # not installed, or installed but broken (e.g. built for another torch): next one
+            continue
+    return None
+
+
+def _torchvision_decoder():
+    import torch
+    from torchvision.io import ImageReadMode, decode_png
+
+    def decode(data: bytes) -> np.ndarray:  # [3, H, W] → an [H, W, 3] view, no copy
+        buffer = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return decode_png(buffer, mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+    decode.name = "torchvision"
+    return decode
+
+
+def _opencv_decoder():
+    import cv2
+
+    def decode(data: bytes) -> np.ndarray:
+        bgr = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    decode.name = "opencv"
+    return decode
+
+
+def png_decoder_name() -> str:
+    """Which decoder `--source png` uses for 8-bit RGB PNGs here: torchvision, opencv or pil (for the result)."""
+    decode = fast_png_decoder()
+    return decode.name if decode is not None else "pil"
 
 
 def save_png(img: np.ndarray, path: Path) -> None:

@@ -6,6 +6,8 @@ carries `2 * order + polarity`, so the per-pixel maximum is the last event there
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -14,10 +16,53 @@ from egpt_speed.events import EventStream, check_frame_size, split_equal_count
 WHITE, BLUE, RED = 0, 1, 2  # pixel codes: untouched, last event polarity 0, last event polarity 1
 
 
+ALIGN = 8  # bytes: each array's offset in the staging buffer, so every dtype can view its slice
+
+
+class Staging:
+    """A host buffer reused across samples (page-locked when CUDA is there): arrays packed into it cross
+    to the device in one asynchronous copy. The next `to_device` waits until the previous copy has read it."""
+
+    def __init__(self, pinned: bool):
+        self.pinned = pinned
+        self.buffer: torch.Tensor | None = None  # [capacity] uint8
+        self.copied: torch.cuda.Event | None = None
+
+    def to_device(self, arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
+        """1-D arrays → tensors on `device` in their dtypes (fresh device memory, never the staging buffer)."""
+        offsets = np.cumsum([0] + [-(-a.nbytes // ALIGN) * ALIGN for a in arrays]).tolist()
+        host = self._reserve(offsets[-1]).numpy()
+        for array, start in zip(arrays, offsets):
+            host[start:start + array.nbytes] = np.ascontiguousarray(array).view(np.uint8)
+        packed = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
+        packed.copy_(self.buffer[:offsets[-1]], non_blocking=self.pinned)
+        if device.type == "cuda":
+            self.copied = torch.cuda.Event()
+            self.copied.record()
+        return [packed[start:start + a.nbytes].view(torch.from_numpy(a[:0]).dtype) for a, start in zip(arrays, offsets)]
+
+    def _reserve(self, size: int) -> torch.Tensor:
+        if self.copied is not None:
+            self.copied.synchronize()  # the previous sample's copy may still be reading the buffer
+        if self.buffer is None or self.buffer.numel() < size:
+            self.buffer = torch.empty(max(size, 2 * (self.buffer.numel() if self.buffer is not None else 0)),
+                                      dtype=torch.uint8, pin_memory=self.pinned)
+        return self.buffer
+
+
+@functools.lru_cache(maxsize=None)
+def staging_for(device: torch.device) -> Staging:
+    """One staging buffer per device, reused by every sample Stage 2 sends there."""
+    return Staging(pinned=device.type == "cuda")
+
+
 def events_to_device(stream: EventStream, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x, y, p cross to the device in their stored dtypes (5 bytes/event for EventGPT's uint16/uint8) → [N] each."""
-    return tuple(torch.from_numpy(np.ascontiguousarray(a)).to(device, non_blocking=True)
-                 for a in (stream.x, stream.y, stream.p))
+    """x, y, p cross to the device in their stored dtypes (5 bytes/event for EventGPT's uint16/uint8) → [N] each:
+    on CUDA packed into one page-locked buffer and one copy, on the CPU as they are."""
+    arrays = [stream.x, stream.y, stream.p]
+    if device.type != "cuda":
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
+    return tuple(staging_for(device).to_device(arrays, device))
 
 
 def render_codes(x: torch.Tensor, y: torch.Tensor, p: torch.Tensor, n_frames: int) -> list[torch.Tensor]:
