@@ -116,16 +116,20 @@ def _device_taps(in_size: int, out_size: int, first: int, count: int, device: to
 
 
 def _pass(img: torch.Tensor, in_size: int, out_size: int, first: int, count: int, dim: int) -> torch.Tensor:
-    """One separable pass along `dim` (-1 columns, -2 rows) of an int32 [..., H, W] image, rounded to uint8 values."""
+    """One separable pass along `dim` (-1 columns, -2 rows) of an int32 [..., H, W] image, rounded to uint8 values.
+
+    All K taps in one gather, multiply and sum (exact: integer arithmetic, any order), not K kernel triples.
+    """
     if in_size == out_size and first == 0 and count == in_size:
         return img  # PIL skips a pass whose size does not change
-    index, weight = _device_taps(in_size, out_size, first, count, img.device)
-    shape = [1] * img.dim()
-    shape[dim] = count
-    acc = torch.full((), 1 << (PRECISION_BITS - 1), dtype=torch.int32, device=img.device)
-    for j in range(index.shape[1]):  # K taps (7 for 480 → 336): a gather and a multiply-add each
-        acc = acc + img.index_select(dim, index[:, j]) * weight[:, j].view(shape)
-    return (acc >> PRECISION_BITS).clamp_(0, 255)
+    index, weight = _device_taps(in_size, out_size, first, count, img.device)  # [count, K] each
+    taps = index.shape[1]
+    gathered = img.index_select(dim, index.flatten())  # count * K along dim
+    if dim == -1:
+        acc = (gathered.view(*img.shape[:-1], count, taps) * weight).sum(-1)
+    else:
+        acc = (gathered.view(*img.shape[:-2], count, taps, img.shape[-1]) * weight.unsqueeze(-1)).sum(-2)
+    return ((acc + (1 << (PRECISION_BITS - 1))) >> PRECISION_BITS).clamp_(0, 255).to(torch.int32)
 
 
 def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -136,7 +140,7 @@ def resized_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]
 
 
 def resize_crop(img: torch.Tensor, spec: ClipSpec) -> torch.Tensor:
-    """[3, H, W] uint8 → [3, crop_h, crop_w] int32 in 0..255: PIL bicubic resize + centre crop, exactly."""
+    """[..., 3, H, W] uint8 → [..., 3, crop_h, crop_w] int32 in 0..255: PIL bicubic resize + centre crop, exactly."""
     height, width = img.shape[-2:]
     new_h, new_w = resized_size(height, width, spec.shortest_edge)
     top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
@@ -164,15 +168,28 @@ def events_pixel_values(stream: EventStream, n_frames: int, spec: ClipSpec, devi
                         dtype: torch.dtype) -> torch.Tensor:
     """Render + CLIP-process a clip on `device` → [T, 3, S, S] in `dtype` (what Stage 3 reads)."""
     x, y, p = events_to_device(stream, device)
-    crops = [resize_crop(codes_to_planar(c), spec) for c in render_codes(x, y, p, n_frames)]
-    return normalise(torch.stack(crops), spec).to(dtype)
+    return normalise(resize_crop_frames([codes_to_planar(c) for c in render_codes(x, y, p, n_frames)], spec),
+                     spec).to(dtype)
+
+
+def resize_crop_frames(frames: list[torch.Tensor], spec: ClipSpec) -> torch.Tensor:
+    """[3, H_i, W_i] uint8 frames → [T, 3, crop_h, crop_w] int32; frames of one size are resized as one batch."""
+    out: list[torch.Tensor | None] = [None] * len(frames)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, frame in enumerate(frames):
+        by_size.setdefault(tuple(frame.shape[-2:]), []).append(i)
+    for members in by_size.values():
+        crops = resize_crop(torch.stack([frames[i] for i in members]), spec)  # [F, 3, S, S]
+        for i, crop in zip(members, crops):
+            out[i] = crop
+    return torch.stack(out)
 
 
 def frames_pixel_values(frames: list[np.ndarray], spec: ClipSpec, device: torch.device,
                         dtype: torch.dtype) -> torch.Tensor:
     """Pre-rendered [H, W, 3] uint8 frames (png source) → [T, 3, S, S] in `dtype` on `device`."""
-    crops = [resize_crop(torch.from_numpy(f).to(device, non_blocking=True).permute(2, 0, 1), spec) for f in frames]
-    return normalise(torch.stack(crops), spec).to(dtype)
+    planar = [torch.from_numpy(f).to(device, non_blocking=True).permute(2, 0, 1) for f in frames]
+    return normalise(resize_crop_frames(planar, spec), spec).to(dtype)
 
 
 def max_pixel_diff(device_values: torch.Tensor, cpu_values: torch.Tensor) -> float:

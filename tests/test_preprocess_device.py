@@ -100,3 +100,13 @@ def _clock() -> Clock:
     clock = Clock(CPU)
     clock.begin()
     return clock
+
+
+def test_frames_of_mixed_sizes_are_resized_in_groups_exactly_as_one_by_one():
+    from egpt_speed.preprocess import resize_crop, resize_crop_frames
+
+    spec = clip_spec(make_image_processor(28))
+    rng = np.random.default_rng(7)
+    frames = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in
+              [(48, 64), (50, 64), (48, 64), (30, 29), (50, 64)]]
+    assert torch.equal(resize_crop_frames(frames, spec), torch.stack([resize_crop(f, spec) for f in frames]))
