@@ -7,7 +7,11 @@ Clips are written once as EventGPT npy files; every repeat re-reads them from di
 is warm after the first read; nothing is cached in the process). Per clip the two modes alternate
 order. Writes stages_bench_<model>_<device>_<stamp>.json/.md: median ms of each stage per mode, the
 max pixel-value difference device vs cpu (normalised units, fp32), and the max event-feature
-difference in the run dtype.
+difference in the run dtype. Stage 3 runs through `--vision-mode` (auto: a CUDA graph on CUDA);
+`--stage3-modes` also times Stage 3 alone under each listed vision mode on the first clip, and
+`--profile` writes `<stem>_profile.txt`: one device-preprocess sample under torch.profiler with a
+range per stage (what each remaining millisecond is), and the kernels of one eager Stage-3 forward
+(which attention kernel runs).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from egpt_speed.events import SyntheticClipConfig, synthesize_clip  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.stages import preprocess_pixel_diff, stage1_load, stage2_preprocess, stage3_vision  # noqa: E402
-from egpt_speed.timing import TimedRegion  # noqa: E402
+from egpt_speed.timing import TimedRegion, median_ms  # noqa: E402
+from egpt_speed.vision_graph import FrameEncoder, use_vision_mode, vision_facts  # noqa: E402
 
 MODES = ("cpu", "device")
 STAGES = ("stage1_ms", "stage2_ms", "stage3_ms")
@@ -44,11 +49,11 @@ def write_clips(folder: Path, clips: int, events: int, seed: int) -> list:
 
 
 def one_sample(spec, model, frames: int, mode: str, device: torch.device) -> tuple[dict, torch.Tensor]:
-    with TimedRegion(device) as r1:
+    with TimedRegion(device) as r1, torch.profiler.record_function("stage1_load"):
         loaded = stage1_load(spec, "npy", frames)
-    with TimedRegion(device) as r2:
+    with TimedRegion(device) as r2, torch.profiler.record_function(f"stage2_preprocess_{mode}"):
         pre = stage2_preprocess(loaded, model, frames, mode)
-    with TimedRegion(device) as r3:
+    with TimedRegion(device) as r3, torch.profiler.record_function("stage3_vision"):
         encoded = stage3_vision(pre, model)
     return {"stage1_ms": r1.ms, "stage2_ms": r2.ms, "stage3_ms": r3.ms}, encoded.event_features
 
@@ -76,6 +81,40 @@ def summarise(records: list[dict]) -> dict:
     return out
 
 
+def stage3_by_mode(args, model, spec, device) -> dict[str, float]:
+    """Stage 3 alone (median ms) on the first clip's device-preprocessed frames, per vision mode."""
+    pre = stage2_preprocess(stage1_load(spec, "npy", args.frames), model, args.frames, "device")
+    out = {}
+    for mode in args.stage3_modes:
+        encoder = FrameEncoder(model.encode_frames, mode, device)
+        out[mode] = median_ms(lambda: encoder(pre.pixel_values), device, args.repeats * len(args.stage3_modes) + 5)
+    return out
+
+
+ATTENTION_KERNEL = ("flash", "fmha", "attention", "efficient", "sdpa", "cudnn")
+
+
+def profile(args, model, spec, device, path: Path) -> list[str]:
+    """A device-preprocess sample and an eager Stage-3 forward under torch.profiler → the attention kernels seen."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    with torch_profile(activities=activities) as whole:
+        one_sample(spec, model, args.frames, "device", device)
+    pre = stage2_preprocess(stage1_load(spec, "npy", args.frames), model, args.frames, "device")
+    with torch_profile(activities=activities) as eager, torch.inference_mode():
+        model.encode_frames(pre.pixel_values)
+    text = [f"# one sample, --preprocess device, vision mode {vision_facts(model)['vision_mode']} (sorted by {sort})",
+            whole.key_averages().table(sort_by=sort, row_limit=40),
+            f"# one eager Stage-3 forward (tower + projector + adaptor), sorted by {sort}",
+            eager.key_averages().table(sort_by=sort, row_limit=30)]
+    path.write_text("\n\n".join(text))
+    names = {event.key for event in eager.key_averages()}
+    return sorted(n for n in names if any(k in n.lower() for k in ATTENTION_KERNEL))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -87,6 +126,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--frames", type=int, default=5, choices=(5, 1))
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--vision-mode", default="auto", help="Stage 3's frame encoder: auto | eager | graph | compile")
+    parser.add_argument("--stage3-modes", type=lambda v: [m for m in v.split(",") if m], default=["eager", "graph"],
+                        help="vision modes Stage 3 is also timed alone under (comma-separated; '' for none)")
+    parser.add_argument("--profile", action="store_true", help="write <stem>_profile.txt (torch.profiler)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     if args.threads:
@@ -94,20 +137,26 @@ def main() -> None:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     model = load_model(args.model, dtype, device)
+    use_vision_mode(model, args.vision_mode)
+    stem = timestamped_name(f"stages_bench_{args.model}_{device.type}")
+    args.out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stages-bench-") as tmp:
         specs = write_clips(Path(tmp), args.clips, args.events, seed=1000)
         pixel_diff = preprocess_pixel_diff(stage1_load(specs[0], "npy", args.frames), model, args.frames)
         times, feature_diff = run(args, model, specs, device)
+        stage3_modes = stage3_by_mode(args, model, specs[0], device)
+        kernels = profile(args, model, specs[0], device, args.out / f"{stem}_profile.txt") if args.profile else None
     document = {
         "schema": "egpt-speed/stages-bench/1", "env": capture_env(device, None),
         "config": {"model": args.model, "dtype": str(dtype).removeprefix("torch."), "events": args.events,
                    "clips": args.clips, "repeats": args.repeats, "frames": args.frames,
                    "torch_threads": torch.get_num_threads(),
-                   "vision_attention": getattr(model.vision_tower.config, "_attn_implementation", None)},
+                   **vision_facts(model), "vision_dtype": str(next(model.vision_tower.parameters()).dtype)},
+        "stage3_ms_by_vision_mode": stage3_modes, "stage3_attention_kernels": kernels,
+        "stage1_note": "Stage 1 re-reads the npy from disk every sample (page cache warm), no caching in the process",
         "preprocess_max_pixel_diff": pixel_diff, "event_feature_max_diff": feature_diff,
         "summary": {mode: summarise(times[mode]) for mode in MODES}, "samples": times,
     }
-    stem = timestamped_name(f"stages_bench_{args.model}_{device.type}")
     out = args.out / f"{stem}.json"
     write_json_atomic(document, out)
     write_text_atomic(markdown(document), out.with_suffix(".md"))
@@ -120,7 +169,8 @@ def markdown(document: dict) -> str:
              f"- command: `{env['command']}`",
              f"- {config['clips']} synthetic clips x {config['repeats']} repeats, {config['events']:,} events, "
              f"{config['frames']} frames; torch threads {config['torch_threads']}; "
-             f"vision attention {config['vision_attention']}",
+             f"Stage 3: vision mode {config['vision_mode']}, attention {config['vision_attention']}, "
+             f"{config['vision_dtype']}; attention kernels seen: {document['stage3_attention_kernels']}",
              f"- max pixel-value difference device vs cpu (normalised, fp32, first clip): "
              f"{document['preprocess_max_pixel_diff']:g}",
              f"- max event-feature difference ({config['dtype']}): {document['event_feature_max_diff']:g}", "",
@@ -128,6 +178,9 @@ def markdown(document: dict) -> str:
     for mode, s in document["summary"].items():
         lines.append(f"| {mode} | {s['stage1_ms']:.1f} | {s['stage2_ms']:.1f} | {s['stage3_ms']:.1f} | "
                      f"{s['stages_1_3_ms']:.1f} |")
+    if document["stage3_ms_by_vision_mode"]:
+        lines += ["", "| Stage 3 alone (first clip), vision mode | median ms |", "|---|---:|"]
+        lines += [f"| {mode} | {ms:.2f} |" for mode, ms in document["stage3_ms_by_vision_mode"].items()]
     return "\n".join(lines) + "\n"
 
 

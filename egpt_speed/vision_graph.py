@@ -9,6 +9,7 @@ CUDA and `eager` elsewhere. The graph is captured inside inference mode, so only
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,6 +51,7 @@ class FrameEncoder:
         self.mode, self.device = mode, device
         self.body = torch.compile(encode_frames, dynamic=False) if mode == "compile" else encode_frames
         self.captured: dict[tuple, _Captured] = {}
+        self.fallback: str | None = None  # why a CUDA graph could not be captured, if it could not
 
     @torch.inference_mode()
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -72,12 +74,23 @@ class FrameEncoder:
         def body() -> None:
             out["features"] = self.body(static_in)
 
-        graph = capture_cuda_graph(body, self.device, CAPTURE_WARMUP) if self.device.type == "cuda" else None
+        graph = self._try_capture(body) if self.device.type == "cuda" else None
         if graph is None:
             body()
         entry = _Captured(static_in, out["features"], graph)
         self.captured[(tuple(pixel_values.shape), pixel_values.dtype)] = entry
         return entry
+
+
+    def _try_capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        """The graph, or None after a failed capture: the forward then runs uncaptured, and `fallback` says why."""
+        try:
+            return capture_cuda_graph(body, self.device, CAPTURE_WARMUP)
+        except RuntimeError as error:  # an op the tower's transformers version runs that cannot be captured
+            self.fallback = f"CUDA graph capture failed ({str(error).splitlines()[0][:200]}); Stage 3 ran uncaptured"
+            warnings.warn(self.fallback, stacklevel=2)
+            torch.cuda.synchronize(self.device)
+            return None
 
 
 def use_vision_mode(model, mode: str) -> str:
@@ -102,4 +115,5 @@ def vision_facts(model) -> dict:
     encoder = getattr(model, "frame_encoder", None)
     tower = getattr(model, "vision_tower", None)
     return {"vision_mode": encoder.mode if encoder is not None else "eager",
-            "vision_attention": getattr(getattr(tower, "config", None), "_attn_implementation", None)}
+            "vision_attention": getattr(getattr(tower, "config", None), "_attn_implementation", None),
+            "vision_graph_fallback": encoder.fallback if encoder is not None else None}

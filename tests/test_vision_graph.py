@@ -56,7 +56,7 @@ def test_stage3_through_the_model_encoder_equals_the_plain_path(model):
     try:
         fast = [stage3_vision(pre, model).event_features for pre in pres]
         batched = [e.event_features for e in stage3_vision_batch(pres, model)]
-        assert vision_facts(model) == {"vision_mode": "graph", "vision_attention": "sdpa"}
+        assert vision_facts(model) == {"vision_mode": "graph", "vision_attention": "sdpa", "vision_graph_fallback": None}
     finally:
         del model.frame_encoder
     for a, b, c in zip(plain, fast, batched):
