@@ -24,6 +24,10 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
                     rope_theta=100000.0)
 PREFIX = 622
+# (dtype, attn_implementation, SDPA backends of the captured forwards); 2026-11-28 first run: the PyTorch-choice
+# rows and eager attention; second run: the math backend (static_decode.DECODE_SDPA_BACKENDS)
+VARIANTS = ((torch.float32, "sdpa", "math"), (torch.bfloat16, "sdpa", "math"))
+PROFILE = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -67,14 +71,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp"))
     args = parser.parse_args()
     rows, tables = [], []
-    for dtype, attention in ((torch.float32, "sdpa"), (torch.bfloat16, "sdpa"), (torch.float32, "eager")):
+    from torch.nn.attention import SDPBackend
+
+    from egpt_speed import static_decode
+
+    backends = {"math": [SDPBackend.MATH], "pytorch": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                       SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]}
+    for dtype, attention, backend in VARIANTS:
+        static_decode.DECODE_SDPA_BACKENDS = backends[backend]
+        attention_label = f"{attention} ({backend})" if attention == "sdpa" else attention
         engine, embeds = engine_for(dtype, attention)
         step = engine._steps["decode"]
         verify = verify_step(engine, embeds)
         step_ms, verify_ms = median_ms(step, engine.device, 50), median_ms(verify, engine.device, 30)
-        rows.append(f"| {dtype} | {attention} | {step_ms:.3f} | {verify_ms:.3f} |")
+        rows.append(f"| {dtype} | {attention_label} | {step_ms:.3f} | {verify_ms:.3f} |")
         print(rows[-1], flush=True)
-        if attention == "sdpa":
+        if PROFILE and attention == "sdpa":
             tables += [kernels(step, f"{dtype} {attention} decode step"), kernels(verify, f"{dtype} {attention} 33-wide verify")]
         del engine
         torch.cuda.empty_cache()

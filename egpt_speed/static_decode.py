@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import StaticCache
 
 from egpt_speed.decoding import DecodeResult, truncate_at_eos, with_cache
@@ -38,6 +39,12 @@ CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across p
 # step is a graph replay (H100, 7B: 8.32 vs 8.30 ms/token with chunks of 8), while a chunk of C decodes on
 # average (C − 1)/2 dropped tokens past an EOS (~6–8 ms each): per-token checks win for answers that end.
 DEFAULT_EOS_EVERY = 1
+# SDPA backend of the captured decode / verify / draft forwards on CUDA (a few queries against the whole cache;
+# prefill keeps PyTorch's choice). For a masked query PyTorch picks the memory-efficient kernel, which runs one
+# CTA per head: on an H200, SmolLM2-135M shape (9 heads), float32, it took 87 µs a layer, 54 % of a decode step
+# (benchmarks/results/step_kernel_probe_*.md). The math backend (two batched matmuls and a softmax, fused by
+# inductor) spreads the keys over the whole GPU.
+DECODE_SDPA_BACKENDS = [SDPBackend.MATH]
 
 
 class StaticKVCache(StaticCache):
@@ -78,6 +85,17 @@ class StaticKVCache(StaticCache):
 
 def round_up(value: int, multiple: int = CACHE_ROUNDING) -> int:
     return int(math.ceil(value / multiple) * multiple)
+
+
+def with_decode_attention(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """`body` run under DECODE_SDPA_BACKENDS on CUDA (a compiled body is traced under it, so the choice is baked in)."""
+    if device.type != "cuda":
+        return body
+
+    def run() -> None:
+        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+            body()
+    return run
 
 
 def capture_cuda_graph(body: Callable[[], None], device: torch.device, warmup: int) -> torch.cuda.CUDAGraph:
@@ -169,6 +187,7 @@ class StaticEngine:
         compile=False captures the eager body (index copies: nothing for inductor to fuse)."""
         if self.compile_mode is not None and compile:
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
+        body = with_decode_attention(body, self.device)
         if not self.manual_graph:
             if self.compile_mode is not None and compile:  # compile (and record cudagraph trees) now, inside setup's timing
                 for _ in range(3):

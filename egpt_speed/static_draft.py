@@ -25,7 +25,7 @@ import torch
 from egpt_speed.eagle import EagleHead
 from egpt_speed.errors import EgptError
 from egpt_speed.proposers import Proposer
-from egpt_speed.static_decode import HostStaging, StaticKVCache, capture_cuda_graph, round_up
+from egpt_speed.static_decode import HostStaging, StaticKVCache, capture_cuda_graph, round_up, with_decode_attention
 from egpt_speed.tree import DraftTree
 from egpt_speed.verify import ChainDraft
 
@@ -99,7 +99,7 @@ class _Graphs:
     def _prepare(self, body):
         if not self.capture:
             return body
-        graph = capture_cuda_graph(body, self.device, warmup=2)
+        graph = capture_cuda_graph(with_decode_attention(body, self.device), self.device, warmup=2)
         self._keep.append(graph)
         return graph.replay
 
