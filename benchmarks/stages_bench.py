@@ -104,7 +104,7 @@ def profile(args, model, spec, device, path: Path) -> list[str]:
     from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     with torch_profile(activities=activities) as whole:
         one_sample(spec, model, args.frames, "device", device)
     pre = stage2_preprocess(stage1_load(spec, "npy", args.frames), model, args.frames, "device")
