@@ -3,6 +3,7 @@ online-training epoch, per 1,000 answers, at 64 and 512 new tokens.
 
     python benchmarks/train_draft_7b.py --model synthetic-7b --answers 200 --out benchmarks/results   # H100/H200, bf16
     python benchmarks/train_draft_7b.py --model tiny --answers 8 --new-tokens 8 --out /tmp/td7b        # CPU smoke
+    python benchmarks/train_draft_7b.py --model synthetic-7b --dtype bfloat16 --target-quant nf4 --batch-size 8 ...
 
 synthetic-7b has random weights: honest for cost only. Random weights rarely say EOS, so every answer
 runs to --new-tokens (the worst case). Collection is `train_draft.collect_answers` (Stage 3 once per clip,
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from egpt_speed import train_draft as td  # noqa: E402
 from egpt_speed.datasets import load_questions  # noqa: E402
 from egpt_speed.decoding import GenerationSettings  # noqa: E402
-from egpt_speed.models import load_model, resolve_device  # noqa: E402
+from egpt_speed.models import resolve_device  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -85,7 +86,8 @@ def markdown(document: dict) -> str:
         gb = lambda value: "–" if value is None else f"{value:.1f}"  # noqa: E731
         rows.append(f"| {r['new_tokens']} | {r['answers']} | {r['mean_answer_tokens']:.0f} | {r['collect_s_per_1000']:.0f} | "
                     f"{gb(r['collect_peak_gb'])} | {r['epoch_s_per_1000']:.0f} | {gb(r['train_peak_gb'])} |")
-    return (f"# train-draft cost: {document['config']['model']} ({document['config']['dtype']}) on {document['env'].get('device_name', document['env']['device'])}\n\n"
+    quant = " + NF4 decoder linears" if document["config"].get("target_quant") == "nf4" else ""
+    return (f"# train-draft cost: {document['config']['model']} ({document['config']['dtype']}{quant}) on {document['env'].get('device_name', document['env']['device'])}\n\n"
             f"`{document['command']}`\n\nOnline training: no feature files; per 1,000 answers scaled linearly "
             f"from {document['runs'][0]['answers']}." + (" Random weights: cost only." if document['config']['model'] == "synthetic-7b" else "") + "\n\n" + "\n".join(rows) + "\n")
 
@@ -100,6 +102,8 @@ def main() -> None:
     parser.add_argument("--train-batch", type=int, default=8, help="sequences per optimizer step")
     parser.add_argument("--prompt-window", type=int, default=8)
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    parser.add_argument("--target-quant", default="none", choices=list(td.TARGET_QUANTS),
+                        help="nf4: the target's decoder linears in bitsandbytes NF4, as train-draft --target-quant nf4")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-events", type=int, default=200_000)
@@ -107,15 +111,20 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     dtype = DTYPES.get(args.dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = load_model(args.model, dtype, device)
+    td.check_target_quant(args.target_quant, device)
+    model = td.load_target(argparse.Namespace(model=args.model, target_dtype=str(dtype).replace("torch.", ""),
+                                              target_quant=args.target_quant), device)
+    weights_gb = peak_gb(device)  # the load's peak: a quantized target is built in --dtype first
+    resident_gb = torch.cuda.memory_allocated(device) / 1e9 if device.type == "cuda" else None
     runs = []
     for new_tokens in args.new_tokens:
         runs.append(measure(model, args, new_tokens, device))
         print(runs[-1], flush=True)
     env = capture_env(device, None)
     document = {"command": " ".join(["python", *sys.argv]), "env": env, "runs": runs,
-                "config": {**{k: str(v) for k, v in vars(args).items()}, "dtype": str(dtype).replace("torch.", "")}}
-    name = timestamped_name(f"train_draft_cost_{args.model}")
+                "config": {**{k: str(v) for k, v in vars(args).items()}, "dtype": str(dtype).replace("torch.", "")},
+                "target_loaded_peak_gb": weights_gb, "target_resident_gb": resident_gb}
+    name = timestamped_name(f"train_draft_cost_{args.model}" + ("_nf4" if args.target_quant == "nf4" else ""))
     write_json_atomic(document, args.out / f"{name}.json")
     write_text_atomic(markdown(document), args.out / f"{name}.md")
     print(f"wrote {args.out / name}.json and .md")

@@ -437,12 +437,26 @@ def train_head(model, train: TrainingData | list[TrainingSequence], heldout: Tra
     return head, last, top1(head, lm_head, train, device, batch_size), top1(head, lm_head, heldout, device, batch_size)
 
 
+def layer_weights(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A decoder layer's parameters by name as plain tensors, bitsandbytes 4-bit ones (--target-quant nf4)
+    dequantized: a head starts from the target's last layer whatever its weight format."""
+    weights = {}
+    for name, parameter in layer.named_parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        if quant_state is not None:
+            import bitsandbytes.functional as bnb_functional
+
+            parameter = bnb_functional.dequantize_4bit(parameter.data, quant_state)
+        weights[name] = parameter.detach()
+    return weights
+
+
 def initial_eagle_head(model, input_norm: bool) -> EagleHead:
     """Start from the target's last layer, fc passing the feature through: a far better init than random."""
     head = EagleHead(head_config_from_target(model.llm.config), input_norm)
     with torch.no_grad():
         own = head.layer.state_dict()
-        head.layer.load_state_dict({k: v for k, v in model.llm.model.layers[-1].state_dict().items() if k in own})
+        head.layer.load_state_dict({k: v for k, v in layer_weights(model.llm.model.layers[-1]).items() if k in own})
         hidden = model.llm.config.hidden_size
         head.fc.weight.zero_()
         head.fc.weight[:, :hidden].copy_(torch.eye(hidden))
@@ -457,7 +471,7 @@ def initial_eagle3_head(model, aux_layers: list[int], draft_vocab: torch.Tensor)
     llm = model.llm
     hidden = llm.config.hidden_size
     head = Eagle3Head(head_config_from_target(llm.config), list(aux_layers), draft_vocab.numel(), hidden)
-    last = {k: v.float() for k, v in llm.model.layers[-1].state_dict().items()}
+    last = {k: v.float() for k, v in layer_weights(llm.model.layers[-1]).items()}
     with torch.no_grad():
         for name, tensor in head.layer.state_dict().items():
             if name in last and last[name].shape == tensor.shape:

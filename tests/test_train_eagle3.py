@@ -74,3 +74,15 @@ def test_a_trained_eagle3_head_drafts_losslessly_after_export(trained, tmp_path)
 def test_eagle3_needs_three_layers_and_online_training():
     with pytest.raises(Exception, match="fuses three target layers"):
         td.eagle3_aux_layers(2)
+
+
+def test_a_head_starts_from_the_targets_last_layer(trained):
+    model = trained[0]
+    last = model.llm.model.layers[-1]
+    assert td.layer_weights(last).keys() == dict(last.named_parameters()).keys()
+    head = td.initial_eagle_head(model, True)
+    torch.testing.assert_close(head.layer.mlp.down_proj.weight, last.mlp.down_proj.weight)
+    vocab = torch.arange(10)
+    head3 = td.initial_eagle3_head(model, [2, 3, 3], vocab)
+    torch.testing.assert_close(head3.layer.self_attn.q_proj.weight[:, model.hidden_size:], last.self_attn.q_proj.weight)
+    torch.testing.assert_close(head3.lm_head.weight, model.llm.lm_head.weight[:10])

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Issue 16 items 2-3 on one GPU (kind nvidia-h200), in up to five calls on one warm machine:
+#   1. run(carry=[".carry1"]):  bash benchmarks/train_draft_gpu.sh park-gguf      # SmolLM2 GGUF part 1 → /tmp/gguf
+#   2. run(carry=[".carry3"]):  bash benchmarks/train_draft_gpu.sh park-bnb       # bitsandbytes 0.50.2 wheel → /tmp/site
+#   3. run(carry=[".carry2"]):  bash benchmarks/train_draft_gpu.sh heads "$OUT"   # tiny, shipped recipe: eagle vs eagle3, vs 0.708
+#   4. run():                   bash benchmarks/train_draft_gpu.sh nf4 "$OUT"     # tiny: heads trained on a bf16 vs an nf4 target
+#   5. run():                   bash benchmarks/train_draft_gpu.sh cost7b "$OUT"  # synthetic-7b: collection/epoch cost, bf16 vs nf4
+# .carry1/.carry2 are benchmarks/multi_gpu.sh's halves of the GGUF (+ the gguf wheel); .carry3 holds
+# bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl (pip download, see shared GPU.md). Each measuring call
+# writes ONE tarball, $OUT/<mode>.tar.gz: result json + md, the log, command.txt and card.txt; its python runs
+# under a timeout that leaves time for the tarball, and the results are rewritten after every head, so a
+# cut-off run still returns what it measured.
+set -uo pipefail
+mode=${1:-}
+gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+case $mode in
+  park-gguf) mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit ;;
+  park-bnb) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry3/*.whl && ls /tmp/site; exit ;;
+  heads|nf4|cost7b) ;;
+  *) echo "usage: $0 park-gguf | park-bnb | heads OUT | nf4 OUT | cost7b OUT"; exit 2 ;;
+esac
+out=$2
+if [ ! -s "$gguf" ]; then  # the first measuring call carries .carry2; later ones find the joined file
+  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
+  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+fi
+[ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
+[ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
+export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
+res=/tmp/res/$mode && rm -rf "$res" && mkdir -p "$res"
+nvidia-smi --query-gpu=index,name,driver_version,memory.total --format=csv > "$res/card.txt"
+python3 -c "import bitsandbytes, torch; print('bitsandbytes', bitsandbytes.__version__, 'torch', torch.__version__)" >> "$res/card.txt" 2>&1
+python3 -c "from egpt_speed.presets import tiny_llm_dir; tiny_llm_dir()"  # convert once, outside every timing
+step() {  # SECONDS COMMAND...: run under a timeout, log, record the command
+  local limit=$1; shift
+  echo "$*" >> "$res/command.txt"
+  timeout "$limit" "$@" --out "$res" >> "$res/log.txt" 2>&1; echo "exit $? after: $*" | tee -a "$res/log.txt"
+}
+case $mode in
+  heads)  # the shipped head's recipe (4,000 + 800 answers, 64 tokens, 6 epochs, 8,192 ids), trained online
+    step 540 python3 benchmarks/draft_heads.py --model tiny --answers 4000 --new-tokens 64 --epochs 6 --batch-size 64 \
+      --variants eagle:1 eagle3:3 eagle:3 --train-targets float32 --tau-prompts 20 --device cuda ;;
+  nf4)  # the same head trained on a bf16 and on an nf4 target, both judged against the float32 target
+    step 540 python3 benchmarks/draft_heads.py --model tiny --answers 1000 --new-tokens 64 --epochs 6 --batch-size 64 \
+      --variants eagle:1 --train-targets bfloat16 bfloat16+nf4 --tau-prompts 20 --device cuda ;;
+  cost7b)  # collection batch 8 (fits 24 GB at 512 tokens in bf16, per the 27.5 / 34.3 GB seen at batch 32)
+    step 250 python3 benchmarks/train_draft_7b.py --model synthetic-7b --dtype bfloat16 --answers 32 --new-tokens 64 512 \
+      --batch-size 8 --train-batch 4 --device cuda
+    step 300 python3 benchmarks/train_draft_7b.py --model synthetic-7b --dtype bfloat16 --target-quant nf4 --answers 32 \
+      --new-tokens 64 512 --batch-size 8 --train-batch 4 --device cuda ;;
+esac
+tail -n 30 "$res/log.txt"
+cat "$res"/*.md 2>/dev/null
+tar -czf "$out/$mode.tar.gz" -C /tmp/res "$mode" && echo "wrote $out/$mode.tar.gz"
