@@ -10,6 +10,7 @@ from torch import nn
 
 from egpt_speed.errors import EgptError
 from egpt_speed.llava_family import FAMILIES
+from egpt_speed.presets import PRESET_FAMILIES, PRESETS
 
 TINY_TRUNCATED_LAYERS = 8
 
@@ -99,8 +100,10 @@ def shipped_head_dir(name: str) -> Path:
 def default_draft_for(model_spec: str) -> str:
     if model_spec == "tiny":
         return "tiny-eagle" if (shipped_head_dir("tiny-eagle") / "eagle_config.json").exists() else "tiny-truncated"
-    if model_spec == "synthetic-7b":
+    if model_spec in ("synthetic-7b", "synthetic-llava-7b", "synthetic-video-llava-7b"):
         return "synthetic-68m"
+    if model_spec in ("tiny-llava", "tiny-video-llava"):
+        return "tiny"  # cross-modal: the EventGPT preset with the same language model reads the events
     raise EgptError("speculative strategies on a checkpoint need --draft PATH (a causal LM sharing the target's "
                     "tokenizer, an EventGPT, LLaVA or Video-LLaVA checkpoint), or --draft target to check the loop.")
 
@@ -133,6 +136,8 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
         raise EgptError("the tiny-eagle head is not shipped in this install; train one with `egpt-speed train-draft --model tiny`.")
     if spec in ("target", model_spec):
         return Draft(target.llm, multimodal=True, name="target")
+    if spec in PRESETS and PRESET_FAMILIES.get(spec, "eventgpt") != target.family:
+        return cross_modal_draft(spec, target, device, dtype)  # e.g. --model tiny-video-llava --draft tiny
     if spec == "tiny-truncated":
         llm = AutoModelForCausalLM.from_pretrained(str(tiny_llm_dir()), num_hidden_layers=TINY_TRUNCATED_LAYERS,
                                                    dtype=dtype).to(device).eval()
@@ -152,7 +157,7 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
         check_shared_tokenizer(target, draft_model.llm, draft_model.tokenizer, spec)
         return Draft(draft_model.llm, multimodal=True, name=spec, eventgpt=draft_model)
     if model_type == "EventChat_llama" or model_type in FAMILIES:
-        return cross_modal_draft(path, target, device, dtype)
+        return cross_modal_draft(spec, target, device, dtype)
     try:
         llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(path)) if any(path.glob("tokenizer*")) else None
@@ -162,13 +167,13 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
     return Draft(llm, multimodal=False, name=spec)
 
 
-def cross_modal_draft(path: Path, target, device: torch.device, dtype: torch.dtype) -> Draft:
-    """A multimodal draft of another family (or any LLaVA-family draft): it reads its own view of each
-    sample through its own Stages 1–3; its ids are mapped onto the target's (`cross_modal.text_vocab_map`)."""
+def cross_modal_draft(spec: str, target, device: torch.device, dtype: torch.dtype) -> Draft:
+    """A multimodal draft (preset or dir) of another family, or any LLaVA-family draft: it reads its own view of
+    each sample through its own Stages 1–3; its ids are mapped onto the target's (`cross_modal.text_vocab_map`)."""
     from egpt_speed.cross_modal import text_vocab_map
     from egpt_speed.models import load_model
 
-    draft_model = load_model(str(path), dtype, device)
+    draft_model = load_model(spec, dtype, device)
     token_map = text_vocab_map(target.tokenizer, target.llm.get_output_embeddings().weight.shape[0],
-                               draft_model.tokenizer, draft_model.llm.get_output_embeddings().weight.shape[0], str(path))
-    return Draft(draft_model.llm, multimodal=True, name=str(path), own_stages=draft_model, token_map=token_map)
+                               draft_model.tokenizer, draft_model.llm.get_output_embeddings().weight.shape[0], spec)
+    return Draft(draft_model.llm, multimodal=True, name=spec, own_stages=draft_model, token_map=token_map)

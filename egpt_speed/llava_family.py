@@ -113,7 +113,7 @@ class LlavaFamilyModel(SplicingModel):
     fold_to_vocab = None
 
     def __init__(self, multimodal: nn.Module, parts: ProcessorParts, family: str, name: str,
-                 random_weights: bool = False):
+                 random_weights: bool = False, fold_to_vocab: int | None = None):
         super().__init__()
         if family not in FAMILIES:
             raise EgptError(f"unknown model family {family!r}; expected one of {', '.join(FAMILIES)}.")
@@ -126,6 +126,7 @@ class LlavaFamilyModel(SplicingModel):
         self.image_processor = parts.image_processor
         self.name = name
         self.random_weights = random_weights
+        self.fold_to_vocab = fold_to_vocab
         config = multimodal.config
         self.placeholder_id = int(config.image_token_id if family == "llava" else config.video_token_id)
         self.vision_tower = multimodal.model.vision_tower if family == "llava" else multimodal.model.video_tower
@@ -152,7 +153,13 @@ class LlavaFamilyModel(SplicingModel):
     def prompt_ids(self, question: str) -> torch.Tensor:
         """Stage 2's text half alone (for callers without frames, e.g. train-draft): [L] with one −200, on the device."""
         ids = self.tokenizer(self.prompt_text(question), return_tensors="pt")["input_ids"][0]
-        return collapse_placeholder(ids, self.placeholder_id).to(self.device)
+        return self.fold_ids(collapse_placeholder(ids, self.placeholder_id)).to(self.device)
+
+    def fold_ids(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """A synthetic preset borrows a larger tokenizer than its vocabulary: fold its ids in (−200 kept)."""
+        if self.fold_to_vocab is None:
+            return prompt_ids
+        return torch.where(prompt_ids == EVENT_TOKEN_INDEX, prompt_ids, prompt_ids % self.fold_to_vocab)
 
     def preprocess(self, frames: list[np.ndarray], question: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: frames ([H, W, 3] uint8 each) + question → (pixel_values [T, 3, S, S], prompt_ids [L]).
@@ -176,7 +183,7 @@ class LlavaFamilyModel(SplicingModel):
             out = self.image_processor(images=list(frames), return_tensors="pt")
             # VideoLlavaImageProcessor still names its output pixel_values_images unless told otherwise
             pixel_values = out["pixel_values"] if "pixel_values" in out else out["pixel_values_images"]
-        prompt_ids = collapse_placeholder(ids, self.placeholder_id)
+        prompt_ids = self.fold_ids(collapse_placeholder(ids, self.placeholder_id))
         pixel_values = pixel_values.to(device=self.device, dtype=self.llm.dtype, non_blocking=True)
         return pixel_values, prompt_ids.to(self.device, non_blocking=True)
 

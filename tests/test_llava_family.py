@@ -259,3 +259,25 @@ def test_stage3_and_stage4_functions_take_the_adapter(family, checkpoints):
                            started_clock()).token_ids
     request = stage_request(model, frames_for(family, 0), QUESTIONS[0])
     assert tokens == generate_baseline(model, request, started_clock()).token_ids
+
+
+@pytest.mark.parametrize("name, frames, tokens, tower_layers", [("synthetic-llava-7b", 1, 576, 24),
+                                                                 ("synthetic-video-llava-7b", 8, 8 * 257, 24)])
+def test_seven_b_presets_have_the_released_shapes(name, frames, tokens, tower_layers):
+    """Built on the meta device (no memory): Vicuna-7B behind CLIP ViT-L/14 (336 px for LLaVA-1.5, 224 px per
+    frame for Video-LLaVA's LanguageBind-shaped tower), the visual token counts the real models splice."""
+    from egpt_speed.llava_presets import calibration_frames
+    from egpt_speed.models import load_model, model_family
+
+    model = load_model(name, torch.bfloat16, torch.device("meta"))
+    assert model_family(name) == model.family and model.random_weights
+    text = model.llm.config
+    assert (text.hidden_size, text.num_hidden_layers, text.intermediate_size, text.vocab_size) == (4096, 32, 11008, 32064)
+    assert model.vision_tower.config.num_hidden_layers == tower_layers and model.vision_tower.config.hidden_size == 1024
+    pixel_values, prompt_ids = model.preprocess(calibration_frames(frames), QUESTIONS[0])
+    features = model.pool(model.encode_frames(pixel_values))
+    assert tuple(features.shape) == (tokens, 4096) and prompt_ids.device.type == "meta"
+    ids = model.tokenizer(model.prompt_text(QUESTIONS[0]), return_tensors="pt")["input_ids"][0]
+    folded = model.fold_ids(collapse_placeholder(ids, model.placeholder_id))
+    assert int(ids.max()) >= 32000 > int(folded.max())  # the borrowed tokenizer's ids are folded into the vocabulary
+    assert int((folded == EVENT_TOKEN_INDEX).sum()) == 1 and folded.numel() == prompt_ids.numel()
