@@ -86,3 +86,22 @@ def test_a_head_starts_from_the_targets_last_layer(trained):
     head3 = td.initial_eagle3_head(model, [2, 3, 3], vocab)
     torch.testing.assert_close(head3.layer.self_attn.q_proj.weight[:, model.hidden_size:], last.self_attn.q_proj.weight)
     torch.testing.assert_close(head3.lm_head.weight, model.llm.lm_head.weight[:10])
+
+
+def test_train_draft_head_style_eagle3_through_the_cli(tmp_path, monkeypatch, sp_tokenizer):
+    from typer.testing import CliRunner
+
+    from egpt_speed.cli import app
+
+    monkeypatch.setattr(td, "load_model", lambda spec, dtype, device, **kw: make_tiny_eventgpt(0, layers=6, tokenizer=sp_tokenizer).to(dtype=dtype))
+    out = tmp_path / "head"
+    result = CliRunner().invoke(app, ["train-draft", "--data", "synthetic", "--synthetic-events", "2000", "-n", "8",
+                                      "--clips", "3", "--device", "cpu", "--out", str(out), "--batch-size", "4",
+                                      "--train-batch", "4", "--epochs", "1", "--max-new-tokens", "6", "--unroll", "2",
+                                      "--head-style", "eagle3", "--draft-vocab", "16"])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["collect.journal.jsonl", "config.json", "model.safetensors", "train_report.json"]
+    assert ef.detect_format(out) == ef.EAGLE3
+    config = json.loads((out / "config.json").read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3] and config["draft_vocab_size"] <= 17
+    assert json.loads((out / "train_report.json").read_text())["report"]["head_style"] == "eagle3"
