@@ -25,7 +25,7 @@ echo "bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --sho
 pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
 if [ "$what" = sweep ]; then
   python3 benchmarks/spec_tree_sweep.py --out /tmp/res --samples "${N:-4}" --warmup 1 --variants ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
-    | grep -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
+    | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
   pack; exit
 fi
 cli() { python3 -m egpt_speed.cli "$@"; }

@@ -26,7 +26,8 @@ SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=3
 PREFIX = 622
 # (dtype, attn_implementation, SDPA backends of the captured forwards); 2026-11-28 first run: the PyTorch-choice
 # rows and eager attention; second run: the math backend (static_decode.DECODE_SDPA_BACKENDS)
-VARIANTS = ((torch.float32, "sdpa", "math"), (torch.bfloat16, "sdpa", "math"))
+VARIANTS = ((torch.float32, "sdpa", "pytorch"), (torch.bfloat16, "sdpa", "pytorch"), (torch.float32, "eager", "pytorch"),
+            (torch.float32, "sdpa", "math"), (torch.bfloat16, "sdpa", "math"))
 PROFILE = True
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -75,8 +76,7 @@ def main() -> None:
 
     from egpt_speed import static_decode
 
-    backends = {"math": [SDPBackend.MATH], "pytorch": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                                                       SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH]}
+    backends = {"math": {torch.float32: [SDPBackend.MATH], torch.bfloat16: [SDPBackend.MATH]}, "pytorch": {}}
     for dtype, attention, backend in VARIANTS:
         static_decode.DECODE_SDPA_BACKENDS = backends[backend]
         attention_label = f"{attention} ({backend})" if attention == "sdpa" else attention

@@ -39,12 +39,13 @@ CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across p
 # step is a graph replay (H100, 7B: 8.32 vs 8.30 ms/token with chunks of 8), while a chunk of C decodes on
 # average (C − 1)/2 dropped tokens past an EOS (~6–8 ms each): per-token checks win for answers that end.
 DEFAULT_EOS_EVERY = 1
-# SDPA backend of the captured decode / verify / draft forwards on CUDA (a few queries against the whole cache;
-# prefill keeps PyTorch's choice). For a masked query PyTorch picks the memory-efficient kernel, which runs one
-# CTA per head: on an H200, SmolLM2-135M shape (9 heads), float32, it took 87 µs a layer, 54 % of a decode step
-# (benchmarks/results/step_kernel_probe_*.md). The math backend (two batched matmuls and a softmax, fused by
-# inductor) spreads the keys over the whole GPU.
-DECODE_SDPA_BACKENDS = [SDPBackend.MATH]
+# SDPA backends of the captured decode / verify / draft forwards on CUDA, per dtype (a few queries against the
+# whole cache; prefill keeps PyTorch's choice). For a masked query PyTorch picks the memory-efficient kernel,
+# which runs one CTA per head: on an H200, SmolLM2-135M shape (9 heads), float32, it took 87 µs a layer, 54 % of
+# a captured decode step; with the math backend the step went 5.22 → 3.35 ms and a 33-wide verify 7.34 → 5.94
+# ms. In bfloat16 the math backend was slower (3.57 → 4.92 ms), so bfloat16 keeps PyTorch's choice
+# (benchmarks/results/step_kernel_probe_20261128_102442.md and _102705.md).
+DECODE_SDPA_BACKENDS: dict[torch.dtype, list[SDPBackend]] = {torch.float32: [SDPBackend.MATH]}
 
 
 class StaticKVCache(StaticCache):
@@ -87,13 +88,15 @@ def round_up(value: int, multiple: int = CACHE_ROUNDING) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
-def with_decode_attention(body: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """`body` run under DECODE_SDPA_BACKENDS on CUDA (a compiled body is traced under it, so the choice is baked in)."""
-    if device.type != "cuda":
+def with_decode_attention(body: Callable[[], None], device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
+    """`body` run under the dtype's DECODE_SDPA_BACKENDS on CUDA (a compiled or captured body is traced under
+    them, so the choice is baked in); unchanged elsewhere."""
+    backends = DECODE_SDPA_BACKENDS.get(dtype)
+    if device.type != "cuda" or not backends:
         return body
 
     def run() -> None:
-        with sdpa_kernel(DECODE_SDPA_BACKENDS):
+        with sdpa_kernel(backends):
             body()
     return run
 
@@ -187,7 +190,7 @@ class StaticEngine:
         compile=False captures the eager body (index copies: nothing for inductor to fuse)."""
         if self.compile_mode is not None and compile:
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
-        body = with_decode_attention(body, self.device)
+        body = with_decode_attention(body, self.device, self.dtype)
         if not self.manual_graph:
             if self.compile_mode is not None and compile:  # compile (and record cudagraph trees) now, inside setup's timing
                 for _ in range(3):

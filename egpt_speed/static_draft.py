@@ -86,8 +86,8 @@ class PendingTree(DeviceTree):
 class _Graphs:
     """Named bodies, run eagerly or captured once as CUDA graphs (warm-up on a side stream first)."""
 
-    def __init__(self, device: torch.device, capture: bool):
-        self.device, self.capture = device, capture
+    def __init__(self, device: torch.device, capture: bool, dtype: torch.dtype = torch.float32):
+        self.device, self.capture, self.dtype = device, capture, dtype
         self.steps: dict[str, object] = {}
         self._keep: list[torch.cuda.CUDAGraph] = []
 
@@ -99,7 +99,7 @@ class _Graphs:
     def _prepare(self, body):
         if not self.capture:
             return body
-        graph = capture_cuda_graph(with_decode_attention(body, self.device), self.device, warmup=2)
+        graph = capture_cuda_graph(with_decode_attention(body, self.device, self.dtype), self.device, warmup=2)
         self._keep.append(graph)
         return graph.replay
 
@@ -123,7 +123,7 @@ class StaticEagleDrafter(Proposer):
         self.gamma, self.topk, self.max_nodes = gamma, topk, max_nodes
         self.width = gamma + 1  # a verify accepts at most γ drafts + the pending token: ≤ γ+1 fresh features
         capture = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graphs = _Graphs(self.device, capture)
+        self.graphs = _Graphs(self.device, capture, self.dtype)
         self.cache: StaticKVCache | None = None
         self.prefix_embeds: torch.Tensor | None = None
 
