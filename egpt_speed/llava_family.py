@@ -198,15 +198,14 @@ class LlavaFamilyModel(SplicingModel):
         config = self.multimodal.config
         tower_dtype = next(self.vision_tower.parameters()).dtype
         if self.family == "llava":
-            out = self.multimodal.model.get_image_features(
-                pixel_values=pixel_values.to(tower_dtype), vision_feature_layer=config.vision_feature_layer,
-                vision_feature_select_strategy=config.vision_feature_select_strategy, return_dict=True)
+            out = _features(self.multimodal.model.get_image_features, pixel_values=pixel_values.to(tower_dtype),
+                            vision_feature_layer=config.vision_feature_layer,
+                            vision_feature_select_strategy=config.vision_feature_select_strategy)
         else:
-            out = self.multimodal.model.get_video_features(
-                pixel_values_videos=pixel_values.to(tower_dtype).unsqueeze(0),
-                vision_feature_layer=config.vision_feature_layer, return_dict=True)
-        features = out.pooler_output
-        return torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+            out = _features(self.multimodal.model.get_video_features,
+                            pixel_values_videos=pixel_values.to(tower_dtype).unsqueeze(0),
+                            vision_feature_layer=config.vision_feature_layer)
+        return torch.stack(list(out)) if isinstance(out, (list, tuple)) else out
 
     @staticmethod
     def pool(frame_features: torch.Tensor) -> torch.Tensor:
@@ -215,6 +214,20 @@ class LlavaFamilyModel(SplicingModel):
         frame_features: [T, P, H] → [T * P, H].
         """
         return frame_features.reshape(-1, frame_features.shape[-1])
+
+
+def _features(method, **inputs):
+    """A get_image/video_features call across transformers 5.x: newer ones return an output whose
+    pooler_output holds the projected features (with return_dict); older ones return the features,
+    Video-LLaVA's as (features, num_frames)."""
+    try:
+        out = method(**inputs, return_dict=True)
+    except TypeError:  # a signature without return_dict
+        out = method(**inputs)
+    out = getattr(out, "pooler_output", out)
+    if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], int):
+        out = out[0]
+    return out
 
 
 def collapse_placeholder(ids: torch.Tensor, placeholder_id: int) -> torch.Tensor:
@@ -289,8 +302,16 @@ def _processor_class(family: str) -> type:
 def _image_processor(checkpoint: Path, family: str):
     import transformers
 
-    name = "VideoLlavaImageProcessor" if family == "video_llava" else "CLIPImageProcessorPil"
-    return getattr(transformers, name).from_pretrained(str(checkpoint))
+    if family == "video_llava":
+        return transformers.VideoLlavaImageProcessor.from_pretrained(str(checkpoint))
+    return clip_image_processor_class().from_pretrained(str(checkpoint))
+
+
+def clip_image_processor_class() -> type:
+    """The PIL CLIP image processor (CLIPImageProcessorPil where this transformers has it, else CLIPImageProcessor)."""
+    import transformers
+
+    return getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
 
 
 def load_llava_checkpoint(checkpoint: Path, dtype: torch.dtype, device: torch.device) -> LlavaFamilyModel:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from egpt_speed.llava_family import FRAMES, LlavaFamilyModel, ProcessorParts
+from egpt_speed.llava_family import FRAMES, LlavaFamilyModel, ProcessorParts, clip_image_processor_class
 from egpt_speed.vision_tower import KNOWN_CLIP_TOWERS
 
 VICUNA_VOCAB = 32000  # text ids; LLaVA-1.5 / Video-LLaVA pad the embedding to 32064 rows
@@ -89,10 +89,10 @@ def processor_parts(preset: LlavaPreset, tokenizer, image_size: int) -> Processo
     Both families go through the image processor per frame and the tokenizer: Video-LLaVA's video
     processor needs torchvision, which a device image may lack.
     """
-    from transformers import CLIPImageProcessorPil, VideoLlavaImageProcessor
+    from transformers import VideoLlavaImageProcessor
 
     crop = {"height": image_size, "width": image_size}
-    cls = CLIPImageProcessorPil if preset.family == "llava" else VideoLlavaImageProcessor
+    cls = clip_image_processor_class() if preset.family == "llava" else VideoLlavaImageProcessor
     return ProcessorParts(None, tokenizer, cls(size={"shortest_edge": image_size}, crop_size=crop), None)
 
 
