@@ -24,7 +24,7 @@ def option(default: Any, *names: str, help: str = "", **extra: Any) -> Any:
 class CommonOptions:
     """Options shared by run, compare and train-draft."""
 
-    model: str = option("tiny", "--model", help="EventGPT checkpoint dir, or a preset: tiny, synthetic-7b.")
+    model: str = option("tiny", "--model", help="EventGPT, LLaVA-1.5 or Video-LLaVA checkpoint dir, or a preset: tiny, synthetic-7b, synthetic-llava-7b, synthetic-video-llava-7b, tiny-llava, tiny-video-llava.")
     data: str = option("synthetic", "--data", help="Dataset dir (with EventGPT_Instruction_Subset.json), a dir of npy files, one npy, or 'synthetic'.")
     device: str = option("auto", "--device", help="auto | cuda | cpu.")
     seed: int = option(0, "--seed", help="Seed for synthetic data and sampling.")
@@ -56,7 +56,7 @@ class MergeOptions:
 class MeasureOptions(CommonOptions):
     """What a run or compare measures with; recorded under `config` in the result."""
 
-    draft: Optional[str] = option(None, "--draft", help="Draft model for speculative strategies: a dir or a preset.")
+    draft: Optional[str] = option(None, "--draft", help="Draft model for speculative strategies: a dir or a preset; an EventGPT / LLaVA / Video-LLaVA draft of another family than --model reads its own view of each sample (cross-modal).")
     samples: int = option(8, "-n", "--samples", help="Counted samples.")
     dtype: str = option("auto", "--dtype", help="auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float16 | float32.")
     warmup: int = option(2, "--warmup", help="Warm-up samples run first and not counted.")
