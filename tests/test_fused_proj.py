@@ -56,3 +56,15 @@ def test_a_follower_called_first_fails_loudly(model):
     attention = fused.model.layers[0].self_attn
     with pytest.raises(EgptError, match="before its group's first projection"):
         attention.k_proj(torch.zeros(1, 3, model.llm.config.hidden_size))
+
+
+def test_fused_llm_traces_as_one_graph(model):
+    """The handoff between lead and followers is plain Python state: dynamo must trace it without a graph break
+    (compile captures `fullgraph=True`); the eager backend checks the tracing without inductor's build time."""
+    fused = copy.deepcopy(model.llm)
+    fuse_projections(fused)
+    ids = torch.randint(3, model.llm.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    compiled = torch.compile(lambda x: fused(input_ids=x).logits, backend="eager", fullgraph=True)
+    with torch.inference_mode():
+        expected, got = model.llm(input_ids=ids).logits, compiled(ids)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
