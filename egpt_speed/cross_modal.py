@@ -89,9 +89,14 @@ def _check_beyond_shared(target_tokenizer, draft_tokenizer, target_tokens: list[
 def _check_special_ids(target_tokenizer, draft_tokenizer, shared: int, draft_name: str) -> None:
     for attribute in ("bos_token_id", "eos_token_id"):
         ours, theirs = getattr(target_tokenizer, attribute), getattr(draft_tokenizer, attribute)
-        if ours is not None and theirs is not None and (ours != theirs or ours >= shared):
+        if ours is None or theirs is None:
+            continue
+        if ours != theirs:
             raise EgptError(f"draft {draft_name} has {attribute} {theirs} but the target has {ours}; "
                             "a draft must share the target's tokenizer.")
+        if ours >= shared:
+            raise EgptError(f"{attribute} {ours} lies outside the {shared} text ids draft {draft_name} shares with "
+                            "the target; a draft must share the target's tokenizer.")
 
 
 def text_vocab_map(target_tokenizer, target_vocab: int, draft_tokenizer, draft_vocab: int, draft_name: str) -> TokenMap:

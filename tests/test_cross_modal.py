@@ -191,3 +191,25 @@ def test_cross_modal_compare_through_the_cli_reports_acceptance_by_position(vide
     assert run["settings"]["draft_family"] == "eventgpt"
     markdown = path.with_suffix(".md").read_text()
     assert "Cross-modal drafting" in markdown
+
+
+def test_placeholders_at_other_ids_are_fed_to_the_draft_by_name(sp_tokenizer, llava_tokenizer):
+    import copy
+
+    draft_tokenizer = copy.deepcopy(sp_tokenizer)
+    draft_tokenizer.add_special_tokens({"additional_special_tokens": ["<video>"]})  # at the id of the target's <image>
+    shared = len(sp_tokenizer)
+    token_map = text_vocab_map(llava_tokenizer, shared + 2, draft_tokenizer, shared + 1, "d")
+    assert token_map.shared == shared and token_map.mapped_out == ("<image>", "<video>")
+    image, video = llava_tokenizer.convert_tokens_to_ids(["<image>", "<video>"])
+    assert token_map.draft_ids(torch.tensor([7, video, image])).tolist() == [7, shared, sp_tokenizer.unk_token_id]
+    assert token_map.target_logits(torch.ones(shared + 1))[shared:].tolist() == [float("-inf")] * 2
+
+
+def test_a_draft_with_another_eos_is_refused(sp_tokenizer, llava_tokenizer):
+    import copy
+
+    draft_tokenizer = copy.deepcopy(sp_tokenizer)
+    draft_tokenizer.eos_token = "<unk>"
+    with pytest.raises(EgptError, match=r"^draft d has eos_token_id 0 but the target has 2; a draft must share"):
+        text_vocab_map(llava_tokenizer, len(llava_tokenizer), draft_tokenizer, len(sp_tokenizer), "d")
