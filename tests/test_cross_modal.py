@@ -191,6 +191,12 @@ def test_cross_modal_compare_through_the_cli_reports_acceptance_by_position(vide
     assert run["settings"]["draft_family"] == "eventgpt"
     markdown = path.with_suffix(".md").read_text()
     assert "Cross-modal drafting" in markdown
+    from benchmarks.families_table import cross_row, cross_table
+
+    row = cross_row(document)  # what benchmarks/families_gpu.sh tabulates from the same file
+    assert row["acceptance_by_position"] == run["summary"]["speculation"]["acceptance_by_position"]
+    assert row["draft_family"] == "eventgpt" and row["target_family"] == "video_llava" and row["draft_stage3_ms"] > 0
+    assert f"{row['exact_match_rate'] * 100:.0f} %" in cross_table([row])[-1]
 
 
 def test_placeholders_at_other_ids_are_fed_to_the_draft_by_name(sp_tokenizer, llava_tokenizer):
