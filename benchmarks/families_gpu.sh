@@ -39,17 +39,20 @@ cli() {  # LOG ARGS...: one egpt-speed command, recorded and logged
   echo "$py -m egpt_speed.cli $*" | tee -a "$res/command.txt"
   $py -m egpt_speed.cli "$@" > "$res/$log.log" 2>&1; echo "$log exit $?"
 }
+PART=${PART:-all}  # stages | cross | all: split over two calls if one would pass the 10-minute limit
 for model in "${models[@]}"; do
+  [ "$PART" = cross ] && break
   cli "run_$model" run baseline --model "$model" --dtype "$dtype" "${device[@]}" -n "$N" --warmup "$W" \
     --max-new-tokens "$TOKENS" --out "$res/stages"
 done
 xm=(--dtype float32 "${device[@]}" -n "$NX" --warmup "$XW" --max-new-tokens "$TOKENS" --gamma 4)
-cli xm_video_target compare baseline speculative --model tiny-video-llava --draft tiny "${xm[@]}" --out "$res/cross/video_target"
+[ "$PART" = stages ] && NX=0
+[ "$NX" -gt 0 ] && cli xm_video_target compare baseline speculative --model tiny-video-llava --draft tiny "${xm[@]}" --out "$res/cross/video_target"
 # the reverse reads the video frames the first run wrote (the runner adds them to synthetic data for LLaVA targets only)
 data=$(ls -d "${EGPT_SPEED_CACHE:-$HOME/.cache/egpt-speed}"/synthetic/synthetic_v*_n$((NX + XW))_s0_*_video 2>/dev/null | head -1)
-cli xm_eventgpt_target compare baseline speculative --model tiny --draft tiny-video-llava --data "${data:-missing}" \
+[ "$NX" -gt 0 ] && cli xm_eventgpt_target compare baseline speculative --model tiny --draft tiny-video-llava --data "${data:-missing}" \
   "${xm[@]}" --out "$res/cross/eventgpt_target"
-$py benchmarks/families_table.py "$res" --runs $(ls "$res"/stages/baseline_*.json) \
+$py benchmarks/families_table.py "$res" --runs $(ls "$res"/stages/baseline_*.json 2>/dev/null) \
   --cross $(ls "$res"/cross/*/compare_*.json 2>/dev/null) > /dev/null
 stamp=$(date -u +%Y%m%d_%H%M%S)
 tar czf "$out/families_$stamp.tar.gz" -C "$res" .
