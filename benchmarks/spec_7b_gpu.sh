@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Issue 11 at 7B shape on the GPU machine (prepared 2026-11-28, not yet run). synthetic-7b borrows the SmolLM2
+# tokenizer, so the GGUF travels in two halves (the machine stays warm ~30 s between calls):
+#   1. run(carry=[".carry1"]):          bash benchmarks/spec_sweep_gpu.sh park
+#   2. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" fused     # ~6 min
+#   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~6 min, right after 2
+# .whl holds torchao-0.18.0 (int8wo). fused: compiled decode step MBU with and without `fused`, int8wo(+tuned)
+# kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
+# and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz.
+set -uo pipefail
+out=$1; what=${2:-fused}
+gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -s "$gguf" ]; then
+  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
+  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl .whl/*.whl
+[ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
+[ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
+export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
+mkdir -p /tmp/res7 && rm -rf /tmp/res7/*
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/res7/card.txt
+echo "bash benchmarks/spec_7b_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res7/command.txt
+if [ "$what" = fused ]; then
+  python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode default --out /tmp/res7 2>&1 \
+    | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/fused.log | tail -60
+else
+  python3 benchmarks/spec_cost_static.py --model synthetic-7b --dtype bfloat16 --compile-mode default --repeats 30 \
+    --tree-nodes 16,32,64 --compiled-tree-nodes 16,32,64 --tree-depth 5 --quant "" --out /tmp/res7 2>&1 \
+    | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/tree.log | tail -60
+fi
+tar czf "$out/results.tgz" -C /tmp/res7 .
