@@ -30,7 +30,8 @@ class Speculative(Strategy):
         if not self.draft.multimodal:
             return CausalLMProposer(self.draft.llm, prefix_ids=request.text_ids)
         if self.draft.own_stages is not None:
-            # a draft of another family sees its own modality: its Stages 1–3 run here, charged to Stage 4
+            # a draft of another family sees its own modality: its Stages 1–3 run here, before the target's
+            # prefill, so they are charged to Stage 4 (and TTFT); the runner's SampleRequest names the sample
             own = draft_prefix(self.draft.own_stages, getattr(request, "spec", None))
             self._draft_stage_ms = own.stage_ms
             return CausalLMProposer(self.draft.llm, prefix_embeds=own.embeds, token_map=self.draft.token_map)
