@@ -17,7 +17,7 @@ import torch
 
 from egpt_speed import datasets, divergence, journal, metrics, results, shards
 from egpt_speed.baselines.checks import check_sampling, check_strategy_names
-from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, input_facts
+from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, encode_plan, input_facts
 from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
 from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
                                          decode_one, decode_pending_batch, queue_for_batch)
@@ -146,12 +146,10 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
     """
     sink = sink or SampleSink(None, [s.strategy.name for s in states], skip)
     pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
-    warmups = sum(1 for _, counted in plan if not counted)
-    for index, (spec, counted) in enumerate(plan):
-        counted_index = index - warmups if counted else None
-        if counted_index is not None and counted_index < skip:
-            continue
-        encoded, common = encode(spec, config, base, measure_diff=counted_index == 0)
+    # every strategy batched: Stage 3 runs once per batch of samples (each sample's stage3_ms is its share)
+    group = config.batch_size if states and all(s.strategy.batched for s in states) else 1
+    for index, counted_index, encoded, common in encode_plan(plan, config, base, group, skip):
+        counted = counted_index is not None
         order = interleaved_order(len(states), index)
         for rank, position in enumerate(order):
             state, common_here = states[position], {**common, "order": rank}
