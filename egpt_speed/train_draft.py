@@ -670,8 +670,10 @@ def load_target(config: TrainDraftConfig, device: torch.device):
     (embeddings, norms and LM head stay in --target-dtype; the matmuls run in bfloat16, or float16 for a float16 target)."""
     from egpt_speed.devices import resolve_dtype
     from egpt_speed.quantize import BnbScheme, quantize_llm_bnb
+    from egpt_speed.vision_graph import use_vision_mode
 
     target = load_model(config.model, resolve_dtype(config.target_dtype, device), device)
+    use_vision_mode(target, "auto")  # Stage 3 of every training prompt: one CUDA graph replay on CUDA
     if config.target_quant == "nf4":
         compute = torch.float16 if target.llm.dtype == torch.float16 else torch.bfloat16
         quantize_llm_bnb(target.llm, BnbScheme("nf4", compute_dtype=compute), device)
