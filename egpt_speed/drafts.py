@@ -125,12 +125,11 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
             raise EgptError(f"draft head {head_dir} was trained for hidden size {width} but the target has {target.hidden_size}; "
                             "train one for this target with `egpt-speed train-draft`.")
         return Draft(target.llm, multimodal=True, name=spec, head=EagleHead.load(head_dir, device, dtype))
-    from egpt_speed.eagle_formats import detect_format, load_public_head, refuse_running
+    from egpt_speed.eagle_formats import detect_format, load_public_head
 
     if head_dir.is_dir() and detect_format(head_dir) is not None:  # a public EAGLE-1 / EAGLE-3 head
         vocab = target.llm.get_output_embeddings().weight.shape[0]
         head = load_public_head(head_dir, target.hidden_size, vocab, device, dtype)
-        refuse_running(head, head_dir)
         return Draft(target.llm, multimodal=True, name=spec, head=head)
     if spec == "tiny-eagle":
         raise EgptError("the tiny-eagle head is not shipped in this install; train one with `egpt-speed train-draft --model tiny`.")

@@ -312,12 +312,12 @@ def load_public_head(directory: Path, target_hidden: int, target_vocab: int, dev
     return (load_eagle3 if kind == EAGLE3 else load_eagle1)(directory, device, dtype)
 
 
-def refuse_running(head: nn.Module, directory: Path) -> None:
-    """Until the speculative strategy asks its target for the aux layers (DynamicTarget.capture_layers with
-    EagleProposer.aux_layers), an EAGLE-3 head is refused when loaded rather than failing on the first sample."""
+def refuse_static(head: nn.Module, name: str) -> None:
+    """compile+eagle drafts from the static target's last layer only: an EAGLE-3 head, which reads three
+    target layers, is refused there before any sample runs (speculative / eagle-tree pass them)."""
     if isinstance(head, Eagle3Head):
-        raise EgptError(f"EAGLE-3 head {directory} drafts from target layers {head.aux_layers}, which the speculative "
-                        "strategy does not pass to draft heads yet; it can only be converted (`egpt-speed export-draft`).")
+        raise EgptError(f"EAGLE-3 head {name} drafts from target layers {head.aux_layers}, which the compiled target "
+                        "does not pass; run it with speculative or eagle-tree (without compile+).")
 
 
 def load_any_head(directory: Path, device: torch.device, dtype: torch.dtype) -> EagleHead | Eagle3Head:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from egpt_speed.cross_modal import draft_prefix
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
+from egpt_speed.eagle_formats import refuse_static
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
 from egpt_speed.speculation import speculative_decode
 from egpt_speed.tree import TreeShape
@@ -20,6 +21,8 @@ class Speculative(Strategy):
 
     def prepare(self, model) -> None:
         self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
+        if self.lender is not None and self.draft.head is not None:
+            refuse_static(self.draft.head, self.draft.name)
 
     def proposer_for(self, model, request, prefix_embeds) -> Proposer:
         if self.draft.head is not None:
@@ -45,6 +48,8 @@ class Speculative(Strategy):
         prefix_embeds = model.splice(request.prompt_ids, request.event_features)
         proposer = self.proposer_for(model, request, prefix_embeds)
         target = self.verify_target(model, prefix_embeds, request.settings)
+        if getattr(proposer, "aux_layers", None):  # an EAGLE-3 head drafts from three target layers' inputs
+            target.capture_layers(proposer.aux_layers)
         result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
                                     clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
                                     tree=self.tree_shape())

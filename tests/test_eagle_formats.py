@@ -153,18 +153,18 @@ def test_a_head_with_an_input_norm_is_refused_for_eagle1_and_ours_for_eagle3(tar
     assert result.exit_code == 2 and result.stderr.strip() == "error: --format 'medusa' is not supported; use eagle or eagle3."
 
 
-def eagle3_public(target, directory, draft_size: int = 40):
+def eagle3_public(target, directory, draft_size: int = 40, aux: tuple[int, ...] = (1, 1, 2)):
     """A public EAGLE-3 dir for `target` (random weights, a draft vocabulary of every third id)."""
     config = head_config_from_target(target.llm.config)
     torch.manual_seed(4)
-    head = ef.Eagle3Head(config, [1, 1, 2], draft_size, target.hidden_size)
+    head = ef.Eagle3Head(config, list(aux), draft_size, target.hidden_size)
     with torch.no_grad():
         for parameter in head.parameters():
             parameter.normal_(0, 0.2)
         head.draft_vocab.copy_(torch.arange(draft_size) * 3)
     state = head.public_state()
     raw = config.to_dict() | {"architectures": ["LlamaForCausalLMEagle3"], "draft_vocab_size": draft_size,
-                              "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 1, 2]}}
+                              "eagle_config": {"eagle_aux_hidden_state_layer_ids": list(aux)}}
     write_public(directory, state, {k: v for k, v in raw.items() if not k.startswith("_")})
     return head.eval()
 
@@ -192,10 +192,47 @@ def test_eagle3_import_export_round_trip_drafts_the_same_tokens(target, tmp_path
     assert all(token % 3 == 0 for token in chain + tree[1:]), "drafts are target ids of the draft vocabulary"
 
 
-def test_running_an_eagle3_head_is_refused_with_the_reason(target, tmp_path):
+def eagle3_requests(model, count: int = 3) -> list:
+    from egpt_speed.decoding import DecodeRequest
+    from egpt_speed.prompt import tokenize_with_event_placeholder
+
+    generator = torch.Generator().manual_seed(11)
+    requests = []
+    for index, question in enumerate(["What is moving?", "Describe the scene in detail.", "Any cars?"][:count]):
+        ids = tokenize_with_event_placeholder(model.template.render(question, model.tokenizer), model.tokenizer,
+                                              model.fold_to_vocab)
+        features = torch.randn(4 + index, model.hidden_size, generator=generator) * 0.5
+        requests.append(DecodeRequest(f"s{index}", torch.tensor(ids), features, GenerationSettings(max_new_tokens=12)))
+    return requests
+
+
+@pytest.mark.parametrize("name", ["speculative", "eagle-tree"])
+def test_an_eagle3_head_drafts_in_the_speculative_strategies_losslessly(target, tmp_path, name):
+    """The strategy asks its target for the head's three layers (DynamicTarget.capture_layers): greedy fp32
+    output equals the target's own, and the head's drafts get accepted at all."""
+    from egpt_speed.hf_generate import generate_baseline
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
+    from egpt_speed.timing import Clock
+
+    eagle3_public(target, tmp_path / "h", aux=(0, 1, 1))  # the tiny target has layers 0..1
+    strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "h")))
+    strategy.prepare(target)
+    assert isinstance(strategy.draft.head, ef.Eagle3Head)
+    for request in eagle3_requests(target):
+        clock, reference_clock = Clock(CPU), Clock(CPU)
+        clock.begin(), reference_clock.begin()
+        result = strategy.decode(target, request, clock)
+        assert result.token_ids == generate_baseline(target, request, reference_clock).token_ids
+        assert result.metrics["draft_forwards"] > 0
+
+
+def test_an_eagle3_head_under_compile_is_refused_with_the_reason(target, tmp_path):
     eagle3_public(target, tmp_path / "h")
-    with pytest.raises(EgptError, match=r"EAGLE-3 head .* target layers \[1, 1, 2\].*export-draft"):
-        load_draft(str(tmp_path / "h"), target, "x", CPU, torch.float32)
+    draft = load_draft(str(tmp_path / "h"), target, "x", CPU, torch.float32)
+    with pytest.raises(EgptError, match=r"EAGLE-3 head h drafts from target layers \[1, 1, 2\].*speculative or eagle-tree"):
+        ef.refuse_static(draft.head, "h")
+    ef.refuse_static(random_head(target, input_norm=False), "ours")  # an EAGLE-1/2 head runs under compile+
 
 
 def test_a_head_for_another_target_is_refused(target, tmp_path):
