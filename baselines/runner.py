@@ -94,7 +94,12 @@ def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:
 def resolve_samples(config: RunConfig) -> list[SampleSpec]:
     return datasets.resolve_samples(config.data, config.samples, config.warmup, config.seed, config.synthetic_events,
                                     cache_root() / "synthetic", allow_outside=config.allow_paths_outside_data,
-                                    video=model_family(config.model) != "eventgpt")
+                                    video=needs_video_frames(config))
+
+
+def needs_video_frames(config: RunConfig) -> bool:
+    """Synthetic clips carry video frames when the target or a cross-modal draft is a LLaVA family."""
+    return any(model_family(spec) != "eventgpt" for spec in (config.model, config.draft) if spec)
 
 
 def warmup_then_counted(specs: list[SampleSpec], samples: int, warmup: int) -> list[tuple[SampleSpec, bool]]:

@@ -219,3 +219,13 @@ def test_a_draft_with_another_eos_is_refused(sp_tokenizer, llava_tokenizer):
     draft_tokenizer.eos_token = "<unk>"
     with pytest.raises(EgptError, match=r"^draft d has eos_token_id 0 but the target has 2; a draft must share"):
         text_vocab_map(llava_tokenizer, len(llava_tokenizer), draft_tokenizer, len(sp_tokenizer), "d")
+
+
+def test_synthetic_clips_carry_video_frames_for_a_llava_family_draft_too():
+    """`--model tiny --draft tiny-video-llava` on synthetic data: the draft reads the clip's video frames."""
+    from egpt_speed.baselines.runner import RunConfig, needs_video_frames
+
+    assert needs_video_frames(RunConfig(strategies=["speculative"], model="tiny", draft="tiny-video-llava"))
+    assert needs_video_frames(RunConfig(strategies=["baseline"], model="tiny-llava"))
+    assert not needs_video_frames(RunConfig(strategies=["speculative"], model="tiny", draft="tiny-eagle"))
+    assert not needs_video_frames(RunConfig(strategies=["baseline"], model="tiny"))
