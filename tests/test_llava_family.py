@@ -281,3 +281,37 @@ def test_seven_b_presets_have_the_released_shapes(name, frames, tokens, tower_la
     folded = model.fold_ids(collapse_placeholder(ids, model.placeholder_id))
     assert int(ids.max()) >= 32000 > int(folded.max())  # the borrowed tokenizer's ids are folded into the vocabulary
     assert int((folded == EVENT_TOKEN_INDEX).sum()) == 1 and folded.numel() == prompt_ids.numel()
+
+
+@pytest.mark.parametrize("family", ["llava", "video_llava"])
+def test_every_strategy_runs_on_the_llava_families_or_refuses_in_one_sentence(family, checkpoints):
+    """Issue 17: every registered Stage-4 strategy, on a tiny LLaVA / Video-LLaVA checkpoint, either refuses
+    (unavailable here, or at prepare) with one sentence, or decodes; a lossless one gives the baseline's tokens."""
+    outcomes = {}
+    for name in registry.available():
+        model = load_llava_checkpoint(checkpoints[family], torch.float32, CPU)  # fresh: preparers change the model
+        requests = [stage_request(model, frames_for(family, seed), q) for seed, q in enumerate(QUESTIONS[:2])]
+        ctx = RunContext(device=CPU, dtype=torch.float32, model_spec=str(checkpoints[family]), draft_spec="target",
+                         batch_size=2, options={"exit_layer": 1, "compile_mode": "none"})
+        strategy = registry.build(name, ctx)  # a preparer alone decodes with baseline
+        reason = strategy.unavailable_reason()
+        if reason is None:
+            try:
+                strategy.prepare(model)
+            except EgptError as error:
+                reason = str(error)
+        if reason is not None:
+            assert reason.endswith(".") and "\n" not in reason and len(reason) < 300, (name, reason)
+            outcomes[name] = "refused: " + reason
+            continue
+        baseline = [generate_baseline(model, r, started_clock()).token_ids for r in requests]
+        if strategy.batched:
+            tokens = [result.token_ids for result in strategy.decode_batch(model, requests, started_clock())]
+        else:
+            tokens = [strategy.decode(model, r, started_clock()).token_ids for r in requests]
+        assert all(len(t) > 0 for t in tokens), name
+        if strategy.lossless:
+            assert tokens == baseline, name
+        outcomes[name] = "ran"
+    assert {"baseline", "speculative", "pld", "early-exit", "sdpa", "eager", "compile", "batch", "fused", "hf-static"} <= {n for n, o in outcomes.items() if o == "ran"}
+    assert all(outcomes[q].startswith("refused") for q in ("int8", "nf4", "fp4", "int8wo", "int4wo")), outcomes
