@@ -106,6 +106,11 @@ def markdown(document: dict) -> str:
             f"{c['draft_vocab']}; evaluated against the {c['eval_dtype']} target.\n\n" + "\n".join(rows) + "\n")
 
 
+def progress(line: str) -> None:
+    """One timestamped line per phase, so a run cut by a device time limit shows how far it got."""
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
@@ -133,7 +138,9 @@ def main() -> None:
     specs, _ = td.training_clips("synthetic", args.clips or min(args.answers, 400), args.seed, args.synthetic_events)
     train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), args.answers, 0.2, args.seed)
     eval_target = load_model(args.model, resolve_dtype(args.eval_dtype, device), device)
+    started = time.perf_counter()
     heldout_items = answers(eval_target, heldout_pairs, args)
+    progress(f"held-out answers: {len(heldout_items)} in {time.perf_counter() - started:.0f} s")
     runs: list[dict] = []
     name = timestamped_name(f"draft_heads_{args.model}")
     base = {"command": " ".join(["python", *sys.argv]), "env": capture_env(device, None), "runs": runs,
@@ -144,6 +151,7 @@ def main() -> None:
         started = time.perf_counter()
         train_items = answers(train_target, train_pairs, args)
         collect_s = time.perf_counter() - started
+        progress(f"training answers ({spec}): {len(train_items)} in {collect_s:.0f} s")
         for variant in args.variants:
             style, _, unroll = variant.partition(":")
             runs.append({"train_target": spec, "collect_s": collect_s,
