@@ -288,7 +288,8 @@ def test_every_strategy_runs_on_the_llava_families_or_refuses_in_one_sentence(fa
     """Issue 17: every registered Stage-4 strategy, on a tiny LLaVA / Video-LLaVA checkpoint, either refuses
     (unavailable here, or at prepare) with one sentence, or decodes; a lossless one gives the baseline's tokens."""
     outcomes = {}
-    for name in registry.available():
+    shipped = [name for name, cls in registry.available().items() if cls.__module__.startswith("egpt_speed.strategies.")]
+    for name in shipped:  # not the deliberately broken strategies other tests register
         model = load_llava_checkpoint(checkpoints[family], torch.float32, CPU)  # fresh: preparers change the model
         requests = [stage_request(model, frames_for(family, seed), q) for seed, q in enumerate(QUESTIONS[:2])]
         ctx = RunContext(device=CPU, dtype=torch.float32, model_spec=str(checkpoints[family]), draft_spec="target",
