@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from egpt_speed.events import EventStream, check_frame_size, split_equal_count
+from egpt_speed.host_staging import PinnedStaging
 
 WHITE, BLUE, RED = 0, 1, 2  # pixel codes: untouched, last event polarity 0, last event polarity 1
 
@@ -20,34 +21,27 @@ ALIGN = 8  # bytes: each array's offset in the staging buffer, so every dtype ca
 
 
 class Staging:
-    """A host buffer reused across samples (page-locked when CUDA is there): arrays packed into it cross
-    to the device in one asynchronous copy. The next `to_device` waits until the previous copy has read it."""
+    """Arrays packed into one reusable host buffer (host_staging.PinnedStaging, page-locked when CUDA is
+    there) cross to the device in one asynchronous copy."""
 
     def __init__(self, pinned: bool):
-        self.pinned = pinned
-        self.buffer: torch.Tensor | None = None  # [capacity] uint8
-        self.copied: torch.cuda.Event | None = None
+        self.host = PinnedStaging(pinned)
+
+    @property
+    def buffer(self) -> torch.Tensor | None:
+        """The reused host buffer ([capacity] uint8)."""
+        return self.host.buffer
 
     def to_device(self, arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
         """1-D arrays → tensors on `device` in their dtypes (fresh device memory, never the staging buffer)."""
         offsets = np.cumsum([0] + [-(-a.nbytes // ALIGN) * ALIGN for a in arrays]).tolist()
-        host = self._reserve(offsets[-1]).numpy()
+        packed_host = self.host.reserve(offsets[-1])
+        host = packed_host.numpy()
         for array, start in zip(arrays, offsets):
             host[start:start + array.nbytes] = np.ascontiguousarray(array).view(np.uint8)
         packed = torch.empty(offsets[-1], dtype=torch.uint8, device=device)
-        packed.copy_(self.buffer[:offsets[-1]], non_blocking=self.pinned)
-        if device.type == "cuda":
-            self.copied = torch.cuda.Event()
-            self.copied.record()
+        self.host.send(packed_host, packed)
         return [packed[start:start + a.nbytes].view(torch.from_numpy(a[:0]).dtype) for a, start in zip(arrays, offsets)]
-
-    def _reserve(self, size: int) -> torch.Tensor:
-        if self.copied is not None:
-            self.copied.synchronize()  # the previous sample's copy may still be reading the buffer
-        if self.buffer is None or self.buffer.numel() < size:
-            self.buffer = torch.empty(max(size, 2 * (self.buffer.numel() if self.buffer is not None else 0)),
-                                      dtype=torch.uint8, pin_memory=self.pinned)
-        return self.buffer
 
 
 @functools.lru_cache(maxsize=None)

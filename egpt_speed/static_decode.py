@@ -30,6 +30,7 @@ from transformers import StaticCache
 
 from egpt_speed.decoding import DecodeResult, truncate_at_eos, with_cache
 from egpt_speed.errors import EgptError
+from egpt_speed.host_staging import PinnedStaging
 from egpt_speed.timing import Clock, synchronize
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -575,28 +576,17 @@ def tree_node_count(tree) -> int:
 
 
 class HostStaging:
-    """Small host → device copies of token ids that do not wait for the device.
-
-    A copy from pageable host memory makes CUDA synchronize the stream first; from this pinned
-    buffer it is queued like a kernel. The buffer is rewritten only after its previous copy has
-    read it (an event, almost always already passed: the speculative loop syncs once per step).
-    On the CPU it is a plain copy.
-    """
+    """Small host → device copies of token ids that do not wait for the device (host_staging.PinnedStaging:
+    pinned on CUDA, rewritten only after its previous copy has read it; a plain copy on the CPU)."""
 
     def __init__(self, size: int, device: torch.device):
-        cuda = device.type == "cuda"
-        self.host = torch.zeros(size, dtype=torch.long, pin_memory=cuda)  # [size]
-        self.copied = torch.cuda.Event() if cuda else None
+        self.host = PinnedStaging(device.type == "cuda", capacity=8 * size)
 
     def copy_to(self, values: list[int], out: torch.Tensor) -> None:
         """values → out ([len(values)] long, on the device), asynchronously on CUDA."""
-        if self.copied is not None:
-            self.copied.synchronize()
-        count = len(values)
-        self.host[:count].copy_(torch.tensor(values, dtype=torch.long))
-        out.copy_(self.host[:count], non_blocking=True)
-        if self.copied is not None:
-            self.copied.record()
+        ids = self.host.reserve(8 * len(values))
+        ids.view(torch.long).copy_(torch.tensor(values, dtype=torch.long))
+        self.host.send(ids.view(torch.long), out)
 
 
 def tree_device_inputs(tree, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
