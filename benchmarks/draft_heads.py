@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import time
 from pathlib import Path
@@ -49,8 +50,20 @@ def load_target(spec: str, device: torch.device):
     return td.load_target(config, device)
 
 
-def answers(model, pairs, args) -> list[td.AnswerItem]:
-    return td.collect_answers(model, pairs, GenerationSettings(max_new_tokens=args.new_tokens), 5, args.batch_size)
+def answers(model, pairs, args, label: str) -> list[td.AnswerItem]:
+    """The target's answers; with --answers-cache, journaled per batch as token ids and reused by a later run
+    (a GPU call cut at its time limit, or the next variant in the next call, skips the generation)."""
+    path = args.answers_cache / f"{args.model}_{label}_{len(pairs)}x{args.new_tokens}_seed{args.seed}.json" \
+        if args.answers_cache else None
+    known = json.loads(path.read_text())["answers"] if path and path.exists() else []
+    saved = list(known)
+
+    def keep(first: int, new: list[list[int]]) -> None:
+        saved[first:] = new
+        write_json_atomic({"answers": saved}, path)
+
+    return td.collect_answers(model, pairs, GenerationSettings(max_new_tokens=args.new_tokens), 5, args.batch_size,
+                              known=known, on_answers=keep if path else None)
 
 
 @torch.inference_mode()
@@ -131,6 +144,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-events", type=int, default=200_000)
+    parser.add_argument("--answers-cache", type=Path, default=None, help="folder for the answers as token ids (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     global ARGS
     ARGS = args = parser.parse_args()
@@ -139,7 +153,7 @@ def main() -> None:
     train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), args.answers, 0.2, args.seed)
     eval_target = load_model(args.model, resolve_dtype(args.eval_dtype, device), device)
     started = time.perf_counter()
-    heldout_items = answers(eval_target, heldout_pairs, args)
+    heldout_items = answers(eval_target, heldout_pairs, args, f"heldout_{args.eval_dtype}")
     progress(f"held-out answers: {len(heldout_items)} in {time.perf_counter() - started:.0f} s")
     runs: list[dict] = []
     name = timestamped_name(f"draft_heads_{args.model}")
@@ -149,7 +163,7 @@ def main() -> None:
     for spec in args.train_targets:
         train_target = eval_target if spec == args.eval_dtype else load_target(spec, device)
         started = time.perf_counter()
-        train_items = answers(train_target, train_pairs, args)
+        train_items = answers(train_target, train_pairs, args, f"train_{spec}")
         collect_s = time.perf_counter() - started
         progress(f"training answers ({spec}): {len(train_items)} in {collect_s:.0f} s")
         for variant in args.variants:
