@@ -106,6 +106,21 @@ def train_variant(style: str, unroll: int, train_target, eval_target, train_item
             "train_s": train_s, **measured}
 
 
+def reference_head(spec: str, eval_target, heldout_items, args) -> dict:
+    """An existing head (the shipped `tiny-eagle`, or a head dir) judged on the same held-out answers and prompts."""
+    from egpt_speed.drafts import shipped_head_dir
+    from egpt_speed.eagle_formats import load_any_head
+
+    directory = shipped_head_dir(spec) if spec == "tiny-eagle" else Path(spec)
+    head = load_any_head(directory, eval_target.device, torch.float32)
+    aux = head.aux_layers_for(len(eval_target.llm.model.layers)) if hasattr(head, "aux_layers_for") else None
+    heldout = td.OnlineSet(eval_target, heldout_items, args.prompt_window, aux)
+    lm_head = copy.deepcopy(eval_target.llm.lm_head).float()
+    measured = tau(head.to(eval_target.llm.dtype), eval_target, heldout_items[:args.tau_prompts], args.gamma, args.new_tokens)
+    return {"train_target": "shipped", "style": spec, "unroll": 0, "train_top1": None, "train_s": 0.0,
+            "heldout_top1": td.top1(head, lm_head, heldout, eval_target.device, 4), **measured}
+
+
 def markdown(document: dict) -> str:
     rows = ["| training target | head | unroll | held-out top-1 | τ (γ = %d) | exact outputs | train s |" % document["config"]["gamma"],
             "|---|---|---:|---:|---:|---|---:|"]
@@ -132,7 +147,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--variants", nargs="+", default=["eagle:1", "eagle3:1"], help="STYLE:UNROLL")
+    parser.add_argument("--variants", nargs="*", default=["eagle:1", "eagle3:1"], help="STYLE:UNROLL")
     parser.add_argument("--train-targets", nargs="+", default=["float32"], help="DTYPE[+nf4]")
     parser.add_argument("--eval-dtype", default="float32")
     parser.add_argument("--draft-vocab", type=int, default=8192)
@@ -144,6 +159,8 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--synthetic-events", type=int, default=200_000)
+    parser.add_argument("--reference-head", default=None,
+                        help="also judge an existing head (tiny-eagle or a head dir) on the same held-out set")
     parser.add_argument("--answers-cache", type=Path, default=None, help="folder for the answers as token ids (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     global ARGS
@@ -160,7 +177,11 @@ def main() -> None:
     base = {"command": " ".join(["python", *sys.argv]), "env": capture_env(device, None), "runs": runs,
             "heldout_answers": len(heldout_items),
             "config": {k: (v if isinstance(v, (int, float, list)) else str(v)) for k, v in vars(args).items()}}
-    for spec in args.train_targets:
+    if args.reference_head:
+        runs.append(reference_head(args.reference_head, eval_target, heldout_items, args))
+        print(runs[-1], flush=True)
+        write_json_atomic(base, args.out / f"{name}.json")
+    for spec in (args.train_targets if args.variants else []):
         train_target = eval_target if spec == args.eval_dtype else load_target(spec, device)
         started = time.perf_counter()
         train_items = answers(train_target, train_pairs, args, f"train_{spec}")
