@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
+from transformers import DynamicCache
 
 from egpt_speed import shards
 from egpt_speed.datasets import SampleSpec, resolve_samples
@@ -35,6 +36,7 @@ from egpt_speed.options import TrainDraftOptions
 from egpt_speed.speculation import capture_layer_inputs
 from egpt_speed.stages import EncodedSample, make_request, prompt_ids_for, stage1_load, stage2_preprocess, stage3_vision
 from egpt_speed.timing import Clock
+from egpt_speed.tree import additive_mask
 from egpt_speed.hf_generate import generate_batch
 
 # train-draft's synthetic clips come from seed + this, so a head trained with --seed S never saw the
@@ -342,8 +344,9 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
 
     The loss is the mean over sequences of each sequence's own loss (position means), so a batch of one
     is one sequence's loss. Step 1 is teacher-forced on the target's features. Steps 2..`unroll` feed
-    the head its own predictions, as chain drafting does at positions 2..γ (without this, acceptance
-    collapses after the first draft position — "training-time test", as in HASS / EAGLE-3).
+    the head its own predictions and attend as chain drafting does at positions 2..γ: to the target's
+    features before the column and to that column's own earlier drafts (training_time_test_mask; without
+    it, acceptance collapses after the first draft position — "training-time test", as in EAGLE-3).
     """
     count, T = batch.labels.shape
     device = batch.features.device
@@ -351,6 +354,7 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
     current = batch.features[:, :-1]
     total = torch.zeros((), device=device)
     first_hits = torch.zeros(0, dtype=torch.bool, device=device)
+    cache = DynamicCache(config=head.config) if unroll > 1 else None  # every step's keys, for the later steps
     for step in range(1, unroll + 1):
         length = T - step  # predictions for positions step..T-1
         if length <= 0:
@@ -359,7 +363,8 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
         if not counted.any():
             break
         positions = torch.arange(step - 1, step - 1 + length, device=device)
-        predicted = head(current[:, :length], batch.inputs[:, step:step + length], positions)  # ≈ features[:, step:]
+        mask = None if step == 1 else training_time_test_mask(T, length, step, current.dtype, device)
+        predicted = head(current[:, :length], batch.inputs[:, step:step + length], positions, cache, mask)
         rows, columns = counted.nonzero(as_tuple=True)
         prediction = predicted[rows, columns]  # [N, H]: the LM head runs on counted positions only
         per_position, hits = head.position_loss(lm_head, prediction, batch.features[rows, columns + step],
@@ -370,6 +375,19 @@ def head_loss(head: EagleHead, lm_head, batch: SequenceBatch, unroll: int = 1) -
             first_hits = hits[columns >= batch.scored[rows]]
         current = predicted
     return total / count, first_hits
+
+
+def training_time_test_mask(T: int, length: int, step: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Step `step`'s additive mask [1, 1, length, Σ_k (T-k)] over every step's keys (EAGLE-3's training-time test).
+
+    Column j of step s stands for drafting position j+s-1 after the target's features up to j: as in chain
+    drafting, it sees step 1's keys (the target's features) at columns ≤ j, and the keys of steps 2..s at
+    column j only (its own earlier drafts), never other columns' drafts. Hand-written: transformers'
+    mask helpers build causal/sliding/chunked masks, not this block-diagonal one."""
+    rows = torch.arange(length, device=device).unsqueeze(1)
+    blocks = [torch.arange(T - 1, device=device).unsqueeze(0) <= rows]
+    blocks += [torch.arange(T - k, device=device).unsqueeze(0) == rows for k in range(2, step + 1)]
+    return additive_mask(torch.cat(blocks, dim=1), dtype, device)
 
 
 def chunks(items: list, size: int) -> list[list]:

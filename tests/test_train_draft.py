@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 from typer.testing import CliRunner
 
 from egpt_speed.hf_generate import generate_baseline
@@ -61,23 +62,36 @@ def test_bfloat16_storage_keeps_the_tokens_in_half_the_memory(collected):
         assert ours.features.untyped_storage().nbytes() * 2 == theirs.features.untyped_storage().nbytes()
 
 
+def drafted_features(head, features: torch.Tensor, inputs: torch.Tensor, column: int, unroll: int) -> list[torch.Tensor]:
+    """What chain drafting computes after the target's features up to `column`: the head reads them into
+    a fresh cache, then feeds itself its own predictions → [1, 1, H] per draft step (≤ unroll)."""
+    T = features.shape[1]
+    cache = DynamicCache(config=head.config)
+    predicted = head(features[:, :column + 1], inputs[:, 1:column + 2], torch.arange(column + 1), cache)[:, -1:]
+    drafts = [predicted]
+    for step in range(2, min(unroll, T - 1 - column) + 1):
+        predicted = head(predicted, inputs[:, column + step:column + step + 1], torch.tensor([column + step - 1]), cache)
+        drafts.append(predicted)
+    return drafts
+
+
 def reference_loss(head, lm_head, sequence: td.TrainingSequence, unroll: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One unpadded sequence, written out plainly: the loss every batch must reproduce."""
+    """One unpadded sequence, written out as inference drafts it (one chain per column): the loss every
+    batch must reproduce, so training sees at step s exactly what drafting sees at draft position s."""
     features, inputs = sequence.features.float(), sequence.input_embeds.float()
     T = features.shape[1]
     start = max(sequence.prefix_len - 2, 0)
-    current, total, first_hits = features[:, :-1], torch.zeros(()), None
+    chains = [drafted_features(head, features, inputs, column, unroll) for column in range(T - 1)]
+    total, first_hits = torch.zeros(()), None
     for step in range(1, unroll + 1):
         length = T - step
         if length <= start:
             break
-        predicted = head(current[:, :length], inputs[:, step:step + length], torch.arange(step - 1, step - 1 + length))
-        prediction = predicted[:, start:]
+        prediction = torch.cat([chains[column][step - 1] for column in range(start, length)], dim=1)
         logits = lm_head(prediction)[0]
         labels = sequence.labels[start + step:]
         total = total + (F.smooth_l1_loss(prediction, features[:, start + step:]) + 0.1 * F.cross_entropy(logits, labels)) / step
         first_hits = logits.argmax(-1) == labels if first_hits is None else first_hits
-        current = predicted
     return total, first_hits
 
 
