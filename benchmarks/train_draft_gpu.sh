@@ -4,6 +4,7 @@
 #   2. run(carry=[".carry3"]):  bash benchmarks/train_draft_gpu.sh park-bnb       # bitsandbytes 0.50.2 wheel → /tmp/site
 #   3. run(carry=[".carry2"]):  bash benchmarks/train_draft_gpu.sh heads "$OUT"   # tiny, shipped recipe: the eagle head, vs 0.708
 #   3b. run():                  bash benchmarks/train_draft_gpu.sh heads3 "$OUT"  # the same answers (cached), the eagle3 head
+#   3c. run(carry=[".carry2"]): bash benchmarks/train_draft_gpu.sh ttt "$OUT"     # eagle vs eagle3:3 at 1,000 answers (fixed TTT mask)
 #   4. run():                   bash benchmarks/train_draft_gpu.sh nf4 "$OUT"     # tiny: heads trained on a bf16 vs an nf4 target
 #   5. run():                   bash benchmarks/train_draft_gpu.sh cost7b "$OUT"  # synthetic-7b: collection/epoch cost, bf16 vs nf4
 # .carry1/.carry2 are benchmarks/multi_gpu.sh's halves of the GGUF (+ the gguf wheel); .carry3 holds
@@ -17,8 +18,8 @@ gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 case $mode in
   park-gguf) mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit ;;
   park-bnb) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry3/*.whl && ls /tmp/site; exit ;;
-  heads|heads3|nf4|cost7b) ;;
-  *) echo "usage: $0 park-gguf | park-bnb | heads OUT | heads3 OUT | nf4 OUT | cost7b OUT"; exit 2 ;;
+  heads|heads3|ttt|nf4|cost7b) ;;
+  *) echo "usage: $0 park-gguf | park-bnb | heads OUT | heads3 OUT | ttt OUT | nf4 OUT | cost7b OUT"; exit 2 ;;
 esac
 out=$2
 if [ ! -s "$gguf" ]; then  # the first measuring call carries .carry2; later ones find the joined file
@@ -44,6 +45,9 @@ case $mode in
     variant=eagle:1; [ "$mode" = heads3 ] && variant=eagle3:3
     step 540 python3 benchmarks/draft_heads.py --model tiny --answers 4000 --new-tokens 64 --epochs 6 --batch-size 64 \
       --variants $variant --train-targets float32 --tau-prompts 20 --device cuda --answers-cache /tmp/answers ;;
+  ttt)  # both styles at equal data, a quarter of the shipped recipe, after the training-time-test mask fix
+    step 300 python3 benchmarks/draft_heads.py --model tiny --answers 1000 --new-tokens 64 --epochs 6 --batch-size 64 \
+      --variants eagle3:3 eagle:1 --train-targets float32 --tau-prompts 10 --device cuda ;;
   nf4)  # the same head trained on a bf16 and on an nf4 target, both judged against the float32 target
     step 540 python3 benchmarks/draft_heads.py --model tiny --answers 1000 --new-tokens 64 --epochs 6 --batch-size 64 \
       --variants eagle:1 --train-targets bfloat16 bfloat16+nf4 --tau-prompts 20 --device cuda ;;
