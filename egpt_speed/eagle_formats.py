@@ -312,14 +312,6 @@ def load_public_head(directory: Path, target_hidden: int, target_vocab: int, dev
     return (load_eagle3 if kind == EAGLE3 else load_eagle1)(directory, device, dtype)
 
 
-def refuse_static(head: nn.Module, name: str) -> None:
-    """compile+eagle drafts from the static target's last layer only: an EAGLE-3 head, which reads three
-    target layers, is refused there before any sample runs (speculative / eagle-tree pass them)."""
-    if isinstance(head, Eagle3Head):
-        raise EgptError(f"EAGLE-3 head {name} drafts from target layers {head.aux_layers}, which the compiled target "
-                        "does not pass; run it with speculative or eagle-tree (without compile+).")
-
-
 def load_any_head(directory: Path, device: torch.device, dtype: torch.dtype) -> EagleHead | Eagle3Head:
     """Our head dir (train-draft) or a public EAGLE-1 / EAGLE-3 dir, for export-draft (no target needed)."""
     if is_head_dir(directory):

@@ -225,19 +225,21 @@ class StaticEngine:
         return torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens: [1, q] written at cache slots positions: [q] → (logits [1, q, V], final-norm hidden states [1, q, H]).
+                 mask: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens: [1, q] written at cache slots positions: [q] → (logits [1, q, V], features [1, q, F]).
 
         Writes the tokens' keys/values at those slots. A draft tree passes its own RoPE
-        `position_ids` [1, q] (base + depth) and `mask` [1, 1, q, M]; a chain uses the slots for both. The hidden states are what an EAGLE-style
-        drafter reads; LlamaForCausalLM.forward is exactly model → lm_head, so logits are unchanged.
+        `position_ids` [1, q] (base + depth) and `mask` [1, 1, q, M]; a chain uses the slots for both. The features are what an EAGLE-style
+        drafter reads: the final-norm hidden states (F = H), or with `aux_layers` (an EAGLE-3 head) the
+        inputs of those decoder layers concatenated (F = len × H). LlamaForCausalLM.forward is exactly
+        model → lm_head, so logits are unchanged.
         """
         self.cache.cache_position = positions
         position_ids = positions.view(1, -1) if position_ids is None else position_ids
         mask = self._attention_mask(positions) if mask is None else mask
-        hidden = self.llm.model(**with_cache(self.cache, input_ids=tokens, position_ids=position_ids,
-                                             attention_mask=mask)).last_hidden_state
-        return self.llm.lm_head(hidden), hidden
+        out = self.llm.model(**with_cache(self.cache, input_ids=tokens, position_ids=position_ids, attention_mask=mask,
+                                          output_hidden_states=bool(aux_layers)))
+        return self.llm.lm_head(out.last_hidden_state), features_of(out, aux_layers)
 
     # ---- prefill and decode ------------------------------------------------------------------------
 
@@ -247,8 +249,8 @@ class StaticEngine:
         self.cache.reset()
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """embeds: [1, L, H] (the spliced prompt) → (logits [1, 1, V] of the last position, hidden [1, L, H]).
+    def prefill(self, embeds: torch.Tensor, aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        """embeds: [1, L, H] (the spliced prompt) → (logits [1, 1, V] of the last position, features [1, L, F]).
 
         The cache then holds positions 0..L-1. Not captured (its length changes with every prompt).
         With no mask given, transformers sees an empty static cache (length 0) and lets SDPA run
@@ -259,10 +261,10 @@ class StaticEngine:
             raise EgptError(f"the prompt ({length} tokens) does not fit the static cache ({self.cache.max_len}); call setup() with a larger size.")
         self.cache.length = 0
         self.cache.cache_position = torch.arange(length, device=self.device)
-        hidden = self.llm.model(**with_cache(self.cache, inputs_embeds=embeds.to(self.dtype),
-                                             position_ids=self.cache.cache_position.view(1, -1))).last_hidden_state
+        out = self.llm.model(**with_cache(self.cache, inputs_embeds=embeds.to(self.dtype), output_hidden_states=bool(aux_layers),
+                                          position_ids=self.cache.cache_position.view(1, -1)))
         self.cache.length = length
-        return self.llm.lm_head(hidden[:, -1:]), hidden
+        return self.llm.lm_head(out.last_hidden_state[:, -1:]), features_of(out, aux_layers)
 
     def _decode_body(self) -> None:
         """The captured step: greedy token after `_token` at `_position`, then advance in place.
@@ -344,7 +346,8 @@ class StaticTarget:
 
     prefill(embeds) → logits of the last prompt position; verify(tokens [1, k+1]) scores them at
     the next k+1 positions; crop(length) keeps the first `length` positions valid. After each,
-    `last_hidden` [1, q, H] holds the final-norm hidden states of its q positions (for EAGLE-style drafts). Nothing is
+    `last_hidden` [1, q, F] holds the features of its q positions for EAGLE-style drafts: the final-norm
+    hidden states, or after capture_layers (an EAGLE-3 head) the inputs of those layers. Nothing is
     copied on a rollback: rejected positions stay in the cache, invisible to every later query
     (the mask only shows slots ≤ the query's position) and overwritten by the next verify.
     verify pads to a fixed width (gamma + 1) so one captured graph serves every k ≤ gamma;
@@ -361,6 +364,21 @@ class StaticTarget:
         self._tree_base = 0  # cache length before the last verify_tree
         self._tree_buffers: dict[int, TreeVerifyBuffers] = {}
         self._keep: tuple[torch.Tensor, ...] | None = None  # keep_path's (source slots, target slots, arange) [W]
+        self.aux_layers: tuple[int, ...] = ()  # decoder layers whose inputs are the features (EAGLE-3); () = final norm
+
+    def capture_layers(self, aux_layers: list[int]) -> None:
+        """From now on `last_hidden` holds the inputs of these decoder layers, concatenated (as DynamicTarget's);
+        each layer set gets its own captured verify graphs."""
+        self.aux_layers = tuple(aux_layers)
+
+    @property
+    def _suffix(self) -> str:
+        return "aux" + "_".join(map(str, self.aux_layers)) if self.aux_layers else ""
+
+    @property
+    def feature_size(self) -> int:
+        hidden = self.engine.llm.get_output_embeddings().weight.shape[1]
+        return hidden * max(len(self.aux_layers), 1)
 
     def setup(self, max_seq: int, tree_nodes: int = 0) -> float:
         """Cache room for max_seq positions plus a padded verify (chain, or a tree of tree_nodes drafted
@@ -376,7 +394,7 @@ class StaticTarget:
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """embeds: [1, L, H] → logits [V] after the last prompt token; the cache holds 0..L-1."""
         self.engine.reset()
-        logits, self.last_hidden = self.engine.prefill(embeds)
+        logits, self.last_hidden = self.engine.prefill(embeds, self.aux_layers)
         self.length = embeds.shape[1]
         return logits[0, -1]
 
@@ -390,7 +408,7 @@ class StaticTarget:
         width = max(self.width, count)
         if self.length + width > self.engine.cache.max_len:
             raise EgptError(f"verify at {self.length}+{width} does not fit the static cache ({self.engine.cache.max_len}).")
-        verify_tokens, verify_positions, logits, hidden, arange = self._buffers_for(width)
+        verify_tokens, verify_positions, logits, hidden, arange = self._buffers_for(width)[:5]
         verify_tokens[:, :count].copy_(tokens)
         if count < width:  # pad with the last token: its logits are dropped, its cache slots overwritten later
             verify_tokens[:, count:].copy_(tokens[:, -1:].expand(1, width - count))
@@ -410,24 +428,26 @@ class StaticTarget:
         self.engine.cache.length = length
 
     def _buffers_for(self, width: int) -> tuple[torch.Tensor, ...]:
-        """Static buffers of the width-W verify: tokens [1, W], positions [W], logits [W, V], hidden [1, W, H], arange [W]."""
-        if width not in self._buffers:
+        """Static buffers of the width-W verify: tokens [1, W], positions [W], logits [W, V], features [1, W, F], arange [W]."""
+        key = f"{width}{self._suffix}"
+        if key not in self._buffers:
             engine = self.engine
-            vocab, hidden_size = engine.llm.get_output_embeddings().weight.shape
-            self._buffers[width] = (torch.zeros(1, width, dtype=torch.long, device=engine.device),
-                                    torch.zeros(width, dtype=torch.long, device=engine.device),
-                                    torch.zeros(width, vocab, dtype=engine.dtype, device=engine.device),
-                                    torch.zeros(1, width, hidden_size, dtype=engine.dtype, device=engine.device),
-                                    torch.arange(width, device=engine.device))
-        return self._buffers[width]
+            vocab = engine.llm.get_output_embeddings().weight.shape[0]
+            self._buffers[key] = (torch.zeros(1, width, dtype=torch.long, device=engine.device),
+                                  torch.zeros(width, dtype=torch.long, device=engine.device),
+                                  torch.zeros(width, vocab, dtype=engine.dtype, device=engine.device),
+                                  torch.zeros(1, width, self.feature_size, dtype=engine.dtype, device=engine.device),
+                                  torch.arange(width, device=engine.device))
+        return self._buffers[key]
 
     def _run(self, width: int) -> None:
-        name = f"verify{width}"
+        name = f"verify{width}{self._suffix}"
         if name not in self.engine._steps:
-            tokens, positions, logits, hidden, _ = self._buffers[width]
+            tokens, positions, logits, hidden, _ = self._buffers_for(width)
+            aux_layers = self.aux_layers
 
             def body() -> None:
-                step_logits, step_hidden = self.engine._forward(tokens, positions)
+                step_logits, step_hidden = self.engine._forward(tokens, positions, aux_layers=aux_layers)
                 logits.copy_(step_logits[0])
                 hidden.copy_(step_hidden)
 
@@ -498,18 +518,20 @@ class StaticTarget:
         return self._keep
 
     def _tree_buffers_for(self, width: int) -> "TreeVerifyBuffers":
-        if width not in self._tree_buffers:
+        key = f"{width}{self._suffix}"
+        if key not in self._tree_buffers:
             engine = self.engine
-            vocab, hidden_size = engine.llm.get_output_embeddings().weight.shape
-            self._tree_buffers[width] = TreeVerifyBuffers.allocate(width, engine.cache.max_len, vocab, hidden_size,
-                                                                    engine.dtype, engine.device)
-        return self._tree_buffers[width]
+            vocab = engine.llm.get_output_embeddings().weight.shape[0]
+            self._tree_buffers[key] = TreeVerifyBuffers.allocate(width, engine.cache.max_len, vocab, self.feature_size,
+                                                                  engine.dtype, engine.device)
+        return self._tree_buffers[key]
 
     def _run_tree(self, width: int) -> None:
-        name = f"tree{width}"
+        name = f"tree{width}{self._suffix}"
         if name not in self.engine._steps:
-            buffers = self._tree_buffers[width]
+            buffers = self._tree_buffers_for(width)
             engine = self.engine
+            aux_layers = self.aux_layers
 
             def body() -> None:
                 allowed = buffers.mask(engine._kv_positions)
@@ -517,7 +539,7 @@ class StaticTarget:
                     allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(
                         ~allowed, torch.finfo(engine.dtype).min)
                 step_logits, step_hidden = engine._forward(buffers.tokens, buffers.slots,
-                                                           buffers.positions.view(1, -1), allowed)
+                                                           buffers.positions.view(1, -1), allowed, aux_layers)
                 buffers.logits.copy_(step_logits[0])
                 buffers.hidden.copy_(step_hidden)
 
@@ -567,6 +589,14 @@ class TreeVerifyBuffers:
         allowed = (kv_positions < self.base).expand(1, 1, width, kv_positions.shape[-1]).clone()
         allowed[0, 0].index_copy_(1, self.slots, self.ancestry)
         return allowed
+
+
+def features_of(out, aux_layers: tuple[int, ...]) -> torch.Tensor:
+    """A decoder's output → the drafter's features: final-norm states, or the inputs of `aux_layers` concatenated
+    (hidden_states[i] is what enters layer i, as speculation.capture_layer_inputs records it)."""
+    if not aux_layers:
+        return out.last_hidden_state
+    return torch.cat([out.hidden_states[index] for index in aux_layers], dim=-1)
 
 
 def tree_node_count(tree) -> int:

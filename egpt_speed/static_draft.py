@@ -10,6 +10,9 @@ for the speculative loop, meant for the compiled static-cache target (`compile+e
   `tree{d}` (EAGLE-2: d levels of top-k expansion on the device, the best `max_nodes` candidates
   selected by a stable sort, the tree's parents, depths and ancestry built by index arithmetic).
 
+An EAGLE-3 head (eagle_formats.Eagle3Head) reads the inputs of three target layers: the drafter's
+`aux_layers` go to the target's capture_layers, and its catch-up buffer is that wide (3H).
+
 Draft tokens stay on the device; a tree is read back once, lazily (`PendingTree`: its tokens and
 parents, for the acceptance walk, after the target's verify was queued). Greedy drafts equal `eagle.EagleProposer`'s (same head, same arithmetic up to
 the masked keys SDPA skips). Rollback is free: drafted head-cache slots are hidden by the mask
@@ -116,6 +119,8 @@ class StaticEagleDrafter(Proposer):
     def __init__(self, head: EagleHead, target_llm, gamma: int, topk: int = 8, max_nodes: int = 32,
                  cuda_graph: bool | None = None):
         self.head = head
+        # an EAGLE-3 head reads the inputs of three target layers (the target's capture_layers), else the last layer
+        self.aux_layers: list[int] | None = head.aux_layers_for(len(target_llm.model.layers))
         self.embed = target_llm.get_input_embeddings()
         self.lm_head = target_llm.lm_head
         self.device = self.embed.weight.device
@@ -139,9 +144,10 @@ class StaticEagleDrafter(Proposer):
         max_len = round_up(room)
         device, hidden = self.device, self.head.config.hidden_size
         self.cache = StaticKVCache(self.head.config, 1, max_len, self.dtype, device)
+        self.feature_size = self.embed.weight.shape[1] * len(self.aux_layers or [None])
         long = dict(dtype=torch.long, device=device)
         self._kv_positions = torch.arange(max_len, **long).view(1, 1, 1, max_len)  # [1, 1, 1, M]
-        self._features = torch.zeros(1, self.width, hidden, dtype=self.dtype, device=device)  # [1, W, H]
+        self._features = torch.zeros(1, self.width, self.feature_size, dtype=self.dtype, device=device)  # [1, W, F]
         self._next_ids = torch.zeros(1, self.width, **long)  # [1, W] input after each feature's position
         self._arange = torch.arange(self.width, **long)  # [W]
         self._feature_slots = torch.zeros(self.width, **long)  # [W] consumed + arange
@@ -169,6 +175,9 @@ class StaticEagleDrafter(Proposer):
     # ---- the proposer interface -------------------------------------------------------------------
 
     def observe(self, hidden: torch.Tensor) -> None:
+        if hidden.shape[-1] != self.feature_size:
+            raise EgptError(f"this drafter reads features of width {self.feature_size} (target layers {self.aux_layers}), "
+                            f"but the target passed width {hidden.shape[-1]}; call the target's capture_layers first.")
         self.fresh.append(hidden)
         self.observed += hidden.shape[1]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from egpt_speed.cross_modal import draft_prefix
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
-from egpt_speed.eagle_formats import refuse_static
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
 from egpt_speed.speculation import speculative_decode
 from egpt_speed.tree import TreeShape
@@ -21,8 +20,6 @@ class Speculative(Strategy):
 
     def prepare(self, model) -> None:
         self.draft: Draft = load_draft(self.ctx.draft_spec, model, self.ctx.model_spec, self.ctx.device, self.ctx.dtype)
-        if self.lender is not None and self.draft.head is not None:
-            refuse_static(self.draft.head, self.draft.name)
 
     def proposer_for(self, model, request, prefix_embeds) -> Proposer:
         if self.draft.head is not None:

@@ -227,12 +227,33 @@ def test_an_eagle3_head_drafts_in_the_speculative_strategies_losslessly(target, 
         assert result.metrics["draft_forwards"] > 0
 
 
-def test_an_eagle3_head_under_compile_is_refused_with_the_reason(target, tmp_path):
-    eagle3_public(target, tmp_path / "h")
-    draft = load_draft(str(tmp_path / "h"), target, "x", CPU, torch.float32)
-    with pytest.raises(EgptError, match=r"EAGLE-3 head h drafts from target layers \[1, 1, 2\].*speculative or eagle-tree"):
-        ef.refuse_static(draft.head, "h")
-    ef.refuse_static(random_head(target, input_norm=False), "ours")  # an EAGLE-1/2 head runs under compile+
+@pytest.mark.parametrize("static,eager", [("compile+eagle", "speculative"), ("compile+eagle-tree", "eagle-tree")])
+def test_an_eagle3_head_drafts_on_the_compiled_target_as_on_the_eager_one(target, tmp_path, static, eager):
+    """compile+ lends its static target, which passes the head's three layers (StaticTarget.capture_layers),
+    and its captured drafter: greedy fp32 output equals the target's own, and every sample accepts exactly
+    what the eager head on the dynamic target accepts (draft-for-draft equality: test_static_draft)."""
+    from egpt_speed.hf_generate import generate_baseline
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
+    from egpt_speed.timing import Clock
+
+    eagle3_public(target, tmp_path / "h", aux=(0, 1, 1))  # the tiny target has layers 0..1
+    built = {}
+    for name in (static, eager):
+        built[name] = registry.build(name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "h"),
+                                                      options={"tree_nodes": 10}))
+        built[name].prepare(target)
+    for request in eagle3_requests(target):
+        results = {}
+        for name in (static, eager, "reference"):
+            clock = Clock(CPU)
+            clock.begin()
+            results[name] = (generate_baseline(target, request, clock) if name == "reference"
+                             else built[name].decode(target, request, clock))
+        assert results[static].token_ids == results[eager].token_ids == results["reference"].token_ids
+        assert results[static].metrics["drafter"] == "StaticEagleDrafter"
+        assert results[static].metrics["accepted"] == results[eager].metrics["accepted"]
+        assert results[static].metrics["draft_forwards"] > 0
 
 
 def test_a_head_for_another_target_is_refused(target, tmp_path):

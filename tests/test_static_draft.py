@@ -12,6 +12,7 @@ import torch
 
 from egpt_speed.decoding import GenerationSettings
 from egpt_speed.eagle import EagleHead, head_config_from_target
+from egpt_speed.errors import EgptError
 from egpt_speed.proposers import EagleProposer, Proposer
 from egpt_speed.speculation import DynamicTarget, speculative_decode
 from egpt_speed.static_decode import StaticEngine, StaticTarget
@@ -175,6 +176,44 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
     lender = next(part for part in strategy.parts if part.lends_target)
     assert isinstance(lender._drafter, StaticEagleDrafter)  # the captured drafter, not the eager head
     assert results[name].metrics["drafter"] == "StaticEagleDrafter"  # and the sample says so
+
+
+@pytest.fixture(scope="module")
+def eagle3_head(model):
+    """A random EAGLE-3 head over target layers 0, 1, 1 (the tiny target has two) and a 60-id draft vocabulary."""
+    from egpt_speed.eagle_formats import Eagle3Head
+
+    torch.manual_seed(5)
+    head = Eagle3Head(head_config_from_target(model.llm.config), [0, 1, 1], 60, model.hidden_size)
+    with torch.no_grad():
+        for parameter in head.parameters():
+            parameter.normal_(0, 0.2)
+        head.draft_vocab.copy_(torch.arange(60) * 2)
+    return head.eval()
+
+
+@pytest.mark.parametrize("seed,tree", [(0, None), (1, TreeShape(topk=4, max_nodes=10))])
+def test_an_eagle3_head_drafts_the_same_on_the_static_target(model, eagle3_head, seed, tree):
+    """The captured drafter on the static target (capture_layers: the three layers' inputs from the static
+    forward) drafts every chain / tree the eager EagleProposer drafts on the dynamic target (hooks)."""
+    embeds = prefix(model, seed)
+    eager = recording(EagleProposer)(eagle3_head, model.llm, embeds)
+    eager.log = []
+    expected = decode(DynamicTarget(model.llm, eager.aux_layers), embeds, eager, 4, tree).token_ids
+    nodes = tree.max_nodes if tree else 0
+    static = recording(StaticEagleDrafter)(eagle3_head, model.llm, 4, 4, max(nodes, 10), cuda_graph=False).begin(embeds, NEW)
+    static.log = []
+    target = static_target(model, 4, embeds, nodes)
+    target.capture_layers(static.aux_layers)
+    assert decode(target, embeds, static, 4, tree).token_ids == expected == reference(model, embeds)
+    assert len(static.log) > 3 and static.log == eager.log
+
+
+def test_the_captured_drafter_refuses_features_of_the_wrong_width(model, eagle3_head):
+    drafter = StaticEagleDrafter(eagle3_head, model.llm, 4, cuda_graph=False).begin(prefix(model, 2), NEW)
+    wide = 3 * model.hidden_size
+    with pytest.raises(EgptError, match=rf"width {wide} \(target layers \[0, 1, 1\]\).*passed width {model.hidden_size}"):
+        drafter.observe(torch.zeros(1, 3, model.hidden_size))
 
 
 def test_pending_tree_reads_back_lazily_and_before_the_next_draft(model, head):
