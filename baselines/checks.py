@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 from egpt_speed.errors import EgptError
+from egpt_speed.static_decode import COMPILE_MODES, DRAFT_COMPILE_MODES
+
 
 def check_strategy_names(strategies: list[str]) -> None:
     """No strategy twice in one run (preparers that override each other: registry.check_overrides)."""
@@ -15,6 +17,15 @@ def check_strategy_names(strategies: list[str]) -> None:
         if name in seen:
             raise EgptError(f"strategy {name!r} is listed twice; name each strategy once.")
         seen.add(name)
+
+
+def check_compile_modes(options: dict) -> None:
+    """--compile-mode and --draft-compile name modes the static engine / captured drafter know."""
+    for flag, key, modes in (("--compile-mode", "compile_mode", COMPILE_MODES),
+                             ("--draft-compile", "draft_compile", DRAFT_COMPILE_MODES)):
+        value = options.get(key)
+        if value not in (None, "", "none") and value not in modes:
+            raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
 def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:

@@ -1,6 +1,8 @@
 """Issue 11: which EAGLE-2 tree shape pays most on the compiled static target, and where a step's time goes.
 
     python benchmarks/spec_tree_sweep.py --out DIR [--dtype float32] [--samples 4] [--shapes 4x8x32,5x8x48]
+    # the same shape with the drafter's bodies compiled by inductor (--draft-compile default) beside it:
+    python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32,4x8x32c
 
 On `tiny` (real SmolLM2 weights, shipped `tiny-eagle` head, real prompts with event features),
 one StaticEngine (compile mode default on CUDA) serves the autoregressive `compile` decode and
@@ -40,9 +42,14 @@ from egpt_speed.tree import TreeShape  # noqa: E402
 NEW_TOKENS = 64
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int]]:
-    """'4x8x32,5x8x48' → [(depth γ, topk, nodes), ...]."""
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]
+def parse_shapes(text: str) -> list[tuple[int, int, int, bool]]:
+    """'4x8x32,5x8x48c' → [(depth γ, topk, nodes, drafter compiled by inductor), ...]."""
+    return [(*(int(v) for v in item.rstrip("c").split("x")), item.endswith("c")) for item in text.split(",") if item]
+
+
+def shape_name(shape: tuple[int, int, int, bool]) -> str:
+    depth, topk, nodes, compiled = shape
+    return f"{depth}x{topk}x{nodes}" + ("c" if compiled else "")
 
 
 def prompts(dtype: str, samples: int, device: torch.device):
@@ -66,7 +73,8 @@ class Sweep:
         self.engine.setup(1, max_prefix + NEW_TOKENS + 1)
         self.target = StaticTarget(self.engine, gamma=max(s[0] for s in shapes))
         self.target.setup(max_prefix + NEW_TOKENS, tree_nodes=max(s[2] for s in shapes))
-        self.drafters = {shape: StaticEagleDrafter(head, model.llm, shape[0], shape[1], shape[2]) for shape in shapes}
+        self.drafters = {shape: StaticEagleDrafter(head, model.llm, shape[0], shape[1], shape[2],
+                                                   compile_mode="default" if shape[3] else None) for shape in shapes}
         self.settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
 
     def autoregressive(self, embeds: torch.Tensor) -> dict:
@@ -77,7 +85,7 @@ class Sweep:
         return {"tokens": result.token_ids, "ms_per_token": decode_ms / max(len(result.token_ids) - 1, 1)}
 
     def speculative(self, embeds: torch.Tensor, shape: tuple[int, int, int]) -> dict:
-        depth, topk, nodes = shape
+        depth, topk, nodes, _ = shape
         self.target.tree_width = nodes + 1  # pad to this shape's budget (the target keeps one graph per width)
         drafter = self.drafters[shape].begin(embeds, NEW_TOKENS)
         clock = Clock(self.engine.device)
@@ -94,7 +102,7 @@ class Sweep:
 
 def run_interleaved(sweep: Sweep, embeds: list[torch.Tensor], warmup: int) -> dict:
     """Per sample, AR and every shape in rotating order; the first `warmup` samples (compile, capture) are dropped."""
-    names = ["compile"] + [f"{d}x{k}x{n}" for d, k, n in sweep.shapes]
+    names = ["compile"] + [shape_name(shape) for shape in sweep.shapes]
     runs: dict[str, list[dict]] = {name: [] for name in names}
     plan = [embeds[i % len(embeds)] for i in range(warmup)] + embeds
     for index, prefix in enumerate(plan):
@@ -127,14 +135,14 @@ def isolated_costs(sweep: Sweep, prefix: torch.Tensor, repeats: int) -> dict:
     engine, target, device = sweep.engine, sweep.target, sweep.engine.device
     costs = {"decode_step_ms": median_ms(lambda: engine._steps["decode"](), device, repeats)}
     for shape, drafter in sweep.drafters.items():
-        depth, topk, nodes = shape
+        depth, topk, nodes, _ = shape
         drafter.begin(prefix, NEW_TOKENS)
         target.tree_width = nodes + 1
         target.prefill(prefix)
         drafter.observe(target.last_hidden)
         committed = [int(target.last_hidden.shape[1] % 100) + 5]
         tree = drafter.propose_tree(committed, depth, topk, nodes)
-        name = f"{depth}x{topk}x{nodes}"
+        name = shape_name(shape)
         costs[f"draft_{name}_ms"] = median_ms(lambda: drafter.graphs.steps[f"tree{depth}"](), device, repeats)
         base = target.length
 
@@ -164,7 +172,7 @@ def kernel_profile(sweep: Sweep, prefix: torch.Tensor) -> str:
     return "\n".join(tables)
 
 
-def variant_costs(model, head, prefix: torch.Tensor, shape: tuple[int, int, int], repeats: int) -> dict:
+def variant_costs(model, head, prefix: torch.Tensor, shape: tuple[int, int, int, bool], repeats: int) -> dict:
     """Isolated step / draft / verify costs of other engine variants: captured without inductor, eager attention."""
     costs = {}
     for label, attention, mode in (("sdpa, captured eager (no inductor)", "sdpa", None),

@@ -84,6 +84,7 @@ class StrategyOptions:
     pld_ngram: int = option(3, "--pld-ngram", help="Longest n-gram prompt lookup matches.")
     adaptive_gamma: bool = option(False, "--adaptive-gamma", help="Grow/shrink gamma with acceptance (speculative).")
     compile_mode: Optional[str] = option(None, "--compile-mode", help="compile: none | default | max-autotune-no-cudagraphs (CUDA default) | reduce-overhead.")
+    draft_compile: Optional[str] = option(None, "--draft-compile", help="compile+eagle / compile+eagle-tree: compile the captured drafter's bodies with inductor before capture: none (default) | default | max-autotune-no-cudagraphs.")
     tree_topk: int = option(8, "--tree-topk", help="eagle-tree: children per expanded node and nodes expanded per level.")
     tree_nodes: int = option(32, "--tree-nodes", help="eagle-tree: drafted nodes verified per step (the γ levels' likeliest).")
 

@@ -35,6 +35,7 @@ from egpt_speed.timing import Clock, synchronize
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead")
+DRAFT_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # the drafter is captured by us: no cudagraph trees
 CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across prompts, 16-aligned masks for SDPA
 # EOS is read back every DEFAULT_EOS_EVERY tokens. A per-token read (one sync) costs ~0.02 ms/token once the
 # step is a graph replay (H100, 7B: 8.32 vs 8.30 ms/token with chunks of 8), while a chunk of C decodes on

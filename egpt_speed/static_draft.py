@@ -87,10 +87,12 @@ class PendingTree(DeviceTree):
 
 
 class _Graphs:
-    """Named bodies, run eagerly or captured once as CUDA graphs (warm-up on a side stream first)."""
+    """Named bodies, run eagerly or captured once as CUDA graphs (warm-up on a side stream first); with a
+    compile mode, each body is compiled by inductor (fullgraph, static shapes) before it is captured."""
 
-    def __init__(self, device: torch.device, capture: bool, dtype: torch.dtype = torch.float32):
-        self.device, self.capture, self.dtype = device, capture, dtype
+    def __init__(self, device: torch.device, capture: bool, dtype: torch.dtype = torch.float32,
+                 compile_mode: str | None = None):
+        self.device, self.capture, self.dtype, self.compile_mode = device, capture, dtype, compile_mode
         self.steps: dict[str, object] = {}
         self._keep: list[torch.cuda.CUDAGraph] = []
 
@@ -100,6 +102,8 @@ class _Graphs:
         self.steps[name]()
 
     def _prepare(self, body):
+        if self.compile_mode is not None:  # inductor fuses the draft's many small ops before the capture
+            body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
         if not self.capture:
             return body
         graph = capture_cuda_graph(with_decode_attention(body, self.device, self.dtype), self.device, warmup=2)
@@ -117,7 +121,7 @@ class StaticEagleDrafter(Proposer):
     wants_hidden = True
 
     def __init__(self, head: EagleHead, target_llm, gamma: int, topk: int = 8, max_nodes: int = 32,
-                 cuda_graph: bool | None = None):
+                 cuda_graph: bool | None = None, compile_mode: str | None = None):
         self.head = head
         # an EAGLE-3 head reads the inputs of three target layers (the target's capture_layers), else the last layer
         self.aux_layers: list[int] | None = head.aux_layers_for(len(target_llm.model.layers))
@@ -128,7 +132,7 @@ class StaticEagleDrafter(Proposer):
         self.gamma, self.topk, self.max_nodes = gamma, topk, max_nodes
         self.width = gamma + 1  # a verify accepts at most γ drafts + the pending token: ≤ γ+1 fresh features
         capture = self.device.type == "cuda" if cuda_graph is None else cuda_graph
-        self.graphs = _Graphs(self.device, capture, self.dtype)
+        self.graphs = _Graphs(self.device, capture, self.dtype, compile_mode)
         self.cache: StaticKVCache | None = None
         self.prefix_embeds: torch.Tensor | None = None
 

@@ -5,12 +5,14 @@ inductor (fused elementwise kernels, autotuned Triton GEMVs) and captured once a
 (first sample, reported as `compile_ms`), then replayed per token; on the CPU the same
 static-cache path runs uncompiled and uncaptured (`cuda_graph: false` in settings and metrics).
 
-`--option compile_mode=` (H100, 7B bf16, 623-token prefix, measured 2026-11-24):
+`--compile-mode` (H100, 7B bf16, 623-token prefix, measured 2026-11-24):
   max-autotune-no-cudagraphs (CUDA default)  5.46–5.60 ms/token, ~100–115 s one-time compile
   default                                    6.33–6.43 ms/token,  ~39–46 s
   none (capture the eager step)              8.29 ms/token,  ~0.1 s
   reduce-overhead                            torch.compile's own CUDA graphs instead of ours
-`--option eos_every=` tokens between EOS checks (default 1, see static_decode.DEFAULT_EOS_EVERY).
+`eos_every` (a RunContext option, no CLI flag): tokens between EOS checks (default 1, see
+static_decode.DEFAULT_EOS_EVERY). `--draft-compile` (compile+eagle, compile+eagle-tree): the captured
+drafter's bodies compiled by inductor before capture; off by default (not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ class Compile(Strategy):
         mode = self.ctx.options.get("compile_mode") or default
         return None if mode in (None, "", "none") else str(mode)
 
+    def _draft_compile(self) -> str | None:
+        """--draft-compile: inductor for the captured drafter's bodies (off by default until measured on a GPU)."""
+        mode = self.ctx.options.get("draft_compile")
+        return None if mode in (None, "", "none") else str(mode)
+
     def _eos_every(self) -> int:
         value = int(self.ctx.options.get("eos_every") or DEFAULT_EOS_EVERY)
         if value < 1:
@@ -51,6 +58,7 @@ class Compile(Strategy):
     def settings(self) -> dict:
         cuda_graph = self.ctx.device.type == "cuda"
         return {"cuda_graph": cuda_graph, "compile_mode": self._compile_mode(), "eos_every": self._eos_every(),
+                "draft_compile": self._draft_compile(),
                 "static_cache": True,
                 "note": None if cuda_graph else "CPU: static-cache decode without graph capture (nothing to capture)"}
 
@@ -82,6 +90,7 @@ class Compile(Strategy):
         shape = tree or TreeShape()
         key = (id(head), gamma, shape.topk, shape.max_nodes)
         if getattr(self, "_drafter_key", None) != key:
-            self._drafter = StaticEagleDrafter(head, model.llm, gamma, shape.topk, shape.max_nodes)
+            self._drafter = StaticEagleDrafter(head, model.llm, gamma, shape.topk, shape.max_nodes,
+                                               compile_mode=self._draft_compile())
             self._drafter_key = key
         return self._drafter.begin(prefix_embeds, settings.max_new_tokens)

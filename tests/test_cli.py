@@ -96,6 +96,8 @@ BAD_OPTIONS = {
     "dtype-float8": (["run", "baseline", "--dtype", "float8"], "--dtype 'float8'"),
     "missing-model": (["run", "baseline", "--model", "/nonexistent/EventGPT-7b"], "does not exist"),
     "zero-samples": (["run", "baseline", "-n", "0"], "--samples"),
+    "compile-mode": (["run", "compile", "--compile-mode", "turbo"], "--compile-mode 'turbo' is not one of"),
+    "draft-compile": (["run", "compile+eagle", "--draft-compile", "reduce-overhead"], "--draft-compile 'reduce-overhead'"),
 }
 
 

@@ -149,9 +149,11 @@ def test_static_tree_logits_equal_dynamic(model):
     torch.testing.assert_close(static.verify_tree(tree), dynamic.verify_tree(tree), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["compile+eagle", "compile+eagle-tree"])
-def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
-    """The registry path: compile lends its StaticTarget and the captured drafter (Compile.lend_drafter)."""
+@pytest.mark.parametrize("name,draft_compile", [("compile+eagle", None), ("compile+eagle-tree", None),
+                                                 ("compile+eagle-tree", "default")])
+def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name, draft_compile):
+    """The registry path: compile lends its StaticTarget and the captured drafter (Compile.lend_drafter),
+    whose bodies --draft-compile hands to inductor."""
     from egpt_speed.decoding import DecodeRequest
     from egpt_speed.prompt import EVENT_TOKEN_INDEX
     from egpt_speed.strategies import registry
@@ -165,7 +167,8 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
                             GenerationSettings(max_new_tokens=NEW))
     results = {}
     for strategy_name in ("baseline", name):
-        context = RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"), options={"tree_nodes": 10})
+        context = RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
+                             options={"tree_nodes": 10, "draft_compile": draft_compile})
         strategy = registry.build(strategy_name, context)
         strategy.prepare(model)
         clock = Clock(CPU)
@@ -175,7 +178,24 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name):
     assert results[name].metrics["drafted"] > 0
     lender = next(part for part in strategy.parts if part.lends_target)
     assert isinstance(lender._drafter, StaticEagleDrafter)  # the captured drafter, not the eager head
+    assert lender._drafter.graphs.compile_mode == draft_compile and lender.settings()["draft_compile"] == draft_compile
     assert results[name].metrics["drafter"] == "StaticEagleDrafter"  # and the sample says so
+
+
+@pytest.mark.parametrize("tree", [None, TreeShape(topk=4, max_nodes=10)])
+def test_inductor_compiled_draft_bodies_draft_what_the_eager_ones_draft(model, head, tree):
+    """--option draft_compile: every drafter body (catch-up, chain, each tree depth) traces as one graph
+    (fullgraph) and, compiled by inductor, drafts the eager bodies' chains / trees (float32)."""
+    torch._dynamo.reset()
+    embeds = prefix(model, 9)
+    logs = {}
+    for mode in (None, "default"):
+        drafter = recording(StaticEagleDrafter)(head, model.llm, 4, 4, 10, cuda_graph=False, compile_mode=mode)
+        drafter.log = []
+        result = decode(DynamicTarget(model.llm), embeds, drafter.begin(embeds, NEW), 4, tree)
+        assert result.token_ids == reference(model, embeds)
+        logs[mode] = drafter.log
+    assert len(logs[None]) > 3 and logs["default"] == logs[None]
 
 
 @pytest.fixture(scope="module")
