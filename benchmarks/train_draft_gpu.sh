@@ -7,6 +7,7 @@
 #   3c. run(carry=[".carry2"]): bash benchmarks/train_draft_gpu.sh ttt "$OUT"     # eagle vs eagle3:3 at 1,000 answers (fixed TTT mask)
 #   4. run():                   bash benchmarks/train_draft_gpu.sh nf4 "$OUT"     # tiny: heads trained on a bf16 vs an nf4 target
 #   5. run():                   bash benchmarks/train_draft_gpu.sh cost7b "$OUT"  # synthetic-7b: collection/epoch cost, bf16 vs nf4
+#   5b. run():                  bash benchmarks/train_draft_gpu.sh cost7b3 "$OUT" # the same for the EAGLE-3 head, --unroll 3 (bf16)
 # .carry1/.carry2 are benchmarks/multi_gpu.sh's halves of the GGUF (+ the gguf wheel); .carry3 holds
 # bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl (pip download, see shared GPU.md). Each measuring call
 # writes ONE tarball, $OUT/<mode>.tar.gz: result json + md, the log, command.txt and card.txt; its python runs
@@ -18,8 +19,8 @@ gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 case $mode in
   park-gguf) mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit ;;
   park-bnb) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry3/*.whl && ls /tmp/site; exit ;;
-  heads|heads3|ttt|nf4|cost7b) ;;
-  *) echo "usage: $0 park-gguf | park-bnb | heads OUT | heads3 OUT | ttt OUT | nf4 OUT | cost7b OUT"; exit 2 ;;
+  heads|heads3|ttt|nf4|cost7b|cost7b3) ;;
+  *) echo "usage: $0 park-gguf | park-bnb | heads OUT | heads3 OUT | ttt OUT | nf4 OUT | cost7b OUT | cost7b3 OUT"; exit 2 ;;
 esac
 out=$2
 if [ ! -s "$gguf" ]; then  # the first measuring call carries .carry2; later ones find the joined file
@@ -56,6 +57,9 @@ case $mode in
       --batch-size 8 --train-batch 4 --device cuda
     step 300 python3 benchmarks/train_draft_7b.py --model synthetic-7b --dtype bfloat16 --target-quant nf4 --answers 32 \
       --new-tokens 64 512 --batch-size 8 --train-batch 4 --device cuda ;;
+  cost7b3)  # is the EAGLE-3 head (3 fused layers, 3 training-time-test steps) still inside 24 GB at 7B?
+    step 500 python3 benchmarks/train_draft_7b.py --model synthetic-7b --dtype bfloat16 --answers 32 --new-tokens 64 512 \
+      --batch-size 8 --train-batch 4 --head-style eagle3 --unroll 3 --device cuda ;;
 esac
 tail -n 30 "$res/log.txt"
 cat "$res"/*.md 2>/dev/null
