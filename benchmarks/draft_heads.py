@@ -86,7 +86,22 @@ def tau(head, model, items: list[td.AnswerItem], gamma: int, new_tokens: int) ->
             "exact_outputs": f"{exact}/{len(items)}"}
 
 
-def train_variant(style: str, unroll: int, train_target, eval_target, train_items, heldout_items, args) -> dict:
+def save_variant(head, style: str, run: dict, heldout, args) -> Path:
+    """--save: the head as train-draft writes it (ours, or the public EAGLE-3 layout), with its report."""
+    specs, seed = td.training_clips("synthetic", args.clips or min(args.answers, 400), args.seed, args.synthetic_events)
+    train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), args.answers, 0.2, args.seed)
+    vocab = head.draft_vocab if head.draft_vocab is not None else torch.arange(heldout.model.llm.config.vocab_size)
+    report = td.TrainReport(len(train_pairs), len(heldout_pairs), args.epochs, run["final_loss"], run["train_top1"],
+                            run["heldout_top1"], run["collect_s"], run["train_s"],
+                            td.clip_record("synthetic", seed, train_pairs, heldout_pairs), int(vocab.numel()),
+                            td.vocabulary_coverage(heldout, vocab), True, args.prompt_window, style)
+    out = args.save / f"{run['train_target']}_{style}_u{run['unroll']}"
+    td.save_head(copy.deepcopy(head).to(torch.bfloat16), out, report, args.model)  # bf16 on disk, as train-draft's
+    return out
+
+
+def train_variant(style: str, unroll: int, train_target, eval_target, train_items, heldout_items, args,
+                  collect_s: float) -> dict:
     aux = td.eagle3_aux_layers(len(train_target.llm.model.layers)) if style == "eagle3" else None
     train = td.OnlineSet(train_target, train_items, args.prompt_window, aux)
     heldout = td.OnlineSet(eval_target, heldout_items, args.prompt_window, aux)
@@ -102,8 +117,11 @@ def train_variant(style: str, unroll: int, train_target, eval_target, train_item
     lm_head = copy.deepcopy(eval_target.llm.lm_head).float()
     heldout_top1 = td.top1(head, lm_head, heldout, eval_target.device, 4)
     measured = tau(head.to(eval_target.llm.dtype), eval_target, heldout_items[:args.tau_prompts], args.gamma, args.new_tokens)
-    return {"style": style, "unroll": unroll, "final_loss": loss, "train_top1": train_top1, "heldout_top1": heldout_top1,
-            "train_s": train_s, **measured}
+    run = {"style": style, "unroll": unroll, "final_loss": loss, "train_top1": train_top1, "heldout_top1": heldout_top1,
+           "train_s": train_s, "collect_s": collect_s, "train_target": args.current_target, **measured}
+    if args.save:
+        run["saved"] = str(save_variant(head, style, run, heldout, args))
+    return run
 
 
 def reference_head(spec: str, eval_target, heldout_items, args) -> dict:
@@ -117,7 +135,7 @@ def reference_head(spec: str, eval_target, heldout_items, args) -> dict:
     heldout = td.OnlineSet(eval_target, heldout_items, args.prompt_window, aux)
     lm_head = copy.deepcopy(eval_target.llm.lm_head).float()
     measured = tau(head.to(eval_target.llm.dtype), eval_target, heldout_items[:args.tau_prompts], args.gamma, args.new_tokens)
-    return {"train_target": "shipped", "style": spec, "unroll": 0, "train_top1": None, "train_s": 0.0,
+    return {"train_target": "reference", "style": spec, "unroll": 0, "train_top1": None, "train_s": 0.0,
             "heldout_top1": td.top1(head, lm_head, heldout, eval_target.device, 4), **measured}
 
 
@@ -161,6 +179,8 @@ def main() -> None:
     parser.add_argument("--synthetic-events", type=int, default=200_000)
     parser.add_argument("--reference-head", default=None,
                         help="also judge an existing head (tiny-eagle or a head dir) on the same held-out set")
+    parser.add_argument("--save", type=Path, default=None,
+                        help="also write every trained head under DIR/<target>_<style>_u<unroll> (train-draft's layout)")
     parser.add_argument("--answers-cache", type=Path, default=None, help="folder for the answers as token ids (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     global ARGS
@@ -189,8 +209,9 @@ def main() -> None:
         progress(f"training answers ({spec}): {len(train_items)} in {collect_s:.0f} s")
         for variant in args.variants:
             style, _, unroll = variant.partition(":")
-            runs.append({"train_target": spec, "collect_s": collect_s,
-                         **train_variant(style, int(unroll or 1), train_target, eval_target, train_items, heldout_items, args)})
+            args.current_target = spec
+            runs.append(train_variant(style, int(unroll or 1), train_target, eval_target, train_items, heldout_items, args,
+                                      collect_s))
             print(runs[-1], flush=True)
             write_json_atomic(base, args.out / f"{name}.json")  # after every head: a cut-off run keeps what it measured
         if train_target is not eval_target:

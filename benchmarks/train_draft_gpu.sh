@@ -45,7 +45,8 @@ case $mode in
     # one head per call, the answers cached in /tmp/answers by the first call (one call for all three passed 390 s)
     variant=eagle:1; [ "$mode" = heads3 ] && variant=eagle3:3
     step 540 python3 benchmarks/draft_heads.py --model tiny --answers 4000 --new-tokens 64 --epochs 6 --batch-size 64 \
-      --variants $variant --train-targets float32 --tau-prompts 20 --device cuda --answers-cache /tmp/answers ;;
+      --variants $variant --train-targets float32 --tau-prompts 20 --device cuda --answers-cache /tmp/answers \
+      --save "$res/head" ;;  # the trained head comes back in the tarball (bf16, ~10 MB for eagle3): shippable as tiny-eagle
   ttt)  # both styles at equal data, a quarter of the shipped recipe, after the training-time-test mask fix
     step 300 python3 benchmarks/draft_heads.py --model tiny --answers 1000 --new-tokens 64 --epochs 6 --batch-size 64 \
       --variants eagle3:3 eagle:1 --train-targets float32 --tau-prompts 10 --device cuda ;;

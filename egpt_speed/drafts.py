@@ -97,9 +97,17 @@ def shipped_head_dir(name: str) -> Path:
     return Path(__file__).parent / "resources" / name
 
 
+def shipped_head_present(name: str) -> bool:
+    """Our head layout (eagle_config.json) or a public EAGLE-1 / EAGLE-3 one (config.json + weights)."""
+    from egpt_speed.eagle_formats import detect_format
+
+    directory = shipped_head_dir(name)
+    return (directory / "eagle_config.json").exists() or (directory.is_dir() and detect_format(directory) is not None)
+
+
 def default_draft_for(model_spec: str) -> str:
     if model_spec == "tiny":
-        return "tiny-eagle" if (shipped_head_dir("tiny-eagle") / "eagle_config.json").exists() else "tiny-truncated"
+        return "tiny-eagle" if shipped_head_present("tiny-eagle") else "tiny-truncated"
     if model_spec in ("synthetic-7b", "synthetic-llava-7b", "synthetic-video-llava-7b"):
         return "synthetic-68m"
     if model_spec in ("tiny-llava", "tiny-video-llava"):

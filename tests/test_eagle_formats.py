@@ -260,3 +260,15 @@ def test_a_head_for_another_target_is_refused(target, tmp_path):
     eagle3_public(target, tmp_path / "h")
     with pytest.raises(EgptError, match="width 64 and .* this target has width 4096"):
         ef.load_public_head(tmp_path / "h", 4096, target.llm.config.vocab_size, CPU, torch.float32)
+
+
+def test_a_shipped_eagle3_head_is_the_default_draft_of_tiny(target, tmp_path, monkeypatch):
+    """tiny-eagle may be shipped in our layout or in the public EAGLE-3 one: either is tiny's default draft."""
+    from egpt_speed import drafts
+
+    monkeypatch.setattr(drafts, "shipped_head_dir", lambda name: tmp_path / name)
+    assert drafts.default_draft_for("tiny") == "tiny-truncated"  # nothing shipped
+    eagle3_public(target, tmp_path / "tiny-eagle", aux=(0, 1, 1))
+    assert drafts.default_draft_for("tiny") == "tiny-eagle"
+    draft = load_draft(None, target, "tiny", CPU, torch.float32)
+    assert isinstance(draft.head, ef.Eagle3Head) and draft.name == "tiny-eagle"
