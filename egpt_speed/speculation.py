@@ -157,7 +157,7 @@ def speculative_decode(target: Target, prefix_embeds: torch.Tensor, proposer: Pr
         else:
             proposed, verdict = _tree_step(target, proposer, committed, budget, tree, settings, generator, clock, counters)
         counters.record(proposed, len(verdict.accepted))
-        committed += _cut(verdict.tokens, stop_ids, settings.max_new_tokens - len(committed))
+        committed += cut_at_stop(verdict.tokens, stop_ids, settings.max_new_tokens - len(committed))
         if tree is not None:
             target.keep_path([0] + verdict.path)  # block offsets: the root, then the accepted path
             kept_hidden = _select_positions(target.last_hidden, [0] + verdict.path, path_staging)
@@ -171,7 +171,7 @@ def speculative_decode(target: Target, prefix_embeds: torch.Tensor, proposer: Pr
     return DecodeResult(committed, _result_metrics(counters, len(committed), clock, tree))
 
 
-def _cut(tokens: list[int], stop_ids: set[int], room: int) -> list[int]:
+def cut_at_stop(tokens: list[int], stop_ids: set[int], room: int) -> list[int]:
     """The step's tokens up to and including the first stop id, at most `room` of them."""
     for index, token in enumerate(tokens[:room]):
         if token in stop_ids:

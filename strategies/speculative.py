@@ -6,7 +6,9 @@ from egpt_speed.cross_modal import draft_prefix
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
+from egpt_speed.fused_step import fused_chain_decode
 from egpt_speed.speculation import speculative_decode
+from egpt_speed.static_draft import StaticEagleDrafter
 from egpt_speed.tree import TreeShape
 from egpt_speed.strategies.registry import Strategy, register
 
@@ -47,6 +49,10 @@ class Speculative(Strategy):
         target = self.verify_target(model, prefix_embeds, request.settings)
         if getattr(proposer, "aux_layers", None):  # an EAGLE-3 head drafts from three target layers' inputs
             target.capture_layers(proposer.aux_layers)
+        if self.fused_step() and isinstance(proposer, StaticEagleDrafter):
+            result = fused_chain_decode(target, proposer, prefix_embeds, request.settings, self.ctx.gamma, eos_ids(model), clock)
+            result.metrics["drafter"] = type(proposer).__name__
+            return result
         result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
                                     clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
                                     tree=self.tree_shape())
@@ -55,6 +61,10 @@ class Speculative(Strategy):
         result.metrics["drafter"] = type(proposer).__name__
         result.metrics.update(self._draft_stage_ms)
         return result
+
+    def fused_step(self) -> bool:
+        """--fused-step: one graph per step (fused_step.py); a captured chain drafter on a lent target only."""
+        return bool(self.ctx.options.get("fused_step")) and self.lender is not None and self.tree_shape() is None
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""
@@ -68,4 +78,4 @@ class Speculative(Strategy):
                 "draft_family": draft.family if draft else None,
                 "draft_own_stages": draft.own_stages is not None if draft else None,
                 "draft_mapped_out_tokens": list(draft.token_map.mapped_out) if draft and draft.token_map else None,
-                "adaptive_gamma": bool(self.ctx.options.get("adaptive_gamma"))}
+                "adaptive_gamma": bool(self.ctx.options.get("adaptive_gamma")), "fused_step": self.fused_step()}

@@ -261,3 +261,94 @@ def test_pending_tree_reads_back_lazily_and_before_the_next_draft(model, head):
             assert len(tree.tokens) == nodes + 1
     assert trees[True] == trees[False]
     assert trees[True][0] != trees[True][1]
+
+
+# ---- one graph per step (fused_step.py) ---------------------------------------------------------------
+
+
+def oracle_drafter(model, head, gamma: int, embeds: torch.Tensor, answer: list[int]) -> StaticEagleDrafter:
+    """The captured drafter, drafting from the known answer instead of its head (every 4th position wrong),
+    so both loops see real acceptance lengths 0..γ; its head still reads every accepted feature."""
+    vocab = model.llm.config.vocab_size
+
+    class Oracle(StaticEagleDrafter):
+        def _chain_body(self) -> None:
+            offsets = self._observed + 1 + torch.arange(self.gamma)  # target positions of the drafts
+            truth = self._answer.index_select(0, offsets - embeds.shape[1])
+            self._draft.copy_(torch.where(offsets % 4 == 2, (truth + 1) % vocab, truth))
+
+    drafter = Oracle(head, model.llm, gamma, cuda_graph=False)
+    drafter._answer = torch.tensor(answer + [0] * (gamma + 2))
+    return drafter.begin(embeds, NEW)
+
+
+@pytest.mark.parametrize("seed,gamma", [(0, 4), (3, 2), (5, 5)])
+def test_the_fused_step_decodes_what_the_unfused_loop_decodes(model, head, seed, gamma):
+    from egpt_speed.fused_step import fused_chain_decode
+
+    embeds = prefix(model, seed)
+    answer = reference(model, embeds, NEW + gamma + 1)
+    unfused = decode(static_target(model, gamma, embeds), embeds, oracle_drafter(model, head, gamma, embeds, answer), gamma)
+    clock = Clock(CPU)
+    clock.begin()
+    fused = fused_chain_decode(static_target(model, gamma, embeds), oracle_drafter(model, head, gamma, embeds, answer),
+                               embeds, GenerationSettings(max_new_tokens=NEW), gamma, set(), clock)
+    assert fused.token_ids == unfused.token_ids == answer[:NEW]
+    for key in ("target_forwards", "accepted", "accepted_by_position", "drafted_by_position"):
+        assert fused.metrics[key] == unfused.metrics[key], key
+    assert 0 < fused.metrics["accepted"] < fused.metrics["drafted"]  # partial acceptance was exercised
+
+
+def test_the_fused_step_stops_at_a_stop_id_inside_an_accepted_run(model, head):
+    from egpt_speed.fused_step import fused_chain_decode
+
+    embeds = prefix(model, 1)
+    answer = reference(model, embeds, NEW + 6)
+    stop = answer[7]
+    clock = Clock(CPU)
+    clock.begin()
+    result = fused_chain_decode(static_target(model, 4, embeds), oracle_drafter(model, head, 4, embeds, answer), embeds,
+                                GenerationSettings(max_new_tokens=NEW), 4, {stop}, clock)
+    assert result.token_ids == answer[:answer.index(stop) + 1]
+
+
+def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head):
+    """Compilation runs the body before the first real step: the sample's state is put back afterwards."""
+    from egpt_speed.fused_step import fused_chain_decode
+
+    torch._dynamo.reset()
+    embeds = prefix(model, 2)
+    answer = reference(model, embeds, NEW + 5)
+    target = StaticTarget(StaticEngine(model.llm, cuda_graph=False, compile_mode="default"), 4)
+    target.setup(embeds.shape[1] + NEW)
+    clock = Clock(CPU)
+    clock.begin()
+    result = fused_chain_decode(target, oracle_drafter(model, head, 4, embeds, answer), embeds,
+                                GenerationSettings(max_new_tokens=NEW), 4, set(), clock)
+    assert result.token_ids == answer[:NEW] and result.metrics["accepted"] > 0
+
+
+def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_path):
+    """The registry path with an EAGLE-3 head: --fused-step takes the fused loop, outputs equal baseline's."""
+    from egpt_speed.decoding import DecodeRequest
+    from egpt_speed.eagle_formats import export_eagle3
+    from egpt_speed.prompt import EVENT_TOKEN_INDEX
+    from egpt_speed.strategies import registry
+    from egpt_speed.strategies.registry import RunContext
+
+    export_eagle3(eagle3_head, tmp_path / "head")
+    generator = torch.Generator().manual_seed(4)
+    text = torch.randint(3, model.llm.config.vocab_size, (8,), generator=generator)
+    prompt = torch.cat([torch.tensor([1]), text[:4], torch.tensor([EVENT_TOKEN_INDEX]), text[4:]])
+    request = DecodeRequest("s", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
+                            GenerationSettings(max_new_tokens=NEW))
+    results = {}
+    for name in ("baseline", "compile+eagle"):
+        strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
+                                                   options={"fused_step": True}))
+        strategy.prepare(model)
+        clock = Clock(CPU)
+        clock.begin()
+        results[name] = strategy.decode(model, request, clock)
+    assert results["compile+eagle"].token_ids == results["baseline"].token_ids
+    assert results["compile+eagle"].metrics["fused_step"] is True and strategy.settings()["fused_step"] is True

@@ -1,0 +1,128 @@
+"""One graph per speculative step: `compile+eagle --fused-step` (issue 11's "single captured step").
+
+The unfused loop (speculation.speculative_decode on a StaticTarget with a StaticEagleDrafter) replays
+a catch-up graph, a chain-draft graph and a verify graph per step, with ~15 small host-launched ops
+between them and the acceptance walked on the host. Here one body does the whole greedy step on the
+device, and it is compiled and captured once like the engine's decode step:
+
+    chain draft (γ head steps from the last predicted feature)
+    → verify [pending, d_1..d_γ] at positions L..L+γ on the static target
+    → accept: n = the longest prefix of drafts equal to the target's argmax (cumprod of matches)
+    → state: L += n + 1, pending ← argmax[n], the head's catch-up inputs ← the verify's features
+    → catch-up (the head reads the n + 1 accepted features, padded to γ + 1, and predicts the next one)
+
+and writes [n, argmax_0..argmax_γ] to a small buffer the host reads once per step. Every shape is
+fixed (γ + 1); data-dependent values (L, n) are device scalars. Rejected target slots and padded head
+slots hold stale values that no later query sees (both masks show slots ≤ the query's position) and
+that the next step overwrites, as in the unfused path. Greedy only; chains only (trees: the unfused path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from egpt_speed.decoding import DecodeResult, GenerationSettings
+from egpt_speed.errors import EgptError
+from egpt_speed.metrics import SpeculationCounters, speculation_metrics
+from egpt_speed.speculation import cut_at_stop
+from egpt_speed.static_decode import StaticTarget
+from egpt_speed.static_draft import StaticEagleDrafter
+from egpt_speed.timing import Clock
+
+
+class FusedChainStep:
+    """The device state and the one body of a fused greedy chain step on `target` with `drafter`."""
+
+    def __init__(self, target: StaticTarget, drafter: StaticEagleDrafter, gamma: int):
+        if drafter.gamma != gamma or target.width != gamma + 1:
+            raise EgptError(f"the fused step needs a drafter and a target built for gamma {gamma}.")
+        self.target, self.drafter, self.gamma = target, drafter, gamma
+        self.engine = target.engine
+        long = dict(dtype=torch.long, device=self.engine.device)
+        self.tokens = torch.zeros(1, gamma + 1, **long)  # [1, W] pending token, then the drafts
+        self.positions = torch.zeros(gamma + 1, **long)  # [W] L .. L+γ
+        self.arange = torch.arange(gamma + 1, **long)
+        self.length = torch.zeros(1, **long)  # [1] L: target positions in the cache (the pending token's position)
+        self.out = torch.zeros(gamma + 2, **long)  # [n, argmax_0 .. argmax_γ]
+        self.name = f"fused{gamma + 1}{target._suffix}"
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every buffer the body advances: restored after the warm-up runs that compile and capture it."""
+        d = self.drafter
+        return [self.tokens, self.length, self.out, d._features, d._next_ids, d._feature_slots, d._last, d._observed,
+                d._predicted, d._draft]
+
+    def _body(self) -> None:
+        d = self.drafter
+        d._chain_body()  # _predicted at _observed (= L) → _draft [γ]
+        self.tokens[0, 1:].copy_(d._draft)
+        torch.add(self.arange, self.length, out=self.positions)
+        logits, features = self.engine._forward(self.tokens, self.positions, aux_layers=self.target.aux_layers)
+        argmax = logits[0].argmax(dim=-1)  # [W]
+        accepted = (d._draft == argmax[:-1]).to(torch.long).cumprod(0).sum().view(1)  # [1] n
+        self.out[:1].copy_(accepted)
+        self.out[1:].copy_(argmax)
+        # the head's next catch-up: features of positions L..L+n, each with the token that follows it
+        d._features.copy_(features)
+        d._next_ids[0].copy_(argmax)
+        torch.add(d._arange, self.length, out=d._feature_slots)
+        d._last.copy_(accepted)
+        self.length.add_(accepted + 1)
+        d._observed.copy_(self.length)
+        self.tokens[0, :1].copy_(argmax.index_select(0, accepted))
+        d._catchup_body()  # → _predicted for the next step
+
+    def prepare(self) -> None:
+        """Compile and capture the body once (the engine's mode); its warm-up runs must not advance the sample."""
+        if self.name in self.engine._steps:
+            return
+        if self.engine.compile_mode is not None:
+            for buffer in (self.tokens, self.positions, self.arange, self.length, self.out):
+                torch._dynamo.mark_static_address(buffer)
+        saved = [buffer.clone() for buffer in self._state()]
+        self.engine._prepare_step(self.name, self._body)
+        for buffer, value in zip(self._state(), saved):
+            buffer.copy_(value)
+
+    def begin(self, length: int, pending: int) -> None:
+        self.length.fill_(length)
+        self.tokens[0, :1].fill_(pending)
+
+    def run(self) -> list[int]:
+        """One step → [n, argmax_0 .. argmax_γ] (one device → host read-back)."""
+        self.engine._steps[self.name]()
+        return self.out.tolist()
+
+
+@torch.inference_mode()
+def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix_embeds: torch.Tensor,
+                       settings: GenerationSettings, gamma: int, stop_ids: set[int], clock: Clock) -> DecodeResult:
+    """Greedy speculative decoding with one captured graph per step; the same tokens as the unfused loop."""
+    if settings.do_sample:
+        raise EgptError("the fused speculative step is greedy; drop --do-sample or --fused-step.")
+    counters = SpeculationCounters(gamma=gamma)
+    committed = [int(target.prefill(prefix_embeds).argmax())]
+    counters.target_forwards += 1
+    clock.mark_first_token()
+    drafter.observe(target.last_hidden)
+    with clock.phase("draft"):
+        drafter._catch_up(committed)  # the prompt: variable length, not captured
+    step = getattr(drafter, "_fused", None)
+    if step is None or step.target is not target:
+        step = drafter._fused = FusedChainStep(target, drafter, gamma)
+    step.begin(target.length, committed[-1])
+    step.prepare()
+    while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
+        with clock.phase("verify"):  # draft, verify, acceptance and catch-up: one graph, not separable
+            values = step.run()
+        room = settings.max_new_tokens - len(committed)
+        accepted, budget = values[0], min(gamma, room - 1)
+        counters.draft_forwards += budget
+        counters.record(budget, min(accepted, budget))  # counts the target forward too
+        committed += cut_at_stop(values[1:accepted + 2], stop_ids, room)
+    target.length = target.engine.cache.length = prefix_embeds.shape[1] + len(committed) - 1  # the host's view
+    metrics = speculation_metrics(counters, len(committed), clock.phases_ms.get("draft", 0.0),
+                                  clock.phases_ms.get("verify", 0.0))
+    metrics["fused_step"] = True
+    return DecodeResult(committed, metrics)
+
