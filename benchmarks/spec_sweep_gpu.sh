@@ -4,7 +4,8 @@
 #   2. run(carry=[".carry2"]):  bash benchmarks/spec_sweep_gpu.sh "$OUT" [sweep|compare]
 # sweep (default): benchmarks/spec_tree_sweep.py on `tiny` float32 (tree shapes, isolated costs, kernel profile).
 #   The inductor-compiled drafter beside the captured-eager one, bf16 (issue 11, next to measure):
-#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32c,4x4x16,4x4x16c VARIANTS= bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
+#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32c,4x4x16,4x4x16c CHAINS=4,4f VARIANTS= bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
+#   (CHAINS: γ-token chains unfused / 'f' fused into one graph a step, --fused-step)
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
 # (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
@@ -24,11 +25,11 @@ fi
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 mkdir -p /tmp/res && rm -rf /tmp/res/*
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee /tmp/res/card.txt
-echo "DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
+echo "DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} CHAINS=${CHAINS:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
 pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
 if [ "$what" = sweep ]; then
   python3 benchmarks/spec_tree_sweep.py --out /tmp/res --dtype "${DTYPE:-float32}" --samples "${N:-4}" --warmup 1 \
-      ${VARIANTS---variants} ${SHAPES:+--shapes "$SHAPES"} 2>&1 \
+      ${VARIANTS---variants} ${SHAPES:+--shapes "$SHAPES"} ${CHAINS:+--chains "$CHAINS"} 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
   pack; exit
 fi

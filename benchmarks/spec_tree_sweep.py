@@ -3,6 +3,8 @@
     python benchmarks/spec_tree_sweep.py --out DIR [--dtype float32] [--samples 4] [--shapes 4x8x32,5x8x48]
     # the same shape with the drafter's bodies compiled by inductor (--draft-compile default) beside it:
     python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32,4x8x32c
+    # chains beside the trees: γ = 4 unfused (captured drafter, three graphs a step) and fused (--fused-step):
+    python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32 --chains 4,4f
 
 On `tiny` (real SmolLM2 weights, shipped `tiny-eagle` head, real prompts with event features),
 one StaticEngine (compile mode default on CUDA) serves the autoregressive `compile` decode and
@@ -36,6 +38,7 @@ from egpt_speed.speculation import speculative_decode  # noqa: E402
 from egpt_speed.stages import make_request  # noqa: E402
 from egpt_speed.static_decode import StaticEngine, StaticTarget  # noqa: E402
 from egpt_speed.static_draft import StaticEagleDrafter  # noqa: E402
+from egpt_speed.fused_step import WARM_UP_RUNS, fused_chain_decode  # noqa: E402
 from egpt_speed.timing import Clock, median_ms  # noqa: E402
 from egpt_speed.tree import TreeShape  # noqa: E402
 
@@ -67,15 +70,37 @@ def prompts(dtype: str, samples: int, device: torch.device):
 class Sweep:
     """One engine, one tree target (room for the deepest shape), one captured drafter per shape."""
 
-    def __init__(self, model, head, shapes: list[tuple[int, int, int]], compile_mode: str | None, max_prefix: int):
+    def __init__(self, model, head, shapes: list[tuple[int, int, int, bool]], compile_mode: str | None, max_prefix: int,
+                 chains: list[tuple[int, bool]] = ()):
         self.model, self.shapes, self.stop = model, shapes, eos_ids(model)
         self.engine = StaticEngine(model.llm, compile_mode=compile_mode)
-        self.engine.setup(1, max_prefix + NEW_TOKENS + 1)
+        # room for the fused step's warm-up runs past the end: one cache (and its graphs) for every run
+        self.engine.setup(1, max_prefix + NEW_TOKENS + WARM_UP_RUNS * (max([g for g, _ in chains] + [8]) + 1))
         self.target = StaticTarget(self.engine, gamma=max(s[0] for s in shapes))
         self.target.setup(max_prefix + NEW_TOKENS, tree_nodes=max(s[2] for s in shapes))
         self.drafters = {shape: StaticEagleDrafter(head, model.llm, shape[0], shape[1], shape[2],
                                                    compile_mode="default" if shape[3] else None) for shape in shapes}
         self.settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+        self.chains = list(chains)
+        self.chain_targets = {gamma: StaticTarget(self.engine, gamma) for gamma, _ in self.chains}
+        for target in self.chain_targets.values():
+            target.setup(max_prefix + NEW_TOKENS)
+        self.chain_drafters = {chain: StaticEagleDrafter(head, model.llm, chain[0]) for chain in self.chains}
+
+    def chain(self, embeds: torch.Tensor, chain: tuple[int, bool]) -> dict:
+        """γ-token chains: the unfused loop (three captured graphs a step) or one fused graph a step."""
+        gamma, fused = chain
+        target, drafter = self.chain_targets[gamma], self.chain_drafters[chain].begin(embeds, NEW_TOKENS)
+        clock = Clock(self.engine.device)
+        clock.begin()
+        if fused:
+            result = fused_chain_decode(target, drafter, embeds, self.settings, gamma, self.stop, clock)
+        else:
+            result = speculative_decode(target, embeds, drafter, self.settings, gamma, self.stop, clock)
+        _, decode_ms = clock.end()
+        steps = result.metrics["target_forwards"] - 1
+        return {"tokens": result.token_ids, "ms_per_token": decode_ms / max(len(result.token_ids) - 1, 1),
+                "tau": (len(result.token_ids) - 1) / max(steps, 1), "decode_ms_per_step": decode_ms / max(steps, 1)}
 
     def autoregressive(self, embeds: torch.Tensor) -> dict:
         clock = Clock(self.engine.device)
@@ -102,14 +127,16 @@ class Sweep:
 
 def run_interleaved(sweep: Sweep, embeds: list[torch.Tensor], warmup: int) -> dict:
     """Per sample, AR and every shape in rotating order; the first `warmup` samples (compile, capture) are dropped."""
-    names = ["compile"] + [shape_name(shape) for shape in sweep.shapes]
-    runs: dict[str, list[dict]] = {name: [] for name in names}
+    jobs = [("compile", sweep.autoregressive)]
+    jobs += [(shape_name(shape), lambda prefix, shape=shape: sweep.speculative(prefix, shape)) for shape in sweep.shapes]
+    jobs += [(f"chain{gamma}" + (" fused" if fused else ""), lambda prefix, chain=(gamma, fused): sweep.chain(prefix, chain))
+             for gamma, fused in sweep.chains]
+    runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     plan = [embeds[i % len(embeds)] for i in range(warmup)] + embeds
     for index, prefix in enumerate(plan):
-        order = [(index + r) % len(names) for r in range(len(names))]
-        for position in order:
-            name = names[position]
-            record = sweep.autoregressive(prefix) if position == 0 else sweep.speculative(prefix, sweep.shapes[position - 1])
+        for position in [(index + r) % len(jobs) for r in range(len(jobs))]:
+            name, job = jobs[position]
+            record = job(prefix)
             if index >= warmup:
                 runs[name].append(record)
         print(f"sample {index} done", flush=True)
@@ -215,13 +242,15 @@ def main() -> None:
     parser.add_argument("--shapes", default="4x8x32,4x8x16,4x4x16,5x8x24,5x8x32,6x8x32,5x8x48")
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--chains", default="", help="γ-token chains beside the trees: '4' unfused, '4f' fused (--fused-step)")
     parser.add_argument("--variants", action="store_true", help="also: captured without inductor, eager attention")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     compile_mode = None if args.compile_mode == "none" or device.type != "cuda" else args.compile_mode
     model, embeds = prompts(args.dtype, args.samples, device)
     head = load_draft("tiny-eagle", model, "tiny", device, model.llm.dtype).head
-    sweep = Sweep(model, head, parse_shapes(args.shapes), compile_mode, max(e.shape[1] for e in embeds))
+    chains = [(int(item.rstrip("f")), item.endswith("f")) for item in args.chains.split(",") if item]
+    sweep = Sweep(model, head, parse_shapes(args.shapes), compile_mode, max(e.shape[1] for e in embeds), chains)
     start = time.perf_counter()
     runs = run_interleaved(sweep, embeds, args.warmup)
     document = {"dtype": args.dtype, "compile_mode": compile_mode, "samples": args.samples, "warmup": args.warmup,

@@ -29,6 +29,10 @@ from egpt_speed.static_decode import StaticTarget
 from egpt_speed.static_draft import StaticEagleDrafter
 from egpt_speed.timing import Clock
 
+# compiling and capturing run the body this many times before the first real step; each run advances the
+# sample by up to γ + 1 positions, so both caches keep that much room past the sample's end
+WARM_UP_RUNS = 4
+
 
 class FusedChainStep:
     """The device state and the one body of a fused greedy chain step on `target` with `drafter`."""
@@ -44,7 +48,8 @@ class FusedChainStep:
         self.arange = torch.arange(gamma + 1, **long)
         self.length = torch.zeros(1, **long)  # [1] L: target positions in the cache (the pending token's position)
         self.out = torch.zeros(gamma + 2, **long)  # [n, argmax_0 .. argmax_γ]
-        self.name = f"fused{gamma + 1}{target._suffix}"
+        self.name = f"fused{gamma + 1}{target._suffix}_{id(self)}"  # one graph per (target, drafter buffers)
+        self.built_on = (id(self.engine.cache), id(drafter._features))
 
     def _state(self) -> list[torch.Tensor]:
         """Every buffer the body advances: restored after the warm-up runs that compile and capture it."""
@@ -101,6 +106,9 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     if settings.do_sample:
         raise EgptError("the fused speculative step is greedy; drop --do-sample or --fused-step.")
     counters = SpeculationCounters(gamma=gamma)
+    room = prefix_embeds.shape[1] + settings.max_new_tokens + WARM_UP_RUNS * (gamma + 1)
+    target.setup(room)
+    drafter.setup(room)
     committed = [int(target.prefill(prefix_embeds).argmax())]
     counters.target_forwards += 1
     clock.mark_first_token()
@@ -108,8 +116,8 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     with clock.phase("draft"):
         drafter._catch_up(committed)  # the prompt: variable length, not captured
     step = getattr(drafter, "_fused", None)
-    if step is None or step.target is not target:
-        step = drafter._fused = FusedChainStep(target, drafter, gamma)
+    if step is None or step.target is not target or step.built_on != (id(target.engine.cache), id(drafter._features)):
+        step = drafter._fused = FusedChainStep(target, drafter, gamma)  # a re-allocated cache: new buffers
     step.begin(target.length, committed[-1])
     step.prepare()
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:

@@ -312,20 +312,23 @@ def test_the_fused_step_stops_at_a_stop_id_inside_an_accepted_run(model, head):
     assert result.token_ids == answer[:answer.index(stop) + 1]
 
 
-def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head):
-    """Compilation runs the body before the first real step: the sample's state is put back afterwards."""
+@pytest.mark.parametrize("new", [NEW, 2])
+def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new):
+    """Compilation runs the body before the first real step: the sample's state is put back afterwards,
+    and the caches have room for those runs past a short sample's end."""
     from egpt_speed.fused_step import fused_chain_decode
 
     torch._dynamo.reset()
     embeds = prefix(model, 2)
     answer = reference(model, embeds, NEW + 5)
     target = StaticTarget(StaticEngine(model.llm, cuda_graph=False, compile_mode="default"), 4)
-    target.setup(embeds.shape[1] + NEW)
+    target.setup(embeds.shape[1] + new)
+    drafter = oracle_drafter(model, head, 4, embeds, answer)
+    drafter.setup(embeds.shape[1] + new)
     clock = Clock(CPU)
     clock.begin()
-    result = fused_chain_decode(target, oracle_drafter(model, head, 4, embeds, answer), embeds,
-                                GenerationSettings(max_new_tokens=NEW), 4, set(), clock)
-    assert result.token_ids == answer[:NEW] and result.metrics["accepted"] > 0
+    result = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=new), 4, set(), clock)
+    assert result.token_ids == answer[:new] and (result.metrics["accepted"] > 0 or new < 3)
 
 
 def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_path):
