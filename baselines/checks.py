@@ -28,6 +28,15 @@ def check_compile_modes(options: dict) -> None:
             raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
+def check_speculation_flags(options: dict, strategies: list[str]) -> None:
+    """--fused-step and --draft-compile change the captured EAGLE drafter of compile+eagle(-tree): refuse them
+    where no strategy has one, instead of ignoring them."""
+    if options.get("fused_step") and "compile+eagle" not in strategies:
+        raise EgptError("--fused-step fuses compile+eagle's chain step; add compile+eagle to the strategies or drop it.")
+    if options.get("draft_compile") not in (None, "", "none") and not any(s.startswith("compile+eagle") for s in strategies):
+        raise EgptError("--draft-compile compiles the drafter of compile+eagle / compile+eagle-tree; add one or drop it.")
+
+
 def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
     """The sampling settings every sampler (baseline, speculative, trees, batch) will be given."""
     if not do_sample:
