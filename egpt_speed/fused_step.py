@@ -113,8 +113,7 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     counters.target_forwards += 1
     clock.mark_first_token()
     drafter.observe(target.last_hidden)
-    with clock.phase("draft"):
-        drafter._catch_up(committed)  # the prompt: variable length, not captured
+    drafter._catch_up(committed)  # the prompt: variable length, not captured (no draft phase: see below)
     step = getattr(drafter, "_fused", None)
     if step is None or step.target is not target or step.built_on != (id(target.engine.cache), id(drafter._features)):
         step = drafter._fused = FusedChainStep(target, drafter, gamma)  # a re-allocated cache: new buffers
@@ -129,8 +128,8 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
         counters.record(budget, min(accepted, budget))  # counts the target forward too
         committed += cut_at_stop(values[1:accepted + 2], stop_ids, room)
     target.length = target.engine.cache.length = prefix_embeds.shape[1] + len(committed) - 1  # the host's view
-    metrics = speculation_metrics(counters, len(committed), clock.phases_ms.get("draft", 0.0),
-                                  clock.phases_ms.get("verify", 0.0))
+    # draft and verify share one graph: no draft time of their own, so no cost ratio (None), only the step's
+    metrics = speculation_metrics(counters, len(committed), 0.0, clock.phases_ms.get("verify", 0.0))
     metrics["fused_step"] = True
     return DecodeResult(committed, metrics)
 
