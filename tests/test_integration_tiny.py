@@ -33,3 +33,18 @@ def test_compare_baseline_speculative_on_tiny_is_lossless_in_float32(tmp_path):
     assert len(samples) == 2 and all(s["num_tokens"] >= 1 for s in samples)
     assert any(s["text"].strip() for s in samples)
     assert result.with_suffix(".md").exists()
+
+
+def test_compile_eagle_fused_step_on_tiny_is_lossless_and_accepts_the_shipped_heads_drafts(tmp_path):
+    """--fused-step end to end: one graph per step (uncaptured on the CPU), the shipped head, the report."""
+    command = [sys.executable, "-m", "egpt_speed.cli", "compare", "compile", "compile+eagle", "-n", "2", "--warmup", "1",
+               "--max-new-tokens", "24", "--device", "cpu", "--fused-step", "--out", str(tmp_path)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
+    assert done.returncode == 0, done.stderr[-2000:]
+    [result] = tmp_path.glob("compare_compile_vs_compile-eagle_*.json")
+    document = json.loads(result.read_text())
+    fused = document["runs"]["compile+eagle"]
+    assert fused["settings"]["fused_step"] is True
+    assert all(sample["fused_step"] for sample in fused["samples"])
+    assert fused["summary"]["speculation"]["mean_accepted_tokens"] > 1.5
+    assert document["comparisons"][0]["exact_match_rate"] == 1.0
