@@ -31,8 +31,8 @@ def check_compile_modes(options: dict) -> None:
 def check_speculation_flags(options: dict, strategies: list[str]) -> None:
     """--fused-step and --draft-compile change the captured EAGLE drafter of compile+eagle(-tree): refuse them
     where no strategy has one, instead of ignoring them."""
-    if options.get("fused_step") and "compile+eagle" not in strategies:
-        raise EgptError("--fused-step fuses compile+eagle's chain step; add compile+eagle to the strategies or drop it.")
+    if options.get("fused_step") and not any(s.startswith("compile+eagle") for s in strategies):
+        raise EgptError("--fused-step fuses the step of compile+eagle / compile+eagle-tree; add one or drop it.")
     if options.get("draft_compile") not in (None, "", "none") and not any(s.startswith("compile+eagle") for s in strategies):
         raise EgptError("--draft-compile compiles the drafter of compile+eagle / compile+eagle-tree; add one or drop it.")
 

@@ -65,17 +65,7 @@ class FusedChainStep:
         logits, features = self.engine._forward(self.tokens, self.positions, aux_layers=self.target.aux_layers)
         argmax = logits[0].argmax(dim=-1)  # [W]
         accepted = (d._draft == argmax[:-1]).to(torch.long).cumprod(0).sum().view(1)  # [1] n
-        self.out[:1].copy_(accepted)
-        self.out[1:].copy_(argmax)
-        # the head's next catch-up: features of positions L..L+n, each with the token that follows it
-        d._features.copy_(features)
-        d._next_ids[0].copy_(argmax)
-        torch.add(d._arange, self.length, out=d._feature_slots)
-        d._last.copy_(accepted)
-        self.length.add_(accepted + 1)
-        d._observed.copy_(self.length)
-        self.tokens[0, :1].copy_(argmax.index_select(0, accepted))
-        d._catchup_body()  # → _predicted for the next step
+        self._advance(accepted, features, argmax)  # positions L..L+γ are the chain's: nothing to move
 
     def prepare(self) -> None:
         """Compile and capture the body once (the engine's mode); its warm-up runs must not advance the sample."""
@@ -94,19 +84,86 @@ class FusedChainStep:
         self.tokens[0, :1].fill_(pending)
 
     def run(self) -> list[int]:
-        """One step → [n, argmax_0 .. argmax_γ] (one device → host read-back)."""
+        """One step → [n, the n + 1 committed tokens, padding] (one device → host read-back)."""
         self.engine._steps[self.name]()
         return self.out.tolist()
+
+    def _advance(self, accepted: torch.Tensor, features: torch.Tensor, committed: torch.Tensor) -> None:
+        """After a verify at L: features [1, γ+1, F] of positions L..L+γ as kept, committed [γ+1] the token after
+        each; n = accepted → L += n + 1, the pending token, and the head's catch-up of the kept features."""
+        d = self.drafter
+        self.out[:1].copy_(accepted)
+        self.out[1:].copy_(committed)
+        d._features.copy_(features)
+        d._next_ids[0].copy_(committed)
+        torch.add(d._arange, self.length, out=d._feature_slots)
+        d._last.copy_(accepted)
+        self.length.add_(accepted + 1)
+        d._observed.copy_(self.length)
+        self.tokens[0, :1].copy_(committed.index_select(0, accepted))
+        d._catchup_body()  # → _predicted for the next step
+
+
+class FusedTreeStep(FusedChainStep):
+    """The same for EAGLE-2 trees (`compile+eagle-tree --fused-step`): draft a γ-deep tree on the device, verify
+    all its nodes, walk the target's argmax down the tree on the device (siblings carry distinct tokens, so
+    at most one child matches per level; once none does, no later level can), move the kept path's keys to
+    L..L+n in the target cache (index copies over every layer), then advance as a chain step."""
+
+    def __init__(self, target: StaticTarget, drafter: StaticEagleDrafter, gamma: int):
+        super().__init__(target, drafter, gamma)
+        self.draft = drafter._tree_buffers(gamma)
+        self.nodes = self.draft["tokens"].shape[0]  # drafted nodes + the root: a fixed count
+        self.verify = target._tree_buffers_for(self.nodes)
+        self.node_ids = torch.arange(self.nodes, device=self.engine.device)
+        self.name = f"fusedtree{self.nodes}{target._suffix}_{id(self)}"
+
+    def _state(self) -> list[torch.Tensor]:
+        return super()._state() + [self.draft["tokens"], self.draft["depths"], self.draft["ancestry"], self.draft["packed"]]
+
+    def _body(self) -> None:
+        d, verify, engine = self.drafter, self.verify, self.engine
+        d._tree_body(self.gamma, self.draft)
+        tokens = self.draft["tokens"]
+        tokens[:1].copy_(self.tokens[0, :1])  # the root: the pending token
+        verify.tokens[0].copy_(tokens)
+        torch.add(self.draft["depths"], self.length, out=verify.positions)
+        torch.add(verify.arange, self.length, out=verify.slots)
+        verify.base.copy_(self.length)
+        verify.ancestry.copy_(self.draft["ancestry"])
+        allowed = verify.mask(engine._kv_positions)
+        if engine.llm.config._attn_implementation != "sdpa":
+            allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(~allowed, torch.finfo(engine.dtype).min)
+        logits, features = engine._forward(verify.tokens, verify.slots, verify.positions.view(1, -1), allowed,
+                                           self.target.aux_layers)
+        argmax = logits[0].argmax(dim=-1)  # [N+1]
+        parents = torch.cat([self.node_ids[:1] - 1, self.draft["packed"][self.nodes - 1:]])  # [N+1], the root's: -1
+        path = [self.node_ids[:1]]  # node per kept position: the root, then one node per accepted level
+        accepted = torch.zeros(1, dtype=torch.long, device=engine.device)
+        for _ in range(self.gamma):
+            current = path[-1]
+            match = (parents == current) & (tokens == argmax.index_select(0, current))  # [N+1], at most one
+            found = match.any().view(1)
+            path.append(torch.where(found, match.to(torch.long).argmax().view(1), current))
+            accepted += found.to(torch.long)
+        kept = torch.cat(path)  # [γ+1]; past n it repeats the last kept node (those slots are overwritten later)
+        source, target_slots = kept + self.length, self.arange + self.length
+        for layer in engine.cache.layers:
+            layer.keys.index_copy_(2, target_slots, layer.keys.index_select(2, source))
+            layer.values.index_copy_(2, target_slots, layer.values.index_select(2, source))
+        self._advance(accepted, features.index_select(1, kept), argmax.index_select(0, kept))
 
 
 @torch.inference_mode()
 def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix_embeds: torch.Tensor,
-                       settings: GenerationSettings, gamma: int, stop_ids: set[int], clock: Clock) -> DecodeResult:
-    """Greedy speculative decoding with one captured graph per step; the same tokens as the unfused loop."""
+                       settings: GenerationSettings, gamma: int, stop_ids: set[int], clock: Clock,
+                       tree: bool = False) -> DecodeResult:
+    """Greedy speculative decoding with one captured graph per step (chains, or EAGLE-2 trees of the drafter's
+    top-k and node budget with `tree`); the same tokens as the unfused loop."""
     if settings.do_sample:
         raise EgptError("the fused speculative step is greedy; drop --do-sample or --fused-step.")
     counters = SpeculationCounters(gamma=gamma)
-    room = prefix_embeds.shape[1] + settings.max_new_tokens + WARM_UP_RUNS * (gamma + 1)
+    room = prefix_embeds.shape[1] + settings.max_new_tokens + WARM_UP_RUNS * (gamma + 1 + (drafter.max_nodes if tree else 0))
     target.setup(room)
     drafter.setup(room)
     committed = [int(target.prefill(prefix_embeds).argmax())]
@@ -115,8 +172,9 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     drafter.observe(target.last_hidden)
     drafter._catch_up(committed)  # the prompt: variable length, not captured (no draft phase: see below)
     step = getattr(drafter, "_fused", None)
-    if step is None or step.target is not target or step.built_on != (id(target.engine.cache), id(drafter._features)):
-        step = drafter._fused = FusedChainStep(target, drafter, gamma)  # a re-allocated cache: new buffers
+    kind = FusedTreeStep if tree else FusedChainStep
+    if type(step) is not kind or step.target is not target or step.built_on != (id(target.engine.cache), id(drafter._features)):
+        step = drafter._fused = kind(target, drafter, gamma)  # a re-allocated cache: new buffers
     step.begin(target.length, committed[-1])
     step.prepare()
     while len(committed) < settings.max_new_tokens and committed[-1] not in stop_ids:
@@ -126,10 +184,14 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
         accepted, budget = values[0], min(gamma, room - 1)
         counters.draft_forwards += budget
         counters.record(budget, min(accepted, budget))  # counts the target forward too
+        counters.tree_nodes += step.nodes - 1 if tree else 0
         committed += cut_at_stop(values[1:accepted + 2], stop_ids, room)
     target.length = target.engine.cache.length = prefix_embeds.shape[1] + len(committed) - 1  # the host's view
     # draft and verify share one graph: no draft time of their own, so no cost ratio (None), only the step's
     metrics = speculation_metrics(counters, len(committed), 0.0, clock.phases_ms.get("verify", 0.0))
     metrics["fused_step"] = True
+    if tree:
+        metrics["tree"] = {"topk": drafter.topk, "max_nodes": drafter.max_nodes, "depth": gamma,
+                           "mean_nodes": step.nodes - 1}
     return DecodeResult(committed, metrics)
 

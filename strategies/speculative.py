@@ -50,7 +50,8 @@ class Speculative(Strategy):
         if getattr(proposer, "aux_layers", None):  # an EAGLE-3 head drafts from three target layers' inputs
             target.capture_layers(proposer.aux_layers)
         if self.fused_step() and isinstance(proposer, StaticEagleDrafter):
-            result = fused_chain_decode(target, proposer, prefix_embeds, request.settings, self.ctx.gamma, eos_ids(model), clock)
+            result = fused_chain_decode(target, proposer, prefix_embeds, request.settings, self.ctx.gamma, eos_ids(model), clock,
+                                        tree=self.tree_shape() is not None)
             result.metrics["drafter"] = type(proposer).__name__
             return result
         result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
@@ -63,8 +64,8 @@ class Speculative(Strategy):
         return result
 
     def fused_step(self) -> bool:
-        """--fused-step: one graph per step (fused_step.py); a captured chain drafter on a lent target only."""
-        return bool(self.ctx.options.get("fused_step")) and self.lender is not None and self.tree_shape() is None
+        """--fused-step: one graph per step (fused_step.py), for the captured drafter on a lent target only."""
+        return bool(self.ctx.options.get("fused_step")) and self.lender is not None
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""

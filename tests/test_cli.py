@@ -98,7 +98,7 @@ BAD_OPTIONS = {
     "zero-samples": (["run", "baseline", "-n", "0"], "--samples"),
     "compile-mode": (["run", "compile", "--compile-mode", "turbo"], "--compile-mode 'turbo' is not one of"),
     "draft-compile": (["run", "compile+eagle", "--draft-compile", "reduce-overhead"], "--draft-compile 'reduce-overhead'"),
-    "fused-step-alone": (["compare", "baseline", "compile", "--fused-step"], "--fused-step fuses compile+eagle"),
+    "fused-step-alone": (["compare", "baseline", "compile", "--fused-step"], "--fused-step fuses the step of compile+eagle"),
     "draft-compile-alone": (["run", "speculative", "--draft-compile", "default"], "--draft-compile compiles the drafter"),
 }
 

@@ -36,15 +36,18 @@ def test_compare_baseline_speculative_on_tiny_is_lossless_in_float32(tmp_path):
 
 
 def test_compile_eagle_fused_step_on_tiny_is_lossless_and_accepts_the_shipped_heads_drafts(tmp_path):
-    """--fused-step end to end: one graph per step (uncaptured on the CPU), the shipped head, the report."""
-    command = [sys.executable, "-m", "egpt_speed.cli", "compare", "compile", "compile+eagle", "-n", "2", "--warmup", "1",
-               "--max-new-tokens", "24", "--device", "cpu", "--fused-step", "--out", str(tmp_path)]
+    """--fused-step end to end, chain and tree: one graph per step (uncaptured on the CPU), the shipped head."""
+    command = [sys.executable, "-m", "egpt_speed.cli", "compare", "compile", "compile+eagle", "compile+eagle-tree", "-n", "2",
+               "--warmup", "1", "--max-new-tokens", "24", "--device", "cpu", "--fused-step", "--tree-nodes", "12",
+               "--out", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=900, env={**os.environ})
     assert done.returncode == 0, done.stderr[-2000:]
-    [result] = tmp_path.glob("compare_compile_vs_compile-eagle_*.json")
+    [result] = tmp_path.glob("compare_compile_vs_compile-eagle_vs_compile-eagle-tree_*.json")
     document = json.loads(result.read_text())
-    fused = document["runs"]["compile+eagle"]
-    assert fused["settings"]["fused_step"] is True
-    assert all(sample["fused_step"] for sample in fused["samples"])
-    assert fused["summary"]["speculation"]["mean_accepted_tokens"] > 1.5
-    assert document["comparisons"][0]["exact_match_rate"] == 1.0
+    for name in ("compile+eagle", "compile+eagle-tree"):
+        fused = document["runs"][name]
+        assert fused["settings"]["fused_step"] is True
+        assert all(sample["fused_step"] for sample in fused["samples"])
+        assert fused["summary"]["speculation"]["mean_accepted_tokens"] > 1.5, name
+    assert document["runs"]["compile+eagle-tree"]["samples"][0]["tree"]["mean_nodes"] == 12
+    assert [c["exact_match_rate"] for c in document["comparisons"]] == [1.0, 1.0]

@@ -312,8 +312,8 @@ def test_the_fused_step_stops_at_a_stop_id_inside_an_accepted_run(model, head):
     assert result.token_ids == answer[:answer.index(stop) + 1]
 
 
-@pytest.mark.parametrize("new", [NEW, 2])
-def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new):
+@pytest.mark.parametrize("new,tree", [(NEW, False), (2, False), (NEW, True)])
+def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new, tree):
     """Compilation runs the body before the first real step: the sample's state is put back afterwards,
     and the caches have room for those runs past a short sample's end."""
     from egpt_speed.fused_step import fused_chain_decode
@@ -322,12 +322,12 @@ def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new):
     embeds = prefix(model, 2)
     answer = reference(model, embeds, NEW + 5)
     target = StaticTarget(StaticEngine(model.llm, cuda_graph=False, compile_mode="default"), 4)
-    target.setup(embeds.shape[1] + new)
-    drafter = oracle_drafter(model, head, 4, embeds, answer)
+    target.setup(embeds.shape[1] + new, tree_nodes=8 if tree else 0)
+    drafter = (oracle_tree_drafter if tree else oracle_drafter)(model, head, 4, embeds, answer)
     drafter.setup(embeds.shape[1] + new)
     clock = Clock(CPU)
     clock.begin()
-    result = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=new), 4, set(), clock)
+    result = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=new), 4, set(), clock, tree=tree)
     assert result.token_ids == answer[:new] and (result.metrics["accepted"] > 0 or new < 3)
 
 
@@ -355,3 +355,46 @@ def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_p
         results[name] = strategy.decode(model, request, clock)
     assert results["compile+eagle"].token_ids == results["baseline"].token_ids
     assert results["compile+eagle"].metrics["fused_step"] is True and strategy.settings()["fused_step"] is True
+
+
+def oracle_tree_drafter(model, head, gamma: int, embeds: torch.Tensor, answer: list[int]) -> StaticEagleDrafter:
+    """The captured drafter with a known-answer tree: per level a wrong first child, then the true token (every
+    4th one wrong too), so a kept path sits at non-contiguous nodes 2, 4, .. and the cache must be compacted."""
+    vocab, nodes = model.llm.config.vocab_size, 2 * gamma
+
+    class OracleTree(StaticEagleDrafter):
+        def _tree_body(self, depth: int, buffers: dict[str, torch.Tensor]) -> None:
+            levels = torch.arange(1, depth + 1)
+            offsets = self._observed + levels  # target positions of each level's tokens
+            truth = self._answer.index_select(0, offsets - embeds.shape[1])
+            true_tokens = torch.where(offsets % 4 == 2, (truth + 2) % vocab, truth)
+            tokens = torch.stack([(truth + 1) % vocab, true_tokens], dim=1).flatten()  # nodes 1..2·depth
+            parents = (2 * (levels - 1)).repeat_interleave(2)  # both children of the previous true node
+            buffers["tokens"][1:].copy_(tokens)
+            buffers["depths"][1:].copy_(levels.repeat_interleave(2))
+            buffers["packed"][:nodes].copy_(tokens)
+            buffers["packed"][nodes:].copy_(parents)
+            node = torch.arange(nodes + 1)
+            below = torch.cat([torch.ones(1, dtype=torch.long), 2 * levels.repeat_interleave(2)])  # row i: ancestors < this
+            ancestors = (node % 2 == 0).unsqueeze(0) & (node.unsqueeze(0) < below.unsqueeze(1))  # the true nodes above
+            buffers["ancestry"].copy_(ancestors | torch.eye(nodes + 1, dtype=torch.bool))
+
+    drafter = OracleTree(head, model.llm, gamma, 4, nodes, cuda_graph=False)
+    drafter._answer = torch.tensor(answer + [0] * (gamma + 2))
+    return drafter.begin(embeds, NEW)
+
+
+@pytest.mark.parametrize("seed,gamma", [(0, 4), (6, 3)])
+def test_the_fused_tree_step_keeps_non_contiguous_paths_and_decodes_the_answer(model, head, seed, gamma):
+    from egpt_speed.fused_step import fused_chain_decode
+
+    embeds = prefix(model, seed)
+    answer = reference(model, embeds, NEW + gamma + 1)
+    target = static_target(model, gamma, embeds, 2 * gamma)
+    clock = Clock(CPU)
+    clock.begin()
+    result = fused_chain_decode(target, oracle_tree_drafter(model, head, gamma, embeds, answer), embeds,
+                                GenerationSettings(max_new_tokens=NEW), gamma, set(), clock, tree=True)
+    assert result.token_ids == answer[:NEW]
+    assert result.metrics["accepted"] > NEW // 3 and result.metrics["target_forwards"] < NEW  # paths were kept
+    assert result.metrics["tree"]["mean_nodes"] == 2 * gamma
