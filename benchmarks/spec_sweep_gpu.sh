@@ -4,8 +4,8 @@
 #   2. run(carry=[".carry2"]):  bash benchmarks/spec_sweep_gpu.sh "$OUT" [sweep|compare]
 # sweep (default): benchmarks/spec_tree_sweep.py on `tiny` float32 (tree shapes, isolated costs, kernel profile).
 #   The inductor-compiled drafter beside the captured-eager one, bf16 (issue 11, next to measure):
-#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32c,4x4x16,4x4x16c CHAINS=4,4f VARIANTS= bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
-#   (CHAINS: γ-token chains unfused / 'f' fused into one graph a step, --fused-step)
+#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32c,4x8x32f,4x4x16,4x4x16f CHAINS=4,4f VARIANTS= bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
+#   (suffix c: drafter bodies compiled by inductor, --draft-compile; f: one fused graph a step, --fused-step)
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
 # (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).

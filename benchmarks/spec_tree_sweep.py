@@ -3,8 +3,8 @@
     python benchmarks/spec_tree_sweep.py --out DIR [--dtype float32] [--samples 4] [--shapes 4x8x32,5x8x48]
     # the same shape with the drafter's bodies compiled by inductor (--draft-compile default) beside it:
     python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32,4x8x32c
-    # chains beside the trees: γ = 4 unfused (captured drafter, three graphs a step) and fused (--fused-step):
-    python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32 --chains 4,4f
+    # fused (one graph a step, --fused-step) beside unfused, trees ('f') and chains ('4f'):
+    python benchmarks/spec_tree_sweep.py --out DIR --dtype bfloat16 --shapes 4x8x32,4x8x32f --chains 4,4f
 
 On `tiny` (real SmolLM2 weights, shipped `tiny-eagle` head, real prompts with event features),
 one StaticEngine (compile mode default on CUDA) serves the autoregressive `compile` decode and
@@ -45,14 +45,18 @@ from egpt_speed.tree import TreeShape  # noqa: E402
 NEW_TOKENS = 64
 
 
-def parse_shapes(text: str) -> list[tuple[int, int, int, bool]]:
-    """'4x8x32,5x8x48c' → [(depth γ, topk, nodes, drafter compiled by inductor), ...]."""
-    return [(*(int(v) for v in item.rstrip("c").split("x")), item.endswith("c")) for item in text.split(",") if item]
+def parse_shapes(text: str) -> list[tuple[int, int, int, bool, bool]]:
+    """'4x8x32,5x8x48c,4x8x32f' → [(depth γ, topk, nodes, drafter compiled by inductor, one fused graph a step), ...]."""
+    shapes = []
+    for item in filter(None, text.split(",")):
+        numbers = item.rstrip("cf")
+        shapes.append((*(int(v) for v in numbers.split("x")), "c" in item[len(numbers):], "f" in item[len(numbers):]))
+    return shapes
 
 
-def shape_name(shape: tuple[int, int, int, bool]) -> str:
-    depth, topk, nodes, compiled = shape
-    return f"{depth}x{topk}x{nodes}" + ("c" if compiled else "")
+def shape_name(shape: tuple[int, int, int, bool, bool]) -> str:
+    depth, topk, nodes, compiled, fused = shape
+    return f"{depth}x{topk}x{nodes}" + ("c" if compiled else "") + ("f" if fused else "")
 
 
 def prompts(dtype: str, samples: int, device: torch.device):
@@ -81,6 +85,11 @@ class Sweep:
         self.drafters = {shape: StaticEagleDrafter(head, model.llm, shape[0], shape[1], shape[2],
                                                    compile_mode="default" if shape[3] else None) for shape in shapes}
         self.settings = GenerationSettings(max_new_tokens=NEW_TOKENS)
+        # a fused step verifies on a target of its own depth (its captured body is built for that width)
+        self.fused_targets = {shape[0]: StaticTarget(self.engine, shape[0]) for shape in shapes if shape[4]}
+        for shape in shapes:
+            if shape[4]:
+                self.fused_targets[shape[0]].setup(max_prefix + NEW_TOKENS, tree_nodes=shape[2])
         self.chains = list(chains)
         self.chain_targets = {gamma: StaticTarget(self.engine, gamma) for gamma, _ in self.chains}
         for target in self.chain_targets.values():
@@ -110,13 +119,17 @@ class Sweep:
         return {"tokens": result.token_ids, "ms_per_token": decode_ms / max(len(result.token_ids) - 1, 1)}
 
     def speculative(self, embeds: torch.Tensor, shape: tuple[int, int, int]) -> dict:
-        depth, topk, nodes, _ = shape
+        depth, topk, nodes, _, fused = shape
         self.target.tree_width = nodes + 1  # pad to this shape's budget (the target keeps one graph per width)
         drafter = self.drafters[shape].begin(embeds, NEW_TOKENS)
         clock = Clock(self.engine.device)
         clock.begin()
-        result = speculative_decode(self.target, embeds, drafter, self.settings, depth, self.stop, clock,
-                                    tree=TreeShape(topk=topk, max_nodes=nodes))
+        if fused:
+            result = fused_chain_decode(self.fused_targets[depth], drafter, embeds, self.settings, depth, self.stop, clock,
+                                        tree=True)
+        else:
+            result = speculative_decode(self.target, embeds, drafter, self.settings, depth, self.stop, clock,
+                                        tree=TreeShape(topk=topk, max_nodes=nodes))
         _, decode_ms = clock.end()
         steps = result.metrics["target_forwards"] - 1
         phases = clock.phases_ms
@@ -162,7 +175,9 @@ def isolated_costs(sweep: Sweep, prefix: torch.Tensor, repeats: int) -> dict:
     engine, target, device = sweep.engine, sweep.target, sweep.engine.device
     costs = {"decode_step_ms": median_ms(lambda: engine._steps["decode"](), device, repeats)}
     for shape, drafter in sweep.drafters.items():
-        depth, topk, nodes, _ = shape
+        depth, topk, nodes, _, fused = shape
+        if fused:
+            continue  # one graph for draft and verify: the loop's step time is its cost
         drafter.begin(prefix, NEW_TOKENS)
         target.tree_width = nodes + 1
         target.prefill(prefix)
@@ -199,7 +214,7 @@ def kernel_profile(sweep: Sweep, prefix: torch.Tensor) -> str:
     return "\n".join(tables)
 
 
-def variant_costs(model, head, prefix: torch.Tensor, shape: tuple[int, int, int, bool], repeats: int) -> dict:
+def variant_costs(model, head, prefix: torch.Tensor, shape: tuple[int, int, int, bool, bool], repeats: int) -> dict:
     """Isolated step / draft / verify costs of other engine variants: captured without inductor, eager attention."""
     costs = {}
     for label, attention, mode in (("sdpa, captured eager (no inductor)", "sdpa", None),
