@@ -99,6 +99,8 @@ BAD_OPTIONS = {
     "compile-mode": (["run", "compile", "--compile-mode", "turbo"], "--compile-mode 'turbo' is not one of"),
     "draft-compile": (["run", "compile+eagle", "--draft-compile", "reduce-overhead"], "--draft-compile 'reduce-overhead'"),
     "fused-step-alone": (["compare", "baseline", "compile", "--fused-step"], "--fused-step fuses the step of compile+eagle"),
+    "fused-step-cudagraph-trees": (["run", "compile+eagle", "--fused-step", "--compile-mode", "reduce-overhead"],
+                                   "--fused-step captures its step itself"),
     "draft-compile-alone": (["run", "speculative", "--draft-compile", "default"], "--draft-compile compiles the drafter"),
 }
 
