@@ -331,7 +331,8 @@ def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new, tre
     assert result.token_ids == answer[:new] and (result.metrics["accepted"] > 0 or new < 3)
 
 
-def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_path):
+@pytest.mark.parametrize("name", ["compile+eagle", "compile+eagle-tree"])
+def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_path, name):
     """The registry path with an EAGLE-3 head: --fused-step takes the fused loop, outputs equal baseline's."""
     from egpt_speed.decoding import DecodeRequest
     from egpt_speed.eagle_formats import export_eagle3
@@ -346,15 +347,15 @@ def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_p
     request = DecodeRequest("s", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
                             GenerationSettings(max_new_tokens=NEW))
     results = {}
-    for name in ("baseline", "compile+eagle"):
-        strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
-                                                   options={"fused_step": True}))
+    for strategy_name in ("baseline", name):
+        strategy = registry.build(strategy_name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
+                                                            options={"fused_step": True, "tree_nodes": 10}))
         strategy.prepare(model)
         clock = Clock(CPU)
         clock.begin()
-        results[name] = strategy.decode(model, request, clock)
-    assert results["compile+eagle"].token_ids == results["baseline"].token_ids
-    assert results["compile+eagle"].metrics["fused_step"] is True and strategy.settings()["fused_step"] is True
+        results[strategy_name] = strategy.decode(model, request, clock)
+    assert results[name].token_ids == results["baseline"].token_ids
+    assert results[name].metrics["fused_step"] is True and strategy.settings()["fused_step"] is True
 
 
 def oracle_tree_drafter(model, head, gamma: int, embeds: torch.Tensor, answer: list[int]) -> StaticEagleDrafter:
