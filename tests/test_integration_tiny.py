@@ -51,3 +51,5 @@ def test_compile_eagle_fused_step_on_tiny_is_lossless_and_accepts_the_shipped_he
         assert fused["summary"]["speculation"]["mean_accepted_tokens"] > 1.5, name
     assert document["runs"]["compile+eagle-tree"]["samples"][0]["tree"]["mean_nodes"] == 12
     assert [c["exact_match_rate"] for c in document["comparisons"]] == [1.0, 1.0]
+    report = result.with_suffix(".md").read_text()
+    assert report.count("in the step (fused)") == 2  # no draft time of their own, said so rather than left blank
