@@ -49,7 +49,7 @@ class FusedChainStep:
         self.length = torch.zeros(1, **long)  # [1] L: target positions in the cache (the pending token's position)
         self.out = torch.zeros(gamma + 2, **long)  # [n, argmax_0 .. argmax_γ]
         self.name = f"fused{gamma + 1}{target._suffix}_{id(self)}"  # one graph per (target, drafter buffers)
-        self.built_on = (id(self.engine.cache), id(drafter._features))
+        self.built_on = (self.engine.cache, drafter._features)  # objects, not ids: a freed id can come back
 
     def _state(self) -> list[torch.Tensor]:
         """Every buffer the body advances: restored after the warm-up runs that compile and capture it."""
@@ -173,7 +173,8 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     drafter._catch_up(committed)  # the prompt: variable length, not captured (no draft phase: see below)
     step = getattr(drafter, "_fused", None)
     kind = FusedTreeStep if tree else FusedChainStep
-    if type(step) is not kind or step.target is not target or step.built_on != (id(target.engine.cache), id(drafter._features)):
+    if (type(step) is not kind or step.target is not target or step.built_on[0] is not target.engine.cache
+            or step.built_on[1] is not drafter._features):
         step = drafter._fused = kind(target, drafter, gamma)  # a re-allocated cache: new buffers
     step.begin(target.length, committed[-1])
     step.prepare()

@@ -274,7 +274,7 @@ def oracle_drafter(model, head, gamma: int, embeds: torch.Tensor, answer: list[i
     class Oracle(StaticEagleDrafter):
         def _chain_body(self) -> None:
             offsets = self._observed + 1 + torch.arange(self.gamma)  # target positions of the drafts
-            truth = self._answer.index_select(0, offsets - embeds.shape[1])
+            truth = self._answer.index_select(0, offsets - self.prefix_len)
             self._draft.copy_(torch.where(offsets % 4 == 2, (truth + 1) % vocab, truth))
 
     drafter = Oracle(head, model.llm, gamma, cuda_graph=False)
@@ -367,7 +367,7 @@ def oracle_tree_drafter(model, head, gamma: int, embeds: torch.Tensor, answer: l
         def _tree_body(self, depth: int, buffers: dict[str, torch.Tensor]) -> None:
             levels = torch.arange(1, depth + 1)
             offsets = self._observed + levels  # target positions of each level's tokens
-            truth = self._answer.index_select(0, offsets - embeds.shape[1])
+            truth = self._answer.index_select(0, offsets - self.prefix_len)
             true_tokens = torch.where(offsets % 4 == 2, (truth + 2) % vocab, truth)
             tokens = torch.stack([(truth + 1) % vocab, true_tokens], dim=1).flatten()  # nodes 1..2·depth
             parents = (2 * (levels - 1)).repeat_interleave(2)  # both children of the previous true node
@@ -399,3 +399,27 @@ def test_the_fused_tree_step_keeps_non_contiguous_paths_and_decodes_the_answer(m
     assert result.token_ids == answer[:NEW]
     assert result.metrics["accepted"] > NEW // 3 and result.metrics["target_forwards"] < NEW  # paths were kept
     assert result.metrics["tree"]["mean_nodes"] == 2 * gamma
+
+
+def test_the_fused_step_is_rebuilt_when_a_longer_prompt_reallocates_the_caches(model, head):
+    """One target and drafter across samples (as compile+eagle reuses them): a prompt past the caches'
+    rounded size re-allocates both, and the next step graph must use the new buffers, not the old."""
+    from egpt_speed.fused_step import fused_chain_decode
+
+    short, long = prefix(model, 3), prefix(model, 4, length=300)
+    target = static_target(model, 4, short)
+    drafter = None
+    steps = []
+    for embeds in (short, long, short):
+        answer = reference(model, embeds, NEW + 6)
+        if drafter is None:
+            drafter = oracle_drafter(model, head, 4, embeds, answer)
+        else:
+            drafter._answer = torch.tensor(answer + [0] * 6)
+            drafter.begin(embeds, NEW)
+        clock = Clock(CPU)
+        clock.begin()
+        result = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=NEW), 4, set(), clock)
+        assert result.token_ids == answer[:NEW] and result.metrics["accepted"] > 0
+        steps.append(drafter._fused)
+    assert steps[1] is not steps[0] and steps[2] is steps[1]  # rebuilt once, for the re-allocation only
