@@ -33,6 +33,8 @@ def check_speculation_flags(options: dict, strategies: list[str]) -> None:
     where no strategy has one, instead of ignoring them."""
     if options.get("fused_step") and not any(s.startswith("compile+eagle") for s in strategies):
         raise EgptError("--fused-step fuses the step of compile+eagle / compile+eagle-tree; add one or drop it.")
+    if options.get("fused_step") and options.get("adaptive_gamma"):
+        raise EgptError("--fused-step captures a step of fixed γ; drop --adaptive-gamma or --fused-step.")
     if options.get("fused_step") and options.get("compile_mode") == "reduce-overhead":
         raise EgptError("--fused-step captures its step itself; use another --compile-mode than reduce-overhead.")
     if options.get("draft_compile") not in (None, "", "none") and not any(s.startswith("compile+eagle") for s in strategies):

@@ -101,6 +101,7 @@ BAD_OPTIONS = {
     "fused-step-alone": (["compare", "baseline", "compile", "--fused-step"], "--fused-step fuses the step of compile+eagle"),
     "fused-step-cudagraph-trees": (["run", "compile+eagle", "--fused-step", "--compile-mode", "reduce-overhead"],
                                    "--fused-step captures its step itself"),
+    "fused-step-adaptive": (["run", "compile+eagle", "--fused-step", "--adaptive-gamma"], "fixed γ"),
     "draft-compile-alone": (["run", "speculative", "--draft-compile", "default"], "--draft-compile compiles the drafter"),
 }
 
