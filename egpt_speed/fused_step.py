@@ -19,6 +19,9 @@ that the next step overwrites, as in the unfused path. Greedy only; chains only 
 
 from __future__ import annotations
 
+import itertools
+import weakref
+
 import torch
 
 from egpt_speed.decoding import DecodeResult, GenerationSettings
@@ -32,6 +35,7 @@ from egpt_speed.timing import Clock
 # compiling and capturing run the body this many times before the first real step; each run advances the
 # sample by up to γ + 1 positions, so both caches keep that much room past the sample's end
 WARM_UP_RUNS = 4
+_STEP_NUMBERS = itertools.count()  # graph names: an id() can come back once its step is freed
 
 
 class FusedChainStep:
@@ -40,6 +44,8 @@ class FusedChainStep:
     def __init__(self, target: StaticTarget, drafter: StaticEagleDrafter, gamma: int):
         if drafter.gamma != gamma or target.width != gamma + 1:
             raise EgptError(f"the fused step needs a drafter and a target built for gamma {gamma}.")
+        if target.engine.compile_mode == "reduce-overhead":
+            raise EgptError("--fused-step captures its step itself; use another --compile-mode than reduce-overhead.")
         self.target, self.drafter, self.gamma = target, drafter, gamma
         self.engine = target.engine
         long = dict(dtype=torch.long, device=self.engine.device)
@@ -48,8 +54,19 @@ class FusedChainStep:
         self.arange = torch.arange(gamma + 1, **long)
         self.length = torch.zeros(1, **long)  # [1] L: target positions in the cache (the pending token's position)
         self.out = torch.zeros(gamma + 2, **long)  # [n, argmax_0 .. argmax_γ]
-        self.name = f"fused{gamma + 1}{target._suffix}_{id(self)}"  # one graph per (target, drafter buffers)
-        self.built_on = (self.engine.cache, drafter._features)  # objects, not ids: a freed id can come back
+        self.name = f"fused{gamma + 1}{target._suffix}_{next(_STEP_NUMBERS)}"  # one graph per (target, drafter buffers)
+        # weak: an old cache must be freeable as soon as it is replaced
+        self.built_on = (weakref.ref(self.engine.cache), weakref.ref(drafter._features))
+
+    def still_valid(self, target: StaticTarget, drafter: StaticEagleDrafter) -> bool:
+        """False once either cache was re-allocated (new buffers: this step's graph reads the old ones)."""
+        return (self.target is target and self.drafter is drafter and self.built_on[0]() is target.engine.cache
+                and self.built_on[1]() is drafter._features)
+
+    def discard(self) -> None:
+        """Drop this step's captured graph from the engine (its memory pool goes with it)."""
+        self.engine._steps.pop(self.name, None)
+        self.engine._graphs.pop(self.name, None)
 
     def _state(self) -> list[torch.Tensor]:
         """Every buffer the body advances: restored after the warm-up runs that compile and capture it."""
@@ -116,7 +133,12 @@ class FusedTreeStep(FusedChainStep):
         self.nodes = self.draft["tokens"].shape[0]  # drafted nodes + the root: a fixed count
         self.verify = target._tree_buffers_for(self.nodes)
         self.node_ids = torch.arange(self.nodes, device=self.engine.device)
-        self.name = f"fusedtree{self.nodes}{target._suffix}_{id(self)}"
+        self.name = f"fusedtree{self.nodes}{target._suffix}_{next(_STEP_NUMBERS)}"
+        layer = self.engine.cache.layers[0]
+        # the kept path's keys/values pass through these: gathered and scattered in place on one tensor, a
+        # compiled scatter could read slots it is writing (a fused gather) on torch versions without the guard
+        self.kept_keys = torch.empty_like(layer.keys[:, :, :gamma + 1])
+        self.kept_values = torch.empty_like(layer.values[:, :, :gamma + 1])
 
     def _state(self) -> list[torch.Tensor]:
         return super()._state() + [self.draft["tokens"], self.draft["depths"], self.draft["ancestry"], self.draft["packed"]]
@@ -149,8 +171,10 @@ class FusedTreeStep(FusedChainStep):
         kept = torch.cat(path)  # [γ+1]; past n it repeats the last kept node (those slots are overwritten later)
         source, target_slots = kept + self.length, self.arange + self.length
         for layer in engine.cache.layers:
-            layer.keys.index_copy_(2, target_slots, layer.keys.index_select(2, source))
-            layer.values.index_copy_(2, target_slots, layer.values.index_select(2, source))
+            torch.index_select(layer.keys, 2, source, out=self.kept_keys)
+            layer.keys.index_copy_(2, target_slots, self.kept_keys)
+            torch.index_select(layer.values, 2, source, out=self.kept_values)
+            layer.values.index_copy_(2, target_slots, self.kept_values)
         self._advance(accepted, features.index_select(1, kept), argmax.index_select(0, kept))
 
 
@@ -173,8 +197,9 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     drafter._catch_up(committed)  # the prompt: variable length, not captured (no draft phase: see below)
     step = getattr(drafter, "_fused", None)
     kind = FusedTreeStep if tree else FusedChainStep
-    if (type(step) is not kind or step.target is not target or step.built_on[0] is not target.engine.cache
-            or step.built_on[1] is not drafter._features):
+    if type(step) is not kind or not step.still_valid(target, drafter):
+        if step is not None:
+            step.discard()
         step = drafter._fused = kind(target, drafter, gamma)  # a re-allocated cache: new buffers
     step.begin(target.length, committed[-1])
     step.prepare()
