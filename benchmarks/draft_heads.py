@@ -86,14 +86,11 @@ def tau(head, model, items: list[td.AnswerItem], gamma: int, new_tokens: int) ->
             "exact_outputs": f"{exact}/{len(items)}"}
 
 
-def save_variant(head, style: str, run: dict, heldout, args) -> Path:
+def save_variant(head, style: str, run: dict, heldout, clips: td.ClipRecord, args) -> Path:
     """--save: the head as train-draft writes it (ours, or the public EAGLE-3 layout), with its report."""
-    specs, seed = td.training_clips("synthetic", args.clips or min(args.answers, 400), args.seed, args.synthetic_events)
-    train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), args.answers, 0.2, args.seed)
     vocab = head.draft_vocab if head.draft_vocab is not None else torch.arange(heldout.model.llm.config.vocab_size)
-    report = td.TrainReport(len(train_pairs), len(heldout_pairs), args.epochs, run["final_loss"], run["train_top1"],
-                            run["heldout_top1"], run["collect_s"], run["train_s"],
-                            td.clip_record("synthetic", seed, train_pairs, heldout_pairs), int(vocab.numel()),
+    report = td.TrainReport(args.answers, len(heldout.items), args.epochs, run["final_loss"], run["train_top1"],
+                            run["heldout_top1"], run["collect_s"], run["train_s"], clips, int(vocab.numel()),
                             td.vocabulary_coverage(heldout, vocab), True, args.prompt_window, style)
     out = args.save / f"{run['train_target']}_{style}_u{run['unroll']}"
     td.save_head(copy.deepcopy(head).to(torch.bfloat16), out, report, args.model)  # bf16 on disk, as train-draft's
@@ -101,7 +98,8 @@ def save_variant(head, style: str, run: dict, heldout, args) -> Path:
 
 
 def train_variant(style: str, unroll: int, train_target, eval_target, train_items, heldout_items, args,
-                  collect_s: float) -> dict:
+                  provenance: dict) -> dict:
+    """provenance: the training target's spec, its collection time and the clip record (for --save)."""
     aux = td.eagle3_aux_layers(len(train_target.llm.model.layers)) if style == "eagle3" else None
     train = td.OnlineSet(train_target, train_items, args.prompt_window, aux)
     heldout = td.OnlineSet(eval_target, heldout_items, args.prompt_window, aux)
@@ -118,9 +116,9 @@ def train_variant(style: str, unroll: int, train_target, eval_target, train_item
     heldout_top1 = td.top1(head, lm_head, heldout, eval_target.device, 4)
     measured = tau(head.to(eval_target.llm.dtype), eval_target, heldout_items[:args.tau_prompts], args.gamma, args.new_tokens)
     run = {"style": style, "unroll": unroll, "final_loss": loss, "train_top1": train_top1, "heldout_top1": heldout_top1,
-           "train_s": train_s, "collect_s": collect_s, "train_target": args.current_target, **measured}
+           "train_s": train_s, "collect_s": provenance["collect_s"], "train_target": provenance["train_target"], **measured}
     if args.save:
-        run["saved"] = str(save_variant(head, style, run, heldout, args))
+        run["saved"] = str(save_variant(head, style, run, heldout, provenance["clips"], args))
     return run
 
 
@@ -157,7 +155,7 @@ def progress(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--answers", type=int, default=48, help="training answers (held-out: 20 %% more, unseen clips and questions)")
@@ -183,11 +181,16 @@ def main() -> None:
                         help="also write every trained head under DIR/<target>_<style>_u<unroll> (train-draft's layout)")
     parser.add_argument("--answers-cache", type=Path, default=None, help="folder for the answers as token ids (reused)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    return parser.parse_args()
+
+
+def main() -> None:
     global ARGS
-    ARGS = args = parser.parse_args()
+    ARGS = args = parse_args()
     device = resolve_device(args.device)
-    specs, _ = td.training_clips("synthetic", args.clips or min(args.answers, 400), args.seed, args.synthetic_events)
+    specs, data_seed = td.training_clips("synthetic", args.clips or min(args.answers, 400), args.seed, args.synthetic_events)
     train_pairs, heldout_pairs = td.pairs_for(specs, load_questions(), args.answers, 0.2, args.seed)
+    clips = td.clip_record("synthetic", data_seed, train_pairs, heldout_pairs)
     eval_target = load_model(args.model, resolve_dtype(args.eval_dtype, device), device)
     started = time.perf_counter()
     heldout_items = answers(eval_target, heldout_pairs, args, f"heldout_{args.eval_dtype}")
@@ -209,9 +212,9 @@ def main() -> None:
         progress(f"training answers ({spec}): {len(train_items)} in {collect_s:.0f} s")
         for variant in args.variants:
             style, _, unroll = variant.partition(":")
-            args.current_target = spec
+            provenance = {"train_target": spec, "collect_s": collect_s, "clips": clips}
             runs.append(train_variant(style, int(unroll or 1), train_target, eval_target, train_items, heldout_items, args,
-                                      collect_s))
+                                      provenance))
             print(runs[-1], flush=True)
             write_json_atomic(base, args.out / f"{name}.json")  # after every head: a cut-off run keeps what it measured
         if train_target is not eval_target:

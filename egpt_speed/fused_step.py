@@ -1,4 +1,4 @@
-"""One graph per speculative step: `compile+eagle --fused-step` (issue 11's "single captured step").
+"""One graph per speculative step: `compile+eagle[-tree] --fused-step` (issue 11's "single captured step").
 
 The unfused loop (speculation.speculative_decode on a StaticTarget with a StaticEagleDrafter) replays
 a catch-up graph, a chain-draft graph and a verify graph per step, with ~15 small host-launched ops
@@ -14,7 +14,8 @@ device, and it is compiled and captured once like the engine's decode step:
 and writes [n, argmax_0..argmax_γ] to a small buffer the host reads once per step. Every shape is
 fixed (γ + 1); data-dependent values (L, n) are device scalars. Rejected target slots and padded head
 slots hold stale values that no later query sees (both masks show slots ≤ the query's position) and
-that the next step overwrites, as in the unfused path. Greedy only; chains only (trees: the unfused path).
+that the next step overwrites, as in the unfused path. Greedy only. FusedTreeStep does the same for EAGLE-2
+trees, with the acceptance walked down the tree and the kept path compacted in the target cache.
 """
 
 from __future__ import annotations
@@ -153,11 +154,7 @@ class FusedTreeStep(FusedChainStep):
         torch.add(verify.arange, self.length, out=verify.slots)
         verify.base.copy_(self.length)
         verify.ancestry.copy_(self.draft["ancestry"])
-        allowed = verify.mask(engine._kv_positions)
-        if engine.llm.config._attn_implementation != "sdpa":
-            allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(~allowed, torch.finfo(engine.dtype).min)
-        logits, features = engine._forward(verify.tokens, verify.slots, verify.positions.view(1, -1), allowed,
-                                           self.target.aux_layers)
+        logits, features = verify.forward(engine, self.target.aux_layers)
         argmax = logits[0].argmax(dim=-1)  # [N+1]
         parents = torch.cat([self.node_ids[:1] - 1, self.draft["packed"][self.nodes - 1:]])  # [N+1], the root's: -1
         path = [self.node_ids[:1]]  # node per kept position: the root, then one node per accepted level

@@ -409,7 +409,7 @@ class StaticTarget:
         width = max(self.width, count)
         if self.length + width > self.engine.cache.max_len:
             raise EgptError(f"verify at {self.length}+{width} does not fit the static cache ({self.engine.cache.max_len}).")
-        verify_tokens, verify_positions, logits, hidden, arange = self._buffers_for(width)[:5]
+        verify_tokens, verify_positions, logits, hidden, arange = self._buffers_for(width)
         verify_tokens[:, :count].copy_(tokens)
         if count < width:  # pad with the last token: its logits are dropped, its cache slots overwritten later
             verify_tokens[:, count:].copy_(tokens[:, -1:].expand(1, width - count))
@@ -535,12 +535,7 @@ class StaticTarget:
             aux_layers = self.aux_layers
 
             def body() -> None:
-                allowed = buffers.mask(engine._kv_positions)
-                if engine.llm.config._attn_implementation != "sdpa":
-                    allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(
-                        ~allowed, torch.finfo(engine.dtype).min)
-                step_logits, step_hidden = engine._forward(buffers.tokens, buffers.slots,
-                                                           buffers.positions.view(1, -1), allowed, aux_layers)
+                step_logits, step_hidden = buffers.forward(engine, aux_layers)
                 buffers.logits.copy_(step_logits[0])
                 buffers.hidden.copy_(step_hidden)
 
@@ -583,6 +578,13 @@ class TreeVerifyBuffers:
         self.base.fill_(base)
         self.ancestry.copy_(self.eye)
         self.ancestry[:count, :count].copy_(ancestry)
+
+    def forward(self, engine: StaticEngine, aux_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loaded tree through the engine under its tree mask → (logits [1, W, V], features [1, W, F])."""
+        allowed = self.mask(engine._kv_positions)
+        if engine.llm.config._attn_implementation != "sdpa":
+            allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(~allowed, torch.finfo(engine.dtype).min)
+        return engine._forward(self.tokens, self.slots, self.positions.view(1, -1), allowed, aux_layers)
 
     def mask(self, kv_positions: torch.Tensor) -> torch.Tensor:
         """kv_positions: [1, 1, 1, M] → [1, 1, W, M] bool: the cache before base, and the node's ancestors' slots."""

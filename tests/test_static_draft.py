@@ -149,31 +149,36 @@ def test_static_tree_logits_equal_dynamic(model):
     torch.testing.assert_close(static.verify_tree(tree), dynamic.verify_tree(tree), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name,draft_compile", [("compile+eagle", None), ("compile+eagle-tree", None),
-                                                 ("compile+eagle-tree", "default")])
-def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name, draft_compile):
-    """The registry path: compile lends its StaticTarget and the captured drafter (Compile.lend_drafter),
-    whose bodies --draft-compile hands to inductor."""
+def decode_through_registry(model, head_dir, names: tuple[str, ...], options: dict, seed: int) -> tuple[dict, object]:
+    """One event prompt decoded by each named strategy built from the registry → ({name: result}, the last strategy)."""
     from egpt_speed.decoding import DecodeRequest
     from egpt_speed.prompt import EVENT_TOKEN_INDEX
     from egpt_speed.strategies import registry
     from egpt_speed.strategies.registry import RunContext
 
-    head.save(tmp_path / "head")
-    generator = torch.Generator().manual_seed(7)
+    generator = torch.Generator().manual_seed(seed)
     text = torch.randint(3, model.llm.config.vocab_size, (8,), generator=generator)
     prompt = torch.cat([torch.tensor([1]), text[:4], torch.tensor([EVENT_TOKEN_INDEX]), text[4:]])
     request = DecodeRequest("s", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
                             GenerationSettings(max_new_tokens=NEW))
     results = {}
-    for strategy_name in ("baseline", name):
-        context = RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
-                             options={"tree_nodes": 10, "draft_compile": draft_compile})
-        strategy = registry.build(strategy_name, context)
+    for name in names:
+        strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(head_dir), options=options))
         strategy.prepare(model)
         clock = Clock(CPU)
         clock.begin()
-        results[strategy_name] = strategy.decode(model, request, clock)
+        results[name] = strategy.decode(model, request, clock)
+    return results, strategy
+
+
+@pytest.mark.parametrize("name,draft_compile", [("compile+eagle", None), ("compile+eagle-tree", None),
+                                                 ("compile+eagle-tree", "default")])
+def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name, draft_compile):
+    """The registry path: compile lends its StaticTarget and the captured drafter (Compile.lend_drafter),
+    whose bodies --draft-compile hands to inductor."""
+    head.save(tmp_path / "head")
+    results, strategy = decode_through_registry(model, tmp_path / "head", ("baseline", name),
+                                                {"tree_nodes": 10, "draft_compile": draft_compile}, seed=7)
     assert results[name].token_ids == results["baseline"].token_ids
     assert results[name].metrics["drafted"] > 0
     lender = next(part for part in strategy.parts if part.lends_target)
@@ -184,7 +189,7 @@ def test_compile_eagle_strategies_equal_baseline(model, head, tmp_path, name, dr
 
 @pytest.mark.parametrize("tree", [None, TreeShape(topk=4, max_nodes=10)])
 def test_inductor_compiled_draft_bodies_draft_what_the_eager_ones_draft(model, head, tree):
-    """--option draft_compile: every drafter body (catch-up, chain, each tree depth) traces as one graph
+    """--draft-compile: every drafter body (catch-up, chain, each tree depth) traces as one graph
     (fullgraph) and, compiled by inductor, drafts the eager bodies' chains / trees (float32)."""
     torch._dynamo.reset()
     embeds = prefix(model, 9)
@@ -334,26 +339,11 @@ def test_the_compiled_fused_step_survives_its_warm_up_runs(model, head, new, tre
 @pytest.mark.parametrize("name", ["compile+eagle", "compile+eagle-tree"])
 def test_compile_eagle_with_fused_step_equals_baseline(model, eagle3_head, tmp_path, name):
     """The registry path with an EAGLE-3 head: --fused-step takes the fused loop, outputs equal baseline's."""
-    from egpt_speed.decoding import DecodeRequest
     from egpt_speed.eagle_formats import export_eagle3
-    from egpt_speed.prompt import EVENT_TOKEN_INDEX
-    from egpt_speed.strategies import registry
-    from egpt_speed.strategies.registry import RunContext
 
     export_eagle3(eagle3_head, tmp_path / "head")
-    generator = torch.Generator().manual_seed(4)
-    text = torch.randint(3, model.llm.config.vocab_size, (8,), generator=generator)
-    prompt = torch.cat([torch.tensor([1]), text[:4], torch.tensor([EVENT_TOKEN_INDEX]), text[4:]])
-    request = DecodeRequest("s", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
-                            GenerationSettings(max_new_tokens=NEW))
-    results = {}
-    for strategy_name in ("baseline", name):
-        strategy = registry.build(strategy_name, RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head"),
-                                                            options={"fused_step": True, "tree_nodes": 10}))
-        strategy.prepare(model)
-        clock = Clock(CPU)
-        clock.begin()
-        results[strategy_name] = strategy.decode(model, request, clock)
+    results, strategy = decode_through_registry(model, tmp_path / "head", ("baseline", name),
+                                                {"fused_step": True, "tree_nodes": 10}, seed=4)
     assert results[name].token_ids == results["baseline"].token_ids
     assert results[name].metrics["fused_step"] is True and strategy.settings()["fused_step"] is True
 
