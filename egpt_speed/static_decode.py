@@ -19,6 +19,7 @@ a captured graph writes wherever the buffer, updated in place, points.
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass
@@ -144,6 +145,7 @@ class StaticEngine:
         self.manual_graph = self.cuda_graph and compile_mode != "reduce-overhead"
         self.cache: StaticKVCache | None = None
         self.max_batch = 0
+        self.allocations = 0  # caches allocated so far: targets sharing this engine rebuild their state when it moves
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._steps: dict[str, Callable[[], None]] = {}
         self.setup_ms = 0.0  # allocation + warm-up + capture (+ compilation) of the last setup that did work
@@ -161,6 +163,7 @@ class StaticEngine:
         self.release()
         max_len = round_up(max_seq)
         self.cache = StaticKVCache(self.llm.config, max_batch, max_len, self.dtype, self.device)
+        self.allocations += 1
         self.max_batch = max_batch
         device = self.device
         self._kv_positions = torch.arange(max_len, device=device).view(1, 1, 1, max_len)  # [1, 1, 1, M]
@@ -342,6 +345,9 @@ class StaticEngine:
         return DecodeResult(kept, metrics)
 
 
+_TARGET_NUMBERS = itertools.count()
+
+
 class StaticTarget:
     """The target of a speculative loop on the engine's static cache.
 
@@ -365,12 +371,18 @@ class StaticTarget:
         self._tree_base = 0  # cache length before the last verify_tree
         self._tree_buffers: dict[int, TreeVerifyBuffers] = {}
         self._keep: tuple[torch.Tensor, ...] | None = None  # keep_path's (source slots, target slots, arange) [W]
+        self._number = next(_TARGET_NUMBERS)
+        self._built_on = 0  # engine.allocations when the buffers and graphs above were made
         self.aux_layers: tuple[int, ...] = ()  # decoder layers whose inputs are the features (EAGLE-3); () = final norm
 
     def capture_layers(self, aux_layers: list[int]) -> None:
         """From now on `last_hidden` holds the inputs of these decoder layers, concatenated (as DynamicTarget's);
         each layer set gets its own captured verify graphs."""
         self.aux_layers = tuple(aux_layers)
+
+    def _step_name(self, kind: str) -> str:
+        """The engine's name for one of this target's graphs: targets sharing an engine keep their own."""
+        return f"{kind}{self._suffix}@{self._number}"
 
     @property
     def _suffix(self) -> str:
@@ -385,15 +397,22 @@ class StaticTarget:
         """Cache room for max_seq positions plus a padded verify (chain, or a tree of tree_nodes drafted
         nodes) past the end; returns ms spent (0 if it fit)."""
         spent = self.engine.setup(1, max_seq + max(self.width, tree_nodes + 1))
-        if spent:  # the engine re-allocated: graphs of the old cache are gone
+        self._follow_engine()
+        return spent
+
+    def _follow_engine(self) -> None:
+        """Drop buffers and graph state made on an older cache: this target's setup, or another target's on the
+        same engine (spec_tree_sweep shares one), may have re-allocated it, which clears the engine's graphs."""
+        if self._built_on != self.engine.allocations:
             self._buffers.clear()
             self._tree_buffers.clear()
             self._keep = None
-        return spent
+            self._built_on = self.engine.allocations
 
     @torch.inference_mode()
     def prefill(self, embeds: torch.Tensor) -> torch.Tensor:
         """embeds: [1, L, H] → logits [V] after the last prompt token; the cache holds 0..L-1."""
+        self._follow_engine()
         self.engine.reset()
         logits, self.last_hidden = self.engine.prefill(embeds, self.aux_layers)
         self.length = embeds.shape[1]
@@ -442,7 +461,7 @@ class StaticTarget:
         return self._buffers[key]
 
     def _run(self, width: int) -> None:
-        name = f"verify{width}{self._suffix}"
+        name = self._step_name(f"verify{width}")
         if name not in self.engine._steps:
             tokens, positions, logits, hidden, _ = self._buffers_for(width)
             aux_layers = self.aux_layers
@@ -497,7 +516,7 @@ class StaticTarget:
         torch.add(arange, base, out=target)
         self._keep_staging.copy_to(keep + list(range(len(keep), width)), source)  # identity past the path
         source.add_(base)
-        self.engine._steps["keep"]()
+        self.engine._steps[self._step_name("keep")]()
 
     def _keep_buffers(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self._keep is None:
@@ -515,7 +534,7 @@ class StaticTarget:
                     layer.keys.index_copy_(2, target, layer.keys.index_select(2, source))
                     layer.values.index_copy_(2, target, layer.values.index_select(2, source))
 
-            self.engine._prepare_step("keep", body, compile=False)
+            self.engine._prepare_step(self._step_name("keep"), body, compile=False)
         return self._keep
 
     def _tree_buffers_for(self, width: int) -> "TreeVerifyBuffers":
@@ -528,7 +547,7 @@ class StaticTarget:
         return self._tree_buffers[key]
 
     def _run_tree(self, width: int) -> None:
-        name = f"tree{width}{self._suffix}"
+        name = self._step_name(f"tree{width}")
         if name not in self.engine._steps:
             buffers = self._tree_buffers_for(width)
             engine = self.engine

@@ -413,3 +413,22 @@ def test_the_fused_step_is_rebuilt_when_a_longer_prompt_reallocates_the_caches(m
         assert result.token_ids == answer[:NEW] and result.metrics["accepted"] > 0
         steps.append(drafter._fused)
     assert steps[1] is not steps[0] and steps[2] is steps[1]  # rebuilt once, for the re-allocation only
+
+
+def test_targets_sharing_an_engine_survive_a_reallocation_by_either(model):
+    """spec_tree_sweep runs several targets on one engine: when one target's setup re-allocates the cache
+    (a longer prompt, a fused step's room), the others must rebuild their verify, tree and keep_path graphs
+    on the new cache instead of replaying (or missing) the old ones, and two targets must not share a graph."""
+    short, long = prefix(model, 5), prefix(model, 6, length=300)
+    engine = StaticEngine(model.llm, cuda_graph=False)
+    trees, other = StaticTarget(engine, 4), StaticTarget(engine, 4)
+    trees.setup(short.shape[1] + NEW, tree_nodes=8)
+    other.setup(short.shape[1] + NEW, tree_nodes=8)
+    for target, embeds in ((trees, short), (other, long), (trees, short), (other, short), (trees, long)):
+        if target is other:  # the re-allocating neighbour, through its own setup
+            target.setup(embeds.shape[1] + NEW, tree_nodes=8)
+        answer = reference(model, embeds)
+        oracle = OracleTree(answer, model.llm.config.vocab_size)
+        result = decode(target, embeds, oracle, 4, TreeShape(topk=2, max_nodes=8))
+        assert result.token_ids == answer
+    assert engine.allocations == 2  # the long prompt re-allocated once; `trees` followed without a setup of its own
