@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from spec_cost import random_tree  # noqa: E402
 
 DECODE_POSITION_OFFSET = 23  # a realistic decode position: prefix + ~half the seed's 45.5 answer tokens
-DRAFT_VOCAB = 8192  # the shipped tiny-eagle head's draft-vocabulary size (FR-Spec)
+DRAFT_VOCAB = 8192  # train-draft's --draft-vocab default (FR-Spec)
 
 
 

@@ -121,7 +121,7 @@ class TrainDraftOptions(CommonOptions):
     epochs: int = option(6, "--epochs", help="Passes over the training answers.")
     lr: float = option(1e-3, "--lr", help="AdamW learning rate (cosine schedule).")
     holdout: float = option(0.2, "--holdout", help="Fraction of clips and of questions held out.")
-    unroll: int = option(1, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only).")
+    unroll: int = option(0, "--unroll", help="Training steps fed the head its own predictions (1 = teacher forcing only; 0 = auto: 3 for an eagle3 head, its training-time test, 1 for an eagle head).")
     batch_size: int = option(16, "--batch-size", help="Prompts per target generate call while collecting answers.")
     train_batch: int = option(0, "--train-batch", help="Sequences per optimizer step (0 = auto: 1 for a few hundred sequences, up to 16 for thousands).")
     draft_vocab: int = option(8192, "--draft-vocab", help="Token ids the head may draft: the K most frequent in the target's training answers (0 = all).")
@@ -130,7 +130,7 @@ class TrainDraftOptions(CommonOptions):
     store_features: bool = option(False, "--store-features", help="Keep every answer's target features in memory and collected.pt and train from them (the old path); default: train online, recomputing the features per batch with one teacher-forced target forward, nothing written but the answers.")
     prompt_window: int = option(8, "--prompt-window", help="Prompt positions before the answer that online training also learns from (drafting starts from the prompt's last rows).")
     target_dtype: str = option("float32", "--target-dtype", help="dtype the target is loaded in while collecting and computing features: float32 (exact features) | bfloat16 | float16 | auto (bfloat16 on CUDA). bfloat16 halves the target's memory (a 7B target then fits a 24 GB card); the head still trains in float32.")
-    head_style: str = option("eagle", "--head-style", help="eagle: EAGLE-1/2's head on the target's last layer (regresses its features) | eagle3: EAGLE-3's, fusing the inputs of target layers 2, L/2, L-3, with its own norm and LM head over --draft-vocab, trained on tokens only and saved in the vLLM / SGLang EAGLE-3 layout.")
+    head_style: str = option("auto", "--head-style", help="auto: eagle3, or eagle with --store-features / --eagle1-layout or a target of fewer than 3 layers | eagle: EAGLE-1/2's head on the target's last layer (regresses its features) | eagle3: EAGLE-3's, fusing the inputs of target layers 2, L/2, L-3, with its own norm and LM head over --draft-vocab, trained on tokens only and saved in the vLLM / SGLang EAGLE-3 layout.")
     target_quant: str = option("none", "--target-quant", help="none | nf4: load the target's decoder layers in bitsandbytes NF4 (CUDA + bitsandbytes) while collecting and computing features, so a 7B target takes ~4 GB; the head still trains in float32.")
     eagle1_layout: bool = option(False, "--eagle1-layout", help="Train the head without its layer's input norm, as EAGLE-1 and vLLM / SGLang's EAGLE loaders expect, so `export-draft --format eagle` is exact.")
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import random
@@ -86,6 +87,7 @@ class TrainReport:
     online: bool = False  # features computed per training batch (True) or stored at collection
     prompt_window: int = 0  # prompt positions before the answer in the loss
     head_style: str = "eagle"
+    unroll: int = 1  # training steps on the head's own predictions (EAGLE-3's training-time test)
 
 
 def synthetic_seed(seed: int) -> int:
@@ -645,7 +647,7 @@ def validate(config: TrainDraftConfig) -> int:
         raise EgptError(f"--frames {config.frames} is not supported; use 5 (official pooled path) or 1.")
     for flag, value, least in (("--samples", config.samples, 1), ("--max-new-tokens", config.max_new_tokens, 1),
                                ("--batch-size", config.batch_size, 1), ("--epochs", config.epochs, 1),
-                               ("--unroll", config.unroll, 1), ("--train-batch", config.train_batch, 0),
+                               ("--unroll", config.unroll, 0), ("--train-batch", config.train_batch, 0),
                                ("--draft-vocab", config.draft_vocab, 0)):
         if value < least:
             raise EgptError(f"{flag} must be at least {least}" + (" (0 = auto / all)." if least == 0 else "."))
@@ -653,8 +655,8 @@ def validate(config: TrainDraftConfig) -> int:
 
     resolve_dtype(config.target_dtype)  # an unknown --target-dtype fails here, before any model loads
     check_target_quant(config.target_quant, resolve_device(config.device))
-    if config.head_style not in HEAD_STYLES:
-        raise EgptError(f"--head-style {config.head_style!r} is not supported; use {' or '.join(HEAD_STYLES)}.")
+    if config.head_style not in ("auto", *HEAD_STYLES):
+        raise EgptError(f"--head-style {config.head_style!r} is not supported; use auto, {' or '.join(HEAD_STYLES)}.")
     if config.head_style == "eagle3" and (config.store_features or config.eagle1_layout):
         raise EgptError("--head-style eagle3 trains online from three target layers; drop --store-features and --eagle1-layout.")
     if config.prompt_window < 0:
@@ -669,6 +671,17 @@ def validate(config: TrainDraftConfig) -> int:
     check_model_spec(config.model)
     check_writable_dir(config.out, "--out")
     return clips
+
+
+def resolve_head_style(config: TrainDraftConfig, num_layers: int) -> TrainDraftConfig:
+    """--head-style auto and --unroll 0 made concrete. EAGLE-3 is the default: at equal data on `tiny` it beat
+    the EAGLE-2 head (shipped recipe, H200: held-out top-1 0.745 vs 0.707, τ 2.61 vs 2.23), and unroll 3 is
+    its training-time test (1,000 answers: 0.716 / τ 2.22 vs 0.701 / 2.06 for EAGLE-2)."""
+    style = config.head_style
+    if style == "auto":
+        style = "eagle" if config.store_features or config.eagle1_layout or num_layers < 3 else "eagle3"
+    unroll = config.unroll or (3 if style == "eagle3" else 1)
+    return dataclasses.replace(config, head_style=style, unroll=unroll)
 
 
 def check_target_quant(kind: str, device: torch.device) -> None:
@@ -785,6 +798,7 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
     with rank_zero_first(config.device):  # launched: rank 0 fills the caches every rank reads (clips, SmolLM2)
         specs, data_seed = training_clips(config.data, clip_count, config.seed, config.synthetic_events)
         target = load_target(config, device)
+    config = resolve_head_style(config, len(target.llm.model.layers))
     train_pairs, heldout_pairs = pairs_for(specs, load_questions(), config.samples, config.holdout, config.seed)
     collection = dict(model=config.model, data=config.data, synthetic_seed=data_seed,
                       synthetic_events=config.synthetic_events, samples=config.samples, clips=clip_count,
@@ -812,7 +826,7 @@ def run(config: TrainDraftConfig, progress: ProgressFactory | None = None) -> Tr
                          train_s, clip_record(config.data, data_seed, train_pairs, heldout_pairs),
                          draft_vocab=config.draft_vocab, heldout_vocab_coverage=coverage,
                          online=not config.store_features, prompt_window=config.prompt_window,
-                         head_style=config.head_style)
+                         head_style=config.head_style, unroll=config.unroll)
     save_head(head, config.out, report, config.model)
     (config.out / "train_checkpoint.pt").unlink(missing_ok=True)  # the head is saved; nothing left to resume
     return TrainOutcome(config.out, report, reused)

@@ -105,3 +105,27 @@ def test_train_draft_head_style_eagle3_through_the_cli(tmp_path, monkeypatch, sp
     config = json.loads((out / "config.json").read_text())
     assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [2, 3, 3] and config["draft_vocab_size"] <= 17
     assert json.loads((out / "train_report.json").read_text())["report"]["head_style"] == "eagle3"
+
+
+@pytest.mark.parametrize("layers,extra,style,unroll", [
+    (6, [], "eagle3", 3),  # the default: EAGLE-3 with its training-time test
+    (6, ["--store-features"], "eagle", 1),  # the stored-features path trains the EAGLE-1/2 head
+    (6, ["--unroll", "2"], "eagle3", 2),
+    (2, [], "eagle", 1),  # too few layers to fuse three
+])
+def test_train_draft_picks_its_head_style_and_unroll(tmp_path, monkeypatch, sp_tokenizer, layers, extra, style, unroll):
+    from typer.testing import CliRunner
+
+    from egpt_speed.cli import app
+
+    monkeypatch.setattr(td, "load_model", lambda spec, dtype, device, **kw: make_tiny_eventgpt(0, layers=layers, tokenizer=sp_tokenizer).to(dtype=dtype))
+    out = tmp_path / "head"
+    result = CliRunner().invoke(app, ["train-draft", "--data", "synthetic", "--synthetic-events", "2000", "-n", "8",
+                                      "--clips", "3", "--device", "cpu", "--out", str(out), "--batch-size", "4",
+                                      "--train-batch", "4", "--epochs", "1", "--max-new-tokens", "6", "--draft-vocab", "16",
+                                      *extra])
+    assert result.exit_code == 0, result.output
+    report_file = out / ("train_report.json" if style == "eagle3" else "eagle_config.json")
+    report = json.loads(report_file.read_text())["report"]
+    assert (report["head_style"], report["unroll"]) == (style, unroll)
+    assert ef.detect_format(out) == (ef.EAGLE3 if style == "eagle3" else None)
