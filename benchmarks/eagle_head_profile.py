@@ -65,6 +65,9 @@ def run(dtype: torch.dtype, lines: list[str]) -> None:
     embeds = torch.randn(1, PREFIX, hidden_size, device=device, dtype=dtype) * 0.5
     with torch.inference_mode():
         hidden = model.llm.model(inputs_embeds=embeds).last_hidden_state
+        aux = head.aux_layers_for(len(model.llm.model.layers))
+        if aux:  # an EAGLE-3 head reads three layers' inputs (3H wide): for a cost profile, the last layer's repeated
+            hidden = hidden.repeat(1, 1, len(aux))
         step_hidden = hidden[:, -1:].clone()
         for name, drafter in drafters(model, head, embeds, hidden).items():
             times = chain_ms(drafter, [7], step_hidden)

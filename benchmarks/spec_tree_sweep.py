@@ -97,6 +97,10 @@ class Sweep:
         for target in self.chain_targets.values():
             target.setup(max_prefix + NEW_TOKENS)
         self.chain_drafters = {chain: StaticEagleDrafter(head, model.llm, chain[0]) for chain in self.chains}
+        aux = head.aux_layers_for(len(model.llm.model.layers))
+        if aux:  # an EAGLE-3 head (the shipped tiny-eagle) drafts from three target layers' inputs
+            for target in [self.target, *self.fused_targets.values(), *self.chain_targets.values()]:
+                target.capture_layers(aux)
 
     def chain(self, embeds: torch.Tensor, chain: tuple[int, bool]) -> dict:
         """γ-token chains: the unfused loop (three captured graphs a step) or one fused graph a step."""
@@ -194,7 +198,7 @@ def isolated_costs(sweep: Sweep, prefix: torch.Tensor, repeats: int) -> dict:
             target.verify_tree(tree)
             target.crop(base)
         costs[f"verify_{name}_ms"] = median_ms(verify, device, repeats)
-        costs[f"verify_replay_{name}_ms"] = median_ms(lambda: engine._steps[f"tree{nodes + 1}"](), device, repeats)
+        costs[f"verify_replay_{name}_ms"] = median_ms(lambda: engine._steps[target._step_name(f"tree{nodes + 1}")](), device, repeats)
     return costs
 
 
@@ -206,7 +210,7 @@ def kernel_profile(sweep: Sweep, prefix: torch.Tensor) -> str:
     width = sweep.target.tree_width
     tables = []
     for label, step in (("decode step x20", engine._steps["decode"]), (f"tree verify (width {width}) x20",
-                                                                     engine._steps[f"tree{width}"])):
+                                                                     engine._steps[sweep.target._step_name(f"tree{width}")])):
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 step()
