@@ -42,7 +42,9 @@ step() {  # SECONDS COMMAND...: run under a timeout, log, record the command
 }
 case $mode in
   heads|heads3)  # the shipped head's recipe (4,000 + 800 answers, 64 tokens, 6 epochs, 8,192 ids), trained online;
-    # one head per call, the answers cached in /tmp/answers by the first call (one call for all three passed 390 s)
+    # one head per call, the answers cached in /tmp/answers by the first call (one call for all three passed 390 s).
+    # heads3 on a fresh machine does not fit one call: collection ~185 s + EAGLE-3 training ~245 s + tau was cut at
+    # 540 s (2026-12-03); the same call again on the warm machine, answers cached, took 345 s
     variant=eagle:1; [ "$mode" = heads3 ] && variant=eagle3:3
     step 540 python3 benchmarks/draft_heads.py --model tiny --answers 4000 --new-tokens 64 --epochs 6 --batch-size 64 \
       --variants $variant --train-targets float32 --tau-prompts 20 --device cuda --answers-cache /tmp/answers \
