@@ -91,7 +91,7 @@ def save_variant(head, style: str, run: dict, heldout, clips: td.ClipRecord, arg
     vocab = head.draft_vocab if head.draft_vocab is not None else torch.arange(heldout.model.llm.config.vocab_size)
     report = td.TrainReport(args.answers, len(heldout.items), args.epochs, run["final_loss"], run["train_top1"],
                             run["heldout_top1"], run["collect_s"], run["train_s"], clips, int(vocab.numel()),
-                            td.vocabulary_coverage(heldout, vocab), True, args.prompt_window, style)
+                            td.vocabulary_coverage(heldout, vocab), True, args.prompt_window, style, run["unroll"])
     out = args.save / f"{run['train_target']}_{style}_u{run['unroll']}"
     td.save_head(copy.deepcopy(head).to(torch.bfloat16), out, report, args.model)  # bf16 on disk, as train-draft's
     return out

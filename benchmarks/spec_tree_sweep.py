@@ -81,7 +81,7 @@ class Sweep:
         # room for the fused steps' warm-up runs past the end (fused_chain_decode's own sizing): one cache, and its
         # graphs, for every run; a re-allocation mid-sweep would put compilation inside a timed sample
         widths = [g + 1 for g, _ in chains] + [s[0] + 1 + s[2] for s in shapes] + [9]
-        self.engine.setup(1, max_prefix + NEW_TOKENS + WARM_UP_RUNS * max(widths))
+        self.engine.setup(1, max_prefix + NEW_TOKENS + (WARM_UP_RUNS + 1) * max(widths))  # + target.setup's own margin
         self.target = StaticTarget(self.engine, gamma=max(s[0] for s in shapes))
         self.target.setup(max_prefix + NEW_TOKENS, tree_nodes=max(s[2] for s in shapes))
         self.drafters = {shape: StaticEagleDrafter(head, model.llm, shape[0], shape[1], shape[2],

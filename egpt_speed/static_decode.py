@@ -380,6 +380,14 @@ class StaticTarget:
         each layer set gets its own captured verify graphs."""
         self.aux_layers = tuple(aux_layers)
 
+    def discard(self) -> None:
+        """Drop this target's graphs from the engine (when a new target replaces it; they would stay until the
+        engine's next re-allocation)."""
+        tag = f"@{self._number}"
+        for name in [name for name in self.engine._steps if name.endswith(tag)]:
+            self.engine._steps.pop(name)
+            self.engine._graphs.pop(name, None)
+
     def _step_name(self, kind: str) -> str:
         """The engine's name for one of this target's graphs: targets sharing an engine keep their own."""
         return f"{kind}{self._suffix}@{self._number}"

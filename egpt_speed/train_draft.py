@@ -609,9 +609,17 @@ def vocabulary_coverage(heldout: TrainingData, vocab: torch.Tensor) -> float:
     return float(torch.isin(labels, vocab.cpu()).float().mean()) if labels.numel() else 1.0
 
 
+HEAD_FILES = {"eagle": ("eagle_config.json", "eagle_head.safetensors"),
+              "eagle3": ("config.json", "model.safetensors", "train_report.json")}
+
+
 def save_head(head: EagleHead | Eagle3Head, out: Path, report: TrainReport, model_spec: str) -> None:
-    """Ours: eagle_config.json + safetensors. EAGLE-3: the public layout (vLLM / SGLang), the report beside it."""
-    if isinstance(head, Eagle3Head):
+    """Ours: eagle_config.json + safetensors. EAGLE-3: the public layout (vLLM / SGLang), the report beside it.
+    The other layout's files go: a directory holding both would load the public one (drafts.load_draft)."""
+    style = "eagle3" if isinstance(head, Eagle3Head) else "eagle"
+    for name in HEAD_FILES["eagle" if style == "eagle3" else "eagle3"]:
+        (out / name).unlink(missing_ok=True)
+    if style == "eagle3":
         export_eagle3(head, out)
         (out / "train_report.json").write_text(json.dumps({"target": model_spec, "report": asdict(report)}, indent=1))
         return
@@ -677,11 +685,23 @@ def resolve_head_style(config: TrainDraftConfig, num_layers: int) -> TrainDraftC
     """--head-style auto and --unroll 0 made concrete. EAGLE-3 is the default: at equal data on `tiny` it beat
     the EAGLE-2 head (shipped recipe, H200: held-out top-1 0.745 vs 0.707, τ 2.61 vs 2.23), and unroll 3 is
     its training-time test (1,000 answers: 0.716 / τ 2.22 vs 0.701 / 2.06 for EAGLE-2)."""
+    saved = checkpoint_settings(config.out / "train_checkpoint.pt") if config.resume else {}
     style = config.head_style
-    if style == "auto":
-        style = "eagle" if config.store_features or config.eagle1_layout or num_layers < 3 else "eagle3"
-    unroll = config.unroll or (3 if style == "eagle3" else 1)
+    if style == "auto":  # --resume continues what the interrupted run trained (which may predate this default)
+        style = saved.get("head_style") or (
+            "eagle" if config.store_features or config.eagle1_layout or num_layers < 3 else "eagle3")
+    if style == "eagle3":
+        eagle3_aux_layers(num_layers)  # too few layers: refused now, not after the collection
+    if not config.unroll and saved.get("head_style") == style:
+        unroll = saved["unroll"]
+    else:
+        unroll = config.unroll or (3 if style == "eagle3" else 1)
     return dataclasses.replace(config, head_style=style, unroll=unroll)
+
+
+def checkpoint_settings(path: Path) -> dict:
+    """The training settings of an interrupted run's checkpoint ({} if none)."""
+    return _load_plain(path, map_location="cpu")["settings"] if path.exists() else {}
 
 
 def check_target_quant(kind: str, device: torch.device) -> None:

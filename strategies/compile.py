@@ -72,6 +72,8 @@ class Compile(Strategy):
 
         target = getattr(self, "_target", None)
         if target is None or target.width != gamma + 1:
+            if target is not None:
+                target.discard()
             target = self._target = StaticTarget(self.engine, gamma)
         drafter = getattr(self, "_drafter", None)
         target.setup(max_seq, tree_nodes=drafter.max_nodes if drafter is not None else 0)

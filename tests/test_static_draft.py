@@ -415,20 +415,30 @@ def test_the_fused_step_is_rebuilt_when_a_longer_prompt_reallocates_the_caches(m
     assert steps[1] is not steps[0] and steps[2] is steps[1]  # rebuilt once, for the re-allocation only
 
 
-def test_targets_sharing_an_engine_survive_a_reallocation_by_either(model):
-    """spec_tree_sweep runs several targets on one engine: when one target's setup re-allocates the cache
-    (a longer prompt, a fused step's room), the others must rebuild their verify, tree and keep_path graphs
-    on the new cache instead of replaying (or missing) the old ones, and two targets must not share a graph."""
+def test_targets_sharing_an_engine_survive_a_reallocation_by_either(model, head):
+    """spec_tree_sweep runs several targets on one engine: when one target re-allocates the cache (here a fused
+    tree step's room for a long prompt, the sweep's crash on the H200), the others must rebuild their verify,
+    tree and keep_path graphs on the new cache instead of replaying (or missing) the old ones, and two targets
+    must not share a graph; a replaced target's graphs can be discarded."""
+    from egpt_speed.fused_step import fused_chain_decode
+
     short, long = prefix(model, 5), prefix(model, 6, length=300)
     engine = StaticEngine(model.llm, cuda_graph=False)
     trees, other = StaticTarget(engine, 4), StaticTarget(engine, 4)
     trees.setup(short.shape[1] + NEW, tree_nodes=8)
     other.setup(short.shape[1] + NEW, tree_nodes=8)
     for target, embeds in ((trees, short), (other, long), (trees, short), (other, short), (trees, long)):
-        if target is other:  # the re-allocating neighbour, through its own setup
-            target.setup(embeds.shape[1] + NEW, tree_nodes=8)
         answer = reference(model, embeds)
-        oracle = OracleTree(answer, model.llm.config.vocab_size)
-        result = decode(target, embeds, oracle, 4, TreeShape(topk=2, max_nodes=8))
+        if target is other:  # the neighbour: a fused tree step, which sets up its own (larger) room
+            clock = Clock(CPU)
+            clock.begin()
+            drafter = oracle_tree_drafter(model, head, 4, embeds, reference(model, embeds, NEW + 5))
+            result = fused_chain_decode(other, drafter, embeds, GenerationSettings(max_new_tokens=NEW), 4, set(), clock,
+                                        tree=True)
+        else:
+            result = decode(trees, embeds, OracleTree(answer, model.llm.config.vocab_size), 4, TreeShape(topk=2, max_nodes=8))
+            assert trees._step_name("keep") in engine._steps  # the kept paths were moved, by this target's graph
         assert result.token_ids == answer
     assert engine.allocations == 2  # the long prompt re-allocated once; `trees` followed without a setup of its own
+    trees.discard()
+    assert engine._steps and not any(name.endswith(f"@{trees._number}") for name in engine._steps)

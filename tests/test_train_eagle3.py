@@ -12,6 +12,7 @@ from egpt_speed import eagle_formats as ef
 from egpt_speed import train_draft as td
 from egpt_speed.datasets import discover_samples, load_questions
 from egpt_speed.decoding import GenerationSettings
+from egpt_speed.errors import EgptError
 from egpt_speed.proposers import EagleProposer
 from egpt_speed.speculation import DynamicTarget, speculative_decode
 from egpt_speed.stages import stage1_load, stage2_preprocess, stage3_vision
@@ -107,25 +108,59 @@ def test_train_draft_head_style_eagle3_through_the_cli(tmp_path, monkeypatch, sp
     assert json.loads((out / "train_report.json").read_text())["report"]["head_style"] == "eagle3"
 
 
-@pytest.mark.parametrize("layers,extra,style,unroll", [
-    (6, [], "eagle3", 3),  # the default: EAGLE-3 with its training-time test
-    (6, ["--store-features"], "eagle", 1),  # the stored-features path trains the EAGLE-1/2 head
-    (6, ["--unroll", "2"], "eagle3", 2),
-    (2, [], "eagle", 1),  # too few layers to fuse three
-])
-def test_train_draft_picks_its_head_style_and_unroll(tmp_path, monkeypatch, sp_tokenizer, layers, extra, style, unroll):
+def train_small(out, monkeypatch, sp_tokenizer, layers: int, *extra: str):
     from typer.testing import CliRunner
 
     from egpt_speed.cli import app
 
     monkeypatch.setattr(td, "load_model", lambda spec, dtype, device, **kw: make_tiny_eventgpt(0, layers=layers, tokenizer=sp_tokenizer).to(dtype=dtype))
-    out = tmp_path / "head"
     result = CliRunner().invoke(app, ["train-draft", "--data", "synthetic", "--synthetic-events", "2000", "-n", "8",
                                       "--clips", "3", "--device", "cpu", "--out", str(out), "--batch-size", "4",
                                       "--train-batch", "4", "--epochs", "1", "--max-new-tokens", "6", "--draft-vocab", "16",
                                       *extra])
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("layers,extra,style,unroll", [
+    (6, [], "eagle3", 3),  # the default: EAGLE-3 with its training-time test
+    (6, ["--store-features"], "eagle", 1),  # the stored-features path trains the EAGLE-1/2 head
+    (6, ["--unroll", "2"], "eagle3", 2),
+    (6, ["--eagle1-layout"], "eagle", 1),
+    (6, ["--head-style", "eagle"], "eagle", 1),
+    (2, [], "eagle", 1),  # too few layers to fuse three
+])
+def test_train_draft_picks_its_head_style_and_unroll(tmp_path, monkeypatch, sp_tokenizer, layers, extra, style, unroll):
+    out = tmp_path / "head"
+    train_small(out, monkeypatch, sp_tokenizer, layers, *extra)
     report_file = out / ("train_report.json" if style == "eagle3" else "eagle_config.json")
     report = json.loads(report_file.read_text())["report"]
     assert (report["head_style"], report["unroll"]) == (style, unroll)
     assert ef.detect_format(out) == (ef.EAGLE3 if style == "eagle3" else None)
+
+
+def test_resume_keeps_the_interrupted_runs_head_style(tmp_path):
+    """A run interrupted before the eagle3 default (its checkpoint: eagle, unroll 1) resumes as what it was."""
+    from egpt_speed.options import TrainDraftOptions
+
+    torch.save({"settings": {"head_style": "eagle", "unroll": 1}}, tmp_path / "train_checkpoint.pt")
+    config = TrainDraftOptions(out=tmp_path, resume=True)
+    resolved = td.resolve_head_style(config, 30)
+    assert (resolved.head_style, resolved.unroll) == ("eagle", 1)
+    fresh = td.resolve_head_style(TrainDraftOptions(out=tmp_path), 30)
+    assert (fresh.head_style, fresh.unroll) == ("eagle3", 3)
+    with pytest.raises(EgptError, match="three target layers"):  # refused before any answer is collected
+        td.resolve_head_style(TrainDraftOptions(out=tmp_path, head_style="eagle3"), 2)
+
+
+def test_a_retrained_head_replaces_the_other_layout_in_its_directory(tmp_path, monkeypatch, sp_tokenizer):
+    """An eagle head trained into a directory holding an eagle3 head: the public layout, which loads first, goes."""
+    from egpt_speed.drafts import load_draft
+
+    out = tmp_path / "head"
+    train_small(out, monkeypatch, sp_tokenizer, 6)
+    assert ef.detect_format(out) == ef.EAGLE3
+    train_small(out, monkeypatch, sp_tokenizer, 6, "--head-style", "eagle")
+    assert ef.detect_format(out) is None and not (out / "model.safetensors").exists()
+    model = make_tiny_eventgpt(0, layers=6, tokenizer=sp_tokenizer)
+    draft = load_draft(str(out), model, "tiny-test", torch.device("cpu"), torch.float32)
+    assert not isinstance(draft.head, ef.Eagle3Head)
