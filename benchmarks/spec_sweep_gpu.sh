@@ -4,7 +4,9 @@
 #   2. run(carry=[".carry2"]):  bash benchmarks/spec_sweep_gpu.sh "$OUT" [sweep|compare]
 # sweep (default): benchmarks/spec_tree_sweep.py on `tiny` float32 (tree shapes, isolated costs, kernel profile).
 #   The inductor-compiled drafter beside the captured-eager one, bf16 (issue 11, next to measure):
-#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32c,4x8x32f,4x4x16,4x4x16f CHAINS=4,4f VARIANTS= bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
+#   DTYPE=bfloat16 SHAPES=4x8x32,4x8x32f CHAINS=4,4f VARIANTS= N=3 bash benchmarks/spec_sweep_gpu.sh "$OUT" sweep
+#   (2026-12-03, H200: with SHAPES=4x8x32,4x8x32c,4x8x32f,4x4x16f CHAINS=4,4f the warm-up sample alone — inductor
+#   compiling every variant, each fused body with the whole target inside — took most of 482 s: keep the list short)
 #   (suffix c: drafter bodies compiled by inductor, --draft-compile; f: one fused graph a step, --fused-step)
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
