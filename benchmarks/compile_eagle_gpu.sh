@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 11 on the GPU machine, second of two calls (the first carried .carry1/part00 to /tmp/gguf/):
+# Issue 11 on the GPU machine, last of three calls (the first two parked .carry1 and .carry1b in /tmp/gguf/: benchmarks/gguf_carry.sh park):
 #   bash benchmarks/compile_eagle_gpu.sh OUT_DIR
 # joins the SmolLM2 GGUF, installs the project, then runs `tiny` float32 and bfloat16
 # `compare baseline compile compile+eagle compile+eagle-tree` (one interleaved run each, same
@@ -7,9 +7,7 @@
 set -uo pipefail
 out=$1
 mkdir -p /tmp/gguf /tmp/res
-cat /tmp/gguf/part00 .carry2/part01 > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-echo "$(cat .carry2/sha)  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+bash benchmarks/gguf_carry.sh join || exit 3
 export PYTHONPATH=/tmp/site EGPT_SPEED_GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | tail -2
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee /tmp/res/card.txt

@@ -3,15 +3,16 @@
 # (`run baseline` on synthetic-7b, synthetic-llava-7b, synthetic-video-llava-7b: random weights, bf16) and a
 # tiny fp32 cross-modal speculative run both ways (EventGPT `tiny` draft -> `tiny-video-llava` target and
 # the reverse; both share SmolLM2-135M's real weights), merged by benchmarks/families_table.py.
-# The SmolLM2 GGUF (the presets' tokenizer) travels in two halves, as in benchmarks/multi_gpu.sh:
+# The SmolLM2 GGUF (the presets' tokenizer) travels in three parts (benchmarks/gguf_carry.sh):
 #   1. run(carry=[".carry1"]):  bash benchmarks/families_gpu.sh park
+#   1b. the same with carry=[".carry1b"] right after (the GGUF travels in three parts: benchmarks/gguf_carry.sh)
 #   2. run(carry=[".carry2"]):  bash benchmarks/families_gpu.sh "$OUT"
 # OUT receives ONE file, families_<stamp>.tar.gz (every result json + md, logs, command.txt, card.txt,
 # table.md, families.json); table.md is printed last.
 # CPU smoke at toy size (no GGUF join, no GPU): SMOKE=1 bash benchmarks/families_gpu.sh /tmp/out
 set -uo pipefail
 if [ "${1:-}" = park ]; then
-  mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit
+  bash benchmarks/gguf_carry.sh park; exit
 fi
 out=$1
 mkdir -p "$out"
@@ -22,9 +23,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # toy size on the CPU: the LLaVA presets' tiny s
 else
   models=(synthetic-7b synthetic-llava-7b synthetic-video-llava-7b); dtype=bfloat16
   N=${N:-5}; W=${W:-2}; NX=${NX:-10}; XW=${XW:-2}; TOKENS=${TOKENS:-64}; device=(--device cuda); py=python3
-  cat /tmp/gguf/part00 .carry2/part01 > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-  echo "$(cat .carry2/sha)  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+  bash benchmarks/gguf_carry.sh join || exit 3
   [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
   [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
   export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf EGPT_SPEED_CACHE=/tmp/cache

@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Issue 15 on a 2-GPU machine (kind nvidia-h200-x2): the same `compare` on 1 GPU and under
-# `torchrun --nproc-per-node 2`, in one call. The SmolLM2 GGUF (98 MB) travels in two halves:
+# `torchrun --nproc-per-node 2`, in one call. The SmolLM2 GGUF (98 MB) travels in three parts (benchmarks/gguf_carry.sh):
 #   1. run(carry=[".carry1"]):  bash benchmarks/multi_gpu.sh park        # parks .carry1/part00 in /tmp/gguf
+#   1b. the same with carry=[".carry1b"] right after (the GGUF travels in three parts: benchmarks/gguf_carry.sh)
 #   2. run(carry=[".carry2"]):  bash benchmarks/multi_gpu.sh "$OUT"      # joins it, runs both, writes to OUT
 # (the machine must stay warm between the two calls). OUT receives both results (json + md), each run's
 # log, command.txt, card.txt and table.md: wall-clock samples/s of both runs and their ratio, whether
 # the merged token ids equal the 1-GPU ones, and per-candidate median speedups of both runs.
 set -uo pipefail
 if [ "${1:-}" = park ]; then
-  mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit
+  bash benchmarks/gguf_carry.sh park; exit
 fi
 out=$1
 N=${N:-40}
-cat /tmp/gguf/part00 .carry2/part01 > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-echo "$(cat .carry2/sha)  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 3
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+bash benchmarks/gguf_carry.sh join || exit 3
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 at 7B shape on the GPU machine (prepared 2026-11-28, not yet run). synthetic-7b borrows the SmolLM2
-# tokenizer, so the GGUF travels in two halves (the machine stays warm ~30 s between calls):
-#   1. run(carry=[".carry1"]):          bash benchmarks/spec_sweep_gpu.sh park
+# tokenizer, so the GGUF travels in three parts (benchmarks/gguf_carry.sh; the machine stays warm ~30 s between calls):
+#   1. run(carry=[".carry1"]), then run(carry=[".carry1b"]):  bash benchmarks/gguf_carry.sh park
 #   2. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" fused     # ~6 min
 #   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~6 min, right after 2
 # .whl holds torchao-0.18.0 (int8wo). fused: compiled decode step MBU with and without `fused`, int8wo(+tuned)
@@ -10,11 +10,8 @@
 set -uo pipefail
 out=$1; what=${2:-fused}
 gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -s "$gguf" ]; then
-  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
-  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
-fi
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl .whl/*.whl
+bash benchmarks/gguf_carry.sh join || exit 3
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1

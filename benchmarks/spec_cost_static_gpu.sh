@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue 11 (7B shapes) + issue 13 (Stages 1-3) on the GPU machine, first of two calls: also parks the first half
-# of the SmolLM2 GGUF (.carry1/part00) in /tmp/gguf for a second call such as benchmarks/compile_eagle_gpu.sh.
+# Issue 11 (7B shapes) + issue 13 (Stages 1-3) on the GPU machine, first of two calls: also parks the first part
+# of the SmolLM2 GGUF (.carry1/part00, benchmarks/gguf_carry.sh) in /tmp/gguf for later calls (.carry1b, then .carry2).
 #   run(carry=[".carry1", ".whl"]): bash benchmarks/spec_cost_static_gpu.sh $OUT
 # .whl holds torchao-0.18.0 (int8wo/int4wo). Results land directly in OUT (≤ 8 files come back).
 set -uo pipefail
 out=$1
-mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00
+bash benchmarks/gguf_carry.sh park
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines  # `pip install .` does not give these there
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies

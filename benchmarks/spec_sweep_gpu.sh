@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 11 on the GPU machine, two calls back to back (the machine stays warm ~30 s between them):
 #   1. run(carry=[".carry1"]):  bash benchmarks/spec_sweep_gpu.sh park       # parks .carry1/part00 in /tmp/gguf
+#   1b. the same with carry=[".carry1b"] right after (the GGUF travels in three parts: benchmarks/gguf_carry.sh)
 #   2. run(carry=[".carry2"]):  bash benchmarks/spec_sweep_gpu.sh "$OUT" [sweep|compare]
 # sweep (default): benchmarks/spec_tree_sweep.py on `tiny` float32 (tree shapes, isolated costs, kernel profile).
 #   The inductor-compiled drafter beside the captured-eager one, bf16 (issue 11, next to measure):
@@ -13,15 +14,11 @@
 # (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
 set -uo pipefail
 if [ "${1:-}" = park ]; then
-  mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit
+  bash benchmarks/gguf_carry.sh park; exit
 fi
 out=$1; what=${2:-sweep}
 gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -s "$gguf" ]; then
-  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
-  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
-fi
+bash benchmarks/gguf_carry.sh join || exit 3  # the first measuring call carries .carry2; later ones find the joined file
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 13 on one GPU (kind nvidia-h200), in one measuring call. The SmolLM2 GGUF (needed by `tiny`
-# and by synthetic-7b's tokenizer) travels in two halves, as for benchmarks/multi_gpu.sh:
+# and by synthetic-7b's tokenizer) travels in three parts (benchmarks/gguf_carry.sh):
 #   1. run(carry=[".carry1"]):  bash benchmarks/stages_gpu.sh park
+#   1b. the same with carry=[".carry1b"] right after (the GGUF travels in three parts: benchmarks/gguf_carry.sh)
 #   2. run(carry=[".carry2"]):  bash benchmarks/stages_gpu.sh "$OUT"       # within ~30 s of call 1
 # Call 2 writes ONE file, $OUT/stages_gpu_<stamp>.tar.gz, holding:
 #   (a) stages_bench_synthetic-7b_cuda_*.{json,md} + _profile.txt: Stages 1-3 of synthetic-7b bf16
@@ -15,7 +16,7 @@
 # CPU smoke test (no GPU, no carry): SMOKE=1 bash benchmarks/stages_gpu.sh /tmp/stages_smoke
 set -uo pipefail
 if [ "${1:-}" = park ]; then
-  mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit
+  bash benchmarks/gguf_carry.sh park; exit
 fi
 out=$1; mkdir -p "$out"
 stamp=$(date -u +%Y%m%d_%H%M%S)
@@ -25,9 +26,7 @@ if [ "${SMOKE:-0}" = 1 ]; then  # toy sizes on this machine's CPU
   PY=${PY:-python}; BIG=tiny; DTYPE=float32; EVENTS=20000; CLIPS=2; REPEATS=1; N=2; N4=2; TOKENS=8; LIMIT=900
   MODES=eager,graph; FOUR_STRATEGY=${FOUR_STRATEGY:-baseline}
 else
-  cat /tmp/gguf/part00 .carry2/part01 > /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-  echo "$(cat .carry2/sha)  /tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
+  bash benchmarks/gguf_carry.sh join || exit 3
   [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
   [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
   export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf EGPT_SPEED_CACHE=/tmp/cache

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Issue 16 items 2-3 on one GPU (kind nvidia-h200), in up to five calls on one warm machine:
 #   1. run(carry=[".carry1"]):  bash benchmarks/train_draft_gpu.sh park-gguf      # SmolLM2 GGUF part 1 → /tmp/gguf
+#   1b. the same with carry=[".carry1b"] right after (the GGUF travels in three parts: benchmarks/gguf_carry.sh)
 #   2. run(carry=[".carry3"]):  bash benchmarks/train_draft_gpu.sh park-bnb       # bitsandbytes 0.50.2 wheel → /tmp/site
 #   3. run(carry=[".carry2"]):  bash benchmarks/train_draft_gpu.sh heads "$OUT"   # tiny, shipped recipe: the eagle head, vs 0.708
 #   3b. run():                  bash benchmarks/train_draft_gpu.sh heads3 "$OUT"  # the same answers (cached), the eagle3 head
@@ -8,7 +9,7 @@
 #   4. run():                   bash benchmarks/train_draft_gpu.sh nf4 "$OUT"     # tiny: heads trained on a bf16 vs an nf4 target
 #   5. run():                   bash benchmarks/train_draft_gpu.sh cost7b "$OUT"  # synthetic-7b: collection/epoch cost, bf16 vs nf4
 #   5b. run():                  bash benchmarks/train_draft_gpu.sh cost7b3 "$OUT" # the same for the EAGLE-3 head, --unroll 3 (bf16)
-# .carry1/.carry2 are benchmarks/multi_gpu.sh's halves of the GGUF (+ the gguf wheel); .carry3 holds
+# .carry1/.carry1b/.carry2 are benchmarks/gguf_carry.sh's parts of the GGUF (+ the gguf wheel); .carry3 holds
 # bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl (pip download, see shared GPU.md). Each measuring call
 # writes ONE tarball, $OUT/<mode>.tar.gz: result json + md, the log, command.txt and card.txt; its python runs
 # under a timeout that leaves time for the tarball, and the results are rewritten after every head, so a
@@ -17,17 +18,13 @@ set -uo pipefail
 mode=${1:-}
 gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
 case $mode in
-  park-gguf) mkdir -p /tmp/gguf && cp .carry1/part00 /tmp/gguf/part00 && echo "parked $(du -h /tmp/gguf/part00)"; exit ;;
+  park-gguf) bash benchmarks/gguf_carry.sh park; exit ;;
   park-bnb) python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry3/*.whl && ls /tmp/site; exit ;;
   heads|heads3|ttt|nf4|cost7b|cost7b3) ;;
   *) echo "usage: $0 park-gguf | park-bnb | heads OUT | heads3 OUT | ttt OUT | nf4 OUT | cost7b OUT | cost7b3 OUT"; exit 2 ;;
 esac
 out=$2
-if [ ! -s "$gguf" ]; then  # the first measuring call carries .carry2; later ones find the joined file
-  cat /tmp/gguf/part00 .carry2/part01 > "$gguf"
-  echo "$(cat .carry2/sha)  $gguf" | sha256sum -c - || exit 3
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .carry2/*.whl
-fi
+bash benchmarks/gguf_carry.sh join || exit 3  # the first measuring call carries .carry2; later ones find the joined file
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
