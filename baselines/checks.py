@@ -28,11 +28,13 @@ def check_compile_modes(options: dict) -> None:
             raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
-def check_speculation_flags(options: dict, strategies: list[str]) -> None:
+def check_speculation_flags(options: dict, strategies: list[str], do_sample: bool = False) -> None:
     """--fused-step and --draft-compile change the captured EAGLE drafter of compile+eagle(-tree): refuse them
     where no strategy has one, instead of ignoring them."""
     if options.get("fused_step") and not any(s.startswith("compile+eagle") for s in strategies):
         raise EgptError("--fused-step fuses the step of compile+eagle / compile+eagle-tree; add one or drop it.")
+    if options.get("fused_step") and do_sample:  # sampled runs draft with the eager head: nothing would be fused
+        raise EgptError("--fused-step fuses the greedy step; drop --sample or --fused-step.")
     if options.get("fused_step") and options.get("adaptive_gamma"):
         raise EgptError("--fused-step captures a step of fixed γ; drop --adaptive-gamma or --fused-step.")
     if options.get("fused_step") and options.get("compile_mode") == "reduce-overhead":

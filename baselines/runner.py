@@ -74,7 +74,7 @@ def validate(config: RunConfig) -> None:
     if config.fp32_check and config.do_sample:
         raise EgptError("--fp32-check compares greedy outputs; drop --sample or --fp32-check.")
     check_compile_modes(config.options)
-    check_speculation_flags(config.options, config.strategies)
+    check_speculation_flags(config.options, config.strategies, config.do_sample)
     if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
         raise EgptError("--memory-budget must be a positive number of GB.")
 

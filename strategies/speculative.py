@@ -52,11 +52,10 @@ class Speculative(Strategy):
         if self.fused_step() and isinstance(proposer, StaticEagleDrafter):
             result = fused_chain_decode(target, proposer, prefix_embeds, request.settings, self.ctx.gamma, eos_ids(model), clock,
                                         tree=self.tree_shape() is not None)
-            result.metrics["drafter"] = type(proposer).__name__
-            return result
-        result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
-                                    clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
-                                    tree=self.tree_shape())
+        else:
+            result = speculative_decode(target, prefix_embeds, proposer, request.settings, self.ctx.gamma, eos_ids(model),
+                                        clock, adaptive_gamma=bool(self.ctx.options.get("adaptive_gamma")),
+                                        tree=self.tree_shape())
         # compile+eagle drafts with a graph-captured head when greedy and with the eager head when sampling:
         # each sample records which one it measured
         result.metrics["drafter"] = type(proposer).__name__

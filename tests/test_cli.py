@@ -102,6 +102,7 @@ BAD_OPTIONS = {
     "fused-step-cudagraph-trees": (["run", "compile+eagle", "--fused-step", "--compile-mode", "reduce-overhead"],
                                    "--fused-step captures its step itself"),
     "fused-step-adaptive": (["run", "compile+eagle", "--fused-step", "--adaptive-gamma"], "fixed γ"),
+    "fused-step-sampled": (["run", "compile+eagle", "--fused-step", "--sample"], "--fused-step fuses the greedy step"),
     "draft-compile-alone": (["run", "speculative", "--draft-compile", "default"], "--draft-compile compiles the drafter"),
 }
 
