@@ -565,10 +565,10 @@ def load_collected(path: Path, collection: dict) -> tuple[list[TrainingSequence]
     return [TrainingSequence(**s) for s in saved["train"]], [TrainingSequence(**s) for s in saved["heldout"]]
 
 
-def _load_plain(path: Path, map_location=None):
+def _load_plain(path: Path, map_location=None, mmap: bool = False):
     """Our own .pt files hold tensors and plain data only: loading them never runs code."""
     try:
-        return torch.load(path, weights_only=True, map_location=map_location)
+        return torch.load(path, weights_only=True, map_location=map_location, mmap=mmap)
     except Exception as error:  # noqa: BLE001 - unpickling refused or a corrupt file: one line either way
         raise EgptError(f"{path} cannot be read safely ({type(error).__name__}); delete it and rerun without --resume.") from None
 
@@ -700,8 +700,9 @@ def resolve_head_style(config: TrainDraftConfig, num_layers: int) -> TrainDraftC
 
 
 def checkpoint_settings(path: Path) -> dict:
-    """The training settings of an interrupted run's checkpoint ({} if none)."""
-    return _load_plain(path, map_location="cpu")["settings"] if path.exists() else {}
+    """The training settings of an interrupted run's checkpoint ({} if none); memory-mapped, so the head and
+    optimizer tensors (GBs at 7B), which _restore reads later, are not read here."""
+    return _load_plain(path, map_location="cpu", mmap=True)["settings"] if path.exists() else {}
 
 
 def check_target_quant(kind: str, device: torch.device) -> None:
