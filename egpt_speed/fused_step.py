@@ -213,6 +213,8 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     # draft and verify share one graph: no draft time of their own, so no cost ratio (None), only the step's
     metrics = speculation_metrics(counters, len(committed), 0.0, clock.phases_ms.get("verify", 0.0))
     metrics["fused_step"] = True
+    if target.engine.prefill_capture_ms:  # a prompt of a new PREFILL_BUCKET: its capture is inside this prefill
+        metrics["prefill_capture_ms"] = target.engine.prefill_capture_ms
     if tree:
         metrics["tree"] = {"topk": drafter.topk, "max_nodes": drafter.max_nodes, "depth": gamma,
                            "mean_nodes": step.nodes - 1}

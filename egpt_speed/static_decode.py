@@ -42,6 +42,12 @@ CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across p
 # step is a graph replay (H100, 7B: 8.32 vs 8.30 ms/token with chunks of 8), while a chunk of C decodes on
 # average (C − 1)/2 dropped tokens past an EOS (~6–8 ms each): per-token checks win for answers that end.
 DEFAULT_EOS_EVERY = 1
+# Prompts are prefilled padded to a multiple of PREFILL_BUCKET and, on CUDA, as one captured graph per bucket:
+# an eager prefill is launch-bound and rides on the host's noise. H200, `tiny` bf16, 619–628-token prompts
+# (2026-12-03): the eager prefill took 19–109 ms per sample against ~1.5 ms of decode per token, i.e. as much
+# as 13–70 decode steps (benchmarks/results/spec_compare_h200_20261203_fused/). Padding slots are written like
+# rejected drafts: every later query's mask hides them until the decode overwrites them.
+PREFILL_BUCKET = 64
 # SDPA backends of the captured decode / verify / draft forwards on CUDA, per dtype (a few queries against the
 # whole cache; prefill keeps PyTorch's choice). For a masked query PyTorch picks the memory-efficient kernel,
 # which runs one CTA per head: on an H200, SmolLM2-135M shape (9 heads), float32, it took 87 µs a layer, 54 % of
@@ -119,6 +125,27 @@ def capture_cuda_graph(body: Callable[[], None], device: torch.device, warmup: i
     return graph
 
 
+@dataclass
+class _PrefillBuffers:
+    """The fixed-shape inputs and outputs of one prefill bucket's graph."""
+
+    embeds: torch.Tensor  # [1, B, H] the prompt, zero-padded
+    positions: torch.Tensor  # [B] 0..B-1
+    last: torch.Tensor  # [1] L - 1: the last real position
+    logits: torch.Tensor  # [1, 1, V]
+    features: torch.Tensor  # [1, B, F]
+
+    @classmethod
+    def allocate(cls, engine: "StaticEngine", bucket: int, aux_layers: tuple[int, ...]) -> "_PrefillBuffers":
+        config, device, dtype = engine.llm.config, engine.device, engine.dtype
+        hidden = config.hidden_size
+        return cls(embeds=torch.zeros(1, bucket, hidden, dtype=dtype, device=device),
+                   positions=torch.arange(bucket, device=device),
+                   last=torch.zeros(1, dtype=torch.long, device=device),
+                   logits=torch.zeros(1, 1, engine.llm.lm_head.weight.shape[0], dtype=dtype, device=device),
+                   features=torch.zeros(1, bucket, hidden * max(1, len(aux_layers)), dtype=dtype, device=device))
+
+
 class StaticEngine:
     """Greedy batch-1 decoding of a transformers Llama on a static cache; the decode step is a CUDA graph on CUDA.
 
@@ -127,7 +154,8 @@ class StaticEngine:
     without capture (`cuda_graph` is False), which is what the tests exercise.
     """
 
-    def __init__(self, llm, cuda_graph: bool | None = None, compile_mode: str | None = None):
+    def __init__(self, llm, cuda_graph: bool | None = None, compile_mode: str | None = None,
+                 prefill_graphs: bool | None = None):
         attention = getattr(llm.config, "_attn_implementation", "sdpa")
         if attention not in SUPPORTED_ATTENTION:
             raise EgptError(f"the static-cache decoder supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
@@ -148,6 +176,10 @@ class StaticEngine:
         self.allocations = 0  # caches allocated so far: targets sharing this engine rebuild their state when it moves
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
         self._steps: dict[str, Callable[[], None]] = {}
+        # padded, captured prefill (PREFILL_BUCKET): on by default wherever the decode step is captured by us
+        self.prefill_graphs = self.manual_graph if prefill_graphs is None else prefill_graphs
+        self._prefill_buffers: dict[tuple[int, tuple[int, ...]], _PrefillBuffers] = {}
+        self.prefill_capture_ms = 0.0  # capture time of the last prefill that met a new bucket (0 otherwise)
         self.setup_ms = 0.0  # allocation + warm-up + capture (+ compilation) of the last setup that did work
 
     # ---- setup ----------------------------------------------------------------------------------
@@ -185,6 +217,7 @@ class StaticEngine:
         """Drop the cache and graphs (before a larger setup, or to free device memory)."""
         self._graphs.clear()
         self._steps.clear()
+        self._prefill_buffers.clear()
         self.cache = None
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -256,19 +289,62 @@ class StaticEngine:
     def prefill(self, embeds: torch.Tensor, aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
         """embeds: [1, L, H] (the spliced prompt) → (logits [1, 1, V] of the last position, features [1, L, F]).
 
-        The cache then holds positions 0..L-1. Not captured (its length changes with every prompt).
-        With no mask given, transformers sees an empty static cache (length 0) and lets SDPA run
-        causal attention on the first L slots only (the flash kernel), as for a dynamic cache.
+        The cache then holds positions 0..L-1. With `prefill_graphs` (CUDA default) the prompt runs padded to
+        its PREFILL_BUCKET under an explicit causal mask, captured once per bucket; otherwise unpadded and
+        eager: with no mask given, transformers sees an empty static cache (length 0) and lets SDPA run causal
+        attention on the first L slots only (the flash kernel), as for a dynamic cache.
         """
         length = embeds.shape[1]
         if length > self.cache.max_len:
             raise EgptError(f"the prompt ({length} tokens) does not fit the static cache ({self.cache.max_len}); call setup() with a larger size.")
         self.cache.length = 0
+        self.prefill_capture_ms = 0.0
+        if self.prefill_graphs:
+            return self._bucketed_prefill(embeds, aux_layers)
         self.cache.cache_position = torch.arange(length, device=self.device)
         out = self.llm.model(**with_cache(self.cache, inputs_embeds=embeds.to(self.dtype), output_hidden_states=bool(aux_layers),
                                           position_ids=self.cache.cache_position.view(1, -1)))
         self.cache.length = length
         return self.llm.lm_head(out.last_hidden_state[:, -1:]), features_of(out, aux_layers)
+
+    def _bucketed_prefill(self, embeds: torch.Tensor, aux_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = embeds.shape[1]
+        bucket = min(round_up(length, PREFILL_BUCKET), self.cache.max_len)
+        key = (bucket, tuple(aux_layers))
+        buffers = self._prefill_buffers.get(key)
+        if buffers is None:
+            buffers = self._prefill_buffers[key] = _PrefillBuffers.allocate(self, bucket, aux_layers)
+        buffers.embeds[:, :length].copy_(embeds)
+        buffers.embeds[:, length:].zero_()
+        buffers.last.fill_(length - 1)
+        name = f"prefill{bucket}" + "".join(f"_{layer}" for layer in aux_layers)
+        if name not in self._steps:
+            start = time.perf_counter()
+            self._prepare_prefill(name, lambda: self._prefill_body(buffers, aux_layers))
+            synchronize(self.device)
+            self.prefill_capture_ms = (time.perf_counter() - start) * 1e3
+        self._steps[name]()
+        self.cache.length = length
+        # copies: the buffers belong to the bucket's graph and the next prompt of this bucket overwrites them
+        return buffers.logits.clone(), buffers.features[:, :length].clone()
+
+    def _prefill_body(self, buffers: "_PrefillBuffers", aux_layers: tuple[int, ...]) -> None:
+        self.cache.cache_position = buffers.positions
+        out = self.llm.model(**with_cache(self.cache, inputs_embeds=buffers.embeds, output_hidden_states=bool(aux_layers),
+                                          position_ids=buffers.positions.view(1, -1),
+                                          attention_mask=self._attention_mask(buffers.positions)))
+        buffers.logits.copy_(self.llm.lm_head(out.last_hidden_state.index_select(1, buffers.last)))
+        buffers.features.copy_(features_of(out, aux_layers))
+
+    def _prepare_prefill(self, name: str, body: Callable[[], None]) -> None:
+        """Like _prepare_step without inductor or the decode attention backends (a long causal query keeps
+        PyTorch's SDPA choice); the warm-up runs write the very slots the replay writes again."""
+        if not self.manual_graph:
+            self._steps[name] = body
+            return
+        graph = capture_cuda_graph(body, self.device, warmup=2)
+        self._graphs[name] = graph
+        self._steps[name] = graph.replay
 
     def _decode_body(self) -> None:
         """The captured step: greedy token after `_token` at `_position`, then advance in place.
@@ -342,6 +418,8 @@ class StaticEngine:
                    "wasted_steps": len(tokens) - len(kept), "static_cache_len": self.cache.max_len}
         if setup_ms:
             metrics["compile_ms"] = setup_ms
+        if self.prefill_capture_ms:  # a prompt of a new PREFILL_BUCKET: its capture is inside this prefill
+            metrics["prefill_capture_ms"] = self.prefill_capture_ms
         return DecodeResult(kept, metrics)
 
 

@@ -28,7 +28,8 @@ import torch
 from egpt_speed.eagle import EagleHead
 from egpt_speed.errors import EgptError
 from egpt_speed.proposers import Proposer
-from egpt_speed.static_decode import HostStaging, StaticKVCache, capture_cuda_graph, round_up, with_decode_attention
+from egpt_speed.static_decode import (PREFILL_BUCKET, HostStaging, StaticKVCache, capture_cuda_graph, round_up,
+                                      with_decode_attention)
 from egpt_speed.tree import DraftTree
 from egpt_speed.verify import ChainDraft
 
@@ -121,7 +122,7 @@ class StaticEagleDrafter(Proposer):
     wants_hidden = True
 
     def __init__(self, head: EagleHead, target_llm, gamma: int, topk: int = 8, max_nodes: int = 32,
-                 cuda_graph: bool | None = None, compile_mode: str | None = None):
+                 cuda_graph: bool | None = None, compile_mode: str | None = None, bucket_prompt: bool | None = None):
         self.head = head
         # an EAGLE-3 head reads the inputs of three target layers (the target's capture_layers), else the last layer
         self.aux_layers: list[int] | None = head.aux_layers_for(len(target_llm.model.layers))
@@ -133,6 +134,8 @@ class StaticEagleDrafter(Proposer):
         self.width = gamma + 1  # a verify accepts at most γ drafts + the pending token: ≤ γ+1 fresh features
         capture = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         self.graphs = _Graphs(self.device, capture, self.dtype, compile_mode)
+        # the prompt's catch-up padded to PREFILL_BUCKET, one captured graph per bucket (as the target's prefill)
+        self.bucket_prompt = capture if bucket_prompt is None else bucket_prompt
         self.cache: StaticKVCache | None = None
         self.prefix_embeds: torch.Tensor | None = None
 
@@ -160,6 +163,7 @@ class StaticEagleDrafter(Proposer):
         self._predicted = torch.zeros(1, 1, hidden, dtype=self.dtype, device=device)  # [1, 1, H] f̂ at `observed`
         self._draft = torch.zeros(self.gamma, **long)  # [γ] chain drafts
         self._trees: dict[int, dict[str, torch.Tensor]] = {}
+        self._prompts: dict[int, dict[str, torch.Tensor]] = {}  # per bucket: padded features, next embeds, slots, last
         self._true = torch.ones((), dtype=torch.bool, device=device)  # index_put_ value (no host scalar in a capture)
         self._ids_staging = HostStaging(self.width, device)
         self._pending: PendingTree | None = None  # the last tree, until read back
@@ -231,7 +235,9 @@ class StaticEagleDrafter(Proposer):
         assert count == self.observed - self.consumed, (fresh.shape, self.observed, self.consumed)
         first = self.consumed
         ids = committed[first + 1 - self.prefix_len:self.observed + 1 - self.prefix_len] if first + 1 >= self.prefix_len else None
-        if ids is None or count > self.width:  # the prompt (once per sample): variable length, not captured
+        if first == 0 and self.bucket_prompt:  # the prompt (once per sample): padded to its bucket, captured
+            self._prompt_catch_up(fresh, self._next_embeds(first, committed))
+        elif ids is None or count > self.width:  # the prompt, eager (variable length)
             self._head_forward_into_predicted(fresh, self._next_embeds(first, committed), first)
         else:
             self._features[:, :count].copy_(fresh)
@@ -250,6 +256,28 @@ class StaticEagleDrafter(Proposer):
         if ids:
             rows.append(self.embed(torch.tensor(ids, device=self.device)).unsqueeze(0))
         return torch.cat(rows, dim=1).to(self.dtype)
+
+    def _prompt_catch_up(self, features: torch.Tensor, next_embeds: torch.Tensor) -> None:
+        """features, next_embeds: [1, L, ·] of prompt positions 0..L-1 → _predicted, as one graph per bucket.
+        The padding's head-cache slots are hidden by every later mask until the catch-up overwrites them."""
+        count = features.shape[1]
+        bucket = min(round_up(count, PREFILL_BUCKET), self.cache.max_len)
+        if bucket not in self._prompts:
+            zeros = dict(dtype=self.dtype, device=self.device)
+            self._prompts[bucket] = {"features": torch.zeros(1, bucket, self.feature_size, **zeros),
+                                     "next": torch.zeros(1, bucket, next_embeds.shape[-1], **zeros),
+                                     "slots": torch.arange(bucket, device=self.device),
+                                     "last": torch.zeros(1, dtype=torch.long, device=self.device)}
+        buffers = self._prompts[bucket]
+        for name, rows in (("features", features), ("next", next_embeds)):
+            buffers[name][:, :count].copy_(rows)
+            buffers[name][:, count:].zero_()
+        buffers["last"].fill_(count - 1)
+        self.graphs.run(f"prompt{bucket}", lambda: self._prompt_body(buffers))
+
+    def _prompt_body(self, buffers: dict[str, torch.Tensor]) -> None:
+        out = self._head(buffers["features"], buffers["next"], buffers["slots"])
+        self._predicted.copy_(out.index_select(1, buffers["last"]))
 
     def _head_forward_into_predicted(self, features: torch.Tensor, next_embeds: torch.Tensor, start: int) -> None:
         slots = torch.arange(start, start + features.shape[1], device=self.device)

@@ -328,3 +328,33 @@ def test_captured_static_target_reproduces_greedy_on_cuda(model):
             target.crop(embeds.shape[1] + len(committed) - 1)
     assert target.engine.captured
     assert committed[:24] == reference
+
+
+# ---- the padded prefill (PREFILL_BUCKET): what CUDA captures once per bucket, run uncaptured here ----
+
+@pytest.mark.parametrize("text_len,events", [(5, 3), (14, 6), (40, 24), (62, 1)])
+def test_padded_prefill_equals_the_unpadded_one(model, text_len, events):
+    """Prompt lengths below, at and across a bucket edge (64), and a cache smaller than the bucket."""
+    embeds = spliced(model, request_for(model, 30 + text_len, text_len, events, 12))
+    plain = StaticEngine(model.llm, prefill_graphs=False)
+    padded = StaticEngine(model.llm, prefill_graphs=True)
+    for engine in (plain, padded):
+        engine.setup(1, embeds.shape[1] + 12)
+        engine.reset()
+    with torch.inference_mode():
+        (plain_logits, plain_features), (padded_logits, padded_features) = plain.prefill(embeds), padded.prefill(embeds)
+    assert padded_logits.shape == plain_logits.shape and padded_features.shape == plain_features.shape
+    torch.testing.assert_close(padded_logits, plain_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded_features, plain_features, rtol=1e-5, atol=1e-5)
+    assert padded.cache.length == plain.cache.length == embeds.shape[1]
+    assert engine_tokens(padded, embeds, 12) == engine_tokens(plain, embeds, 12)  # the padding slots stay hidden
+
+
+def test_padded_prefill_reuses_one_bucket_across_prompts(model):
+    """Two prompts of one bucket share its buffers (a capture on CUDA); each still decodes its own answer."""
+    engine = StaticEngine(model.llm, prefill_graphs=True)
+    plain = StaticEngine(model.llm, prefill_graphs=False)
+    for seed, text_len in ((50, 10), (51, 13)):
+        embeds = spliced(model, request_for(model, seed, text_len, 5, 10))
+        assert engine_tokens(engine, embeds, 10) == engine_tokens(plain, embeds, 10)
+    assert len(engine._prefill_buffers) == 1

@@ -442,3 +442,42 @@ def test_targets_sharing_an_engine_survive_a_reallocation_by_either(model, head)
     assert engine.allocations == 2  # the long prompt re-allocated once; `trees` followed without a setup of its own
     trees.discard()
     assert engine._steps and not any(name.endswith(f"@{trees._number}") for name in engine._steps)
+
+
+# ---- the padded prompt (PREFILL_BUCKET): the target's prefill and the head's prompt catch-up, as CUDA runs them ----
+
+def padded_pair(model, head, gamma: int, embeds: torch.Tensor, padded: bool, tree: TreeShape | None = None):
+    """A static target and a recording drafter, both padding the prompt to its bucket or both not."""
+    shape = (tree.topk, tree.max_nodes) if tree else ()
+    drafter = recording(StaticEagleDrafter)(head, model.llm, gamma, *shape, cuda_graph=False, bucket_prompt=padded)
+    drafter.log = []
+    target = StaticTarget(StaticEngine(model.llm, cuda_graph=False, prefill_graphs=padded), gamma)
+    target.setup(embeds.shape[1] + NEW, tree_nodes=tree.max_nodes if tree else 0)
+    return target, drafter.begin(embeds, NEW)
+
+
+@pytest.mark.parametrize("seed,length,tree", [(0, 9, None), (1, 64, None), (2, 70, TreeShape(topk=4, max_nodes=10)),
+                                              (3, 130, TreeShape(topk=8, max_nodes=32))])
+def test_a_padded_prompt_drafts_and_decodes_what_the_unpadded_one_does(model, head, seed, length, tree):
+    embeds = prefix(model, seed, length)
+    runs = []
+    for padded in (False, True):
+        target, drafter = padded_pair(model, head, 4, embeds, padded, tree)
+        runs.append((decode(target, embeds, drafter, 4, tree).token_ids, drafter.log))
+        assert bool(drafter._prompts) == padded  # the padded catch-up really ran
+    assert runs[1] == runs[0] and len(runs[0][1]) > 3
+    assert runs[0][0] == reference(model, embeds)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_the_fused_step_after_a_padded_prompt_equals_the_unpadded_loop(model, head, tree):
+    from egpt_speed.fused_step import fused_chain_decode
+
+    embeds, gamma = prefix(model, 7, 45), 4
+    shape = TreeShape(topk=8, max_nodes=32) if tree else None
+    target, drafter = padded_pair(model, head, gamma, embeds, True, shape)
+    clock = Clock(CPU)
+    clock.begin()
+    fused = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=NEW), gamma, set(), clock,
+                               tree=tree)
+    assert fused.token_ids == reference(model, embeds)
