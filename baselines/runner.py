@@ -32,7 +32,7 @@ from egpt_speed.results import batch_summary  # noqa: F401 - re-exported for ben
 from egpt_speed.stages import EncodedSample, make_request
 from egpt_speed.strategies import registry
 from egpt_speed.strategies.registry import RunContext, Strategy
-from egpt_speed.timing import measure_copy_bandwidth
+from egpt_speed.timing import collect_between_samples, collector_paused, measure_copy_bandwidth
 
 __all__ = ["RunConfig", "StrategyState", "decode_one", "execute", "run", "Outcome"]
 
@@ -153,9 +153,17 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
     queues encoded samples and decodes `--batch-size` of them in one call.
     """
     sink = sink or SampleSink(None, [s.strategy.name for s in states], skip)
-    pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
     # every strategy batched: Stage 3 runs once per batch of samples (each sample's stage3_ms is its share)
     group = config.batch_size if states and all(s.strategy.batched for s in states) else 1
+    with collector_paused():
+        _measured_loop(config, base, states, plan, settings, progress, sink, skip, group)
+
+
+def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
+                   settings: GenerationSettings, progress: Callable[[int], None] | None, sink: SampleSink,
+                   skip: int, group: int) -> None:
+    """run_samples' loop, run with the collector paused (collected between samples, untimed)."""
+    pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
     for index, counted_index, encoded, common in encode_plan(plan, config, base, group, skip):
         counted = counted_index is not None
         order = interleaved_order(len(states), index)
@@ -175,6 +183,7 @@ def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], 
             add_teacher_forced_top1(states, encoded, settings)
             add_divergences(states, encoded, settings)
         sink.flush()
+        collect_between_samples()
         if progress:
             progress(1)
     for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy

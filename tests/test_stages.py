@@ -345,3 +345,34 @@ def test_teacher_forced_top1_is_one_for_the_model_own_greedy_output_and_lower_fo
                                     max_new_tokens=12, do_sample=False, eos_token_id=None)[0].tolist()
     assert teacher_forced_top1(model, request, greedy) == 1.0
     assert teacher_forced_top1(other, request, greedy) < 1.0
+
+
+def test_no_cyclic_collection_runs_inside_a_timed_sample_and_each_samples_cycles_are_collected(tmp_path, tiny_dataset,
+                                                                                                 sp_tokenizer):
+    """A full collection can take hundreds of ms: none may land in a timed stage. Each Stage-4 call leaves a
+    reference cycle behind; it must be gone when the next sample starts, and the collector is back after."""
+    import gc
+    import weakref
+
+    seen, cycles = [], []
+    real_decode_one = runner.decode_one
+
+    class Cycle:
+        pass
+
+    def watching_decode_one(state, encoded, settings, device):
+        seen.append((gc.isenabled(), sum(1 for ref in cycles if ref() is not None)))
+        cycle = Cycle()
+        cycle.me = cycle
+        cycles.append(weakref.ref(cycle))
+        del cycle
+        return real_decode_one(state, encoded, settings, device)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "decode_one", watching_decode_one)
+        run_tiny(tmp_path, tiny_dataset, tokenizer=sp_tokenizer, strategies=["baseline", "pld"], samples=2, warmup=1)
+    assert len(seen) == 6
+    assert all(enabled is False for enabled, _ in seen)
+    # within a sample the first strategy's cycle is still alive at the second's start; none survives a sample
+    assert [alive for _, alive in seen] == [0, 1, 0, 1, 0, 1]
+    assert gc.isenabled() and gc.get_freeze_count() == 0
