@@ -39,7 +39,7 @@ from egpt_speed.stages import make_request  # noqa: E402
 from egpt_speed.static_decode import StaticEngine, StaticTarget  # noqa: E402
 from egpt_speed.static_draft import StaticEagleDrafter  # noqa: E402
 from egpt_speed.fused_step import WARM_UP_RUNS, fused_chain_decode  # noqa: E402
-from egpt_speed.timing import Clock, median_ms  # noqa: E402
+from egpt_speed.timing import Clock, collect_between_samples, collector_paused, median_ms  # noqa: E402
 from egpt_speed.tree import TreeShape  # noqa: E402
 
 NEW_TOKENS = 64
@@ -152,13 +152,15 @@ def run_interleaved(sweep: Sweep, embeds: list[torch.Tensor], warmup: int) -> di
              for gamma, fused in sweep.chains]
     runs: dict[str, list[dict]] = {name: [] for name, _ in jobs}
     plan = [embeds[i % len(embeds)] for i in range(warmup)] + embeds
-    for index, prefix in enumerate(plan):
-        for position in [(index + r) % len(jobs) for r in range(len(jobs))]:
-            name, job = jobs[position]
-            record = job(prefix)
-            if index >= warmup:
-                runs[name].append(record)
-        print(f"sample {index} done", flush=True)
+    with collector_paused():  # as the CLI's measured loop: no cyclic collection inside a timed sample
+        for index, prefix in enumerate(plan):
+            for position in [(index + r) % len(jobs) for r in range(len(jobs))]:
+                name, job = jobs[position]
+                record = job(prefix)
+                if index >= warmup:
+                    runs[name].append(record)
+            collect_between_samples()
+            print(f"sample {index} done", flush=True)
     return runs
 
 
