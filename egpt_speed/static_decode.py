@@ -155,7 +155,7 @@ class StaticEngine:
     """
 
     def __init__(self, llm, cuda_graph: bool | None = None, compile_mode: str | None = None,
-                 prefill_graphs: bool | None = None):
+                 prefill_graphs: bool | None = None, inductor_config: dict | None = None):
         attention = getattr(llm.config, "_attn_implementation", "sdpa")
         if attention not in SUPPORTED_ATTENTION:
             raise EgptError(f"the static-cache decoder supports attn_implementation {' or '.join(SUPPORTED_ATTENTION)}, "
@@ -169,6 +169,7 @@ class StaticEngine:
         if self.cuda_graph and self.device.type != "cuda":
             raise EgptError("CUDA-graph capture needs the model on a CUDA device.")
         self.compile_mode = compile_mode
+        self.inductor_config = dict(inductor_config or {})  # torch._inductor.config entries while compiling (only)
         # reduce-overhead brings its own CUDA graphs (cudagraph trees); every other mode is captured by us
         self.manual_graph = self.cuda_graph and compile_mode != "reduce-overhead"
         self.cache: StaticKVCache | None = None
@@ -226,18 +227,21 @@ class StaticEngine:
         """Make `body` (reads and writes engine buffers only) runnable as self._steps[name], captured on CUDA.
 
         compile=False captures the eager body (index copies: nothing for inductor to fuse)."""
-        if self.compile_mode is not None and compile:
+        compiled = self.compile_mode is not None and compile
+        if compiled:
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
         body = with_decode_attention(body, self.device, self.dtype)
         if not self.manual_graph:
-            if self.compile_mode is not None and compile:  # compile (and record cudagraph trees) now, inside setup's timing
-                for _ in range(3):
-                    body()
+            if compiled:  # compile (and record cudagraph trees) now, inside setup's timing
+                with torch._inductor.config.patch(self.inductor_config):
+                    for _ in range(3):
+                        body()
             self._steps[name] = body
             return
         # The buffers hold whatever the caller loaded: warm-up writes only cache positions that are about
-        # to be overwritten (or a cache that setup() resets right after).
-        graph = capture_cuda_graph(body, self.device, warmup=3)
+        # to be overwritten (or a cache that setup() resets right after). Inductor compiles in the warm-up.
+        with torch._inductor.config.patch(self.inductor_config if compiled else {}):
+            graph = capture_cuda_graph(body, self.device, warmup=3)
         self._graphs[name] = graph
         self._steps[name] = graph.replay
 

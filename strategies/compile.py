@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from egpt_speed.decoding import eos_ids
 from egpt_speed.errors import EgptError
+from egpt_speed.quantize import inductor_config_for
 from egpt_speed.static_decode import DEFAULT_EOS_EVERY, StaticEngine
 from egpt_speed.strategies.registry import Strategy, register
 
@@ -47,7 +48,9 @@ class Compile(Strategy):
         return value
 
     def prepare(self, model) -> None:
-        self.engine = StaticEngine(model.llm, compile_mode=self._compile_mode())
+        # a torchao-quantized LLM (int8wo+compile, int4wo+compile) compiles under torchao's inductor settings
+        self.inductor_config = inductor_config_for(model.llm)
+        self.engine = StaticEngine(model.llm, compile_mode=self._compile_mode(), inductor_config=self.inductor_config)
 
     def decode(self, model, request, clock):
         if request.settings.do_sample:
@@ -58,7 +61,7 @@ class Compile(Strategy):
     def settings(self) -> dict:
         cuda_graph = self.ctx.device.type == "cuda"
         return {"cuda_graph": cuda_graph, "compile_mode": self._compile_mode(), "eos_every": self._eos_every(),
-                "draft_compile": self._draft_compile(),
+                "draft_compile": self._draft_compile(), "inductor_config": getattr(self, "inductor_config", None) or None,
                 "static_cache": True,
                 "note": None if cuda_graph else "CPU: static-cache decode without graph capture (nothing to capture)"}
 

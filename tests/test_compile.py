@@ -358,3 +358,25 @@ def test_padded_prefill_reuses_one_bucket_across_prompts(model):
         embeds = spliced(model, request_for(model, seed, text_len, 5, 10))
         assert engine_tokens(engine, embeds, 10) == engine_tokens(plain, embeds, 10)
     assert len(engine._prefill_buffers) == 1
+
+
+def test_an_inductor_config_is_in_force_while_the_step_compiles_and_not_after(model):
+    """int8wo/int4wo+compile: torchao's inductor settings apply to our compile only, not to the process."""
+    from torch._inductor import config as inductor_config
+
+    from egpt_speed.quantize import TORCHAO_INDUCTOR_CONFIG, inductor_config_for
+
+    assert inductor_config_for(model.llm) == {}  # plain float weights: no settings
+    seen = []
+    engine = StaticEngine(model.llm, compile_mode="default", inductor_config=TORCHAO_INDUCTOR_CONFIG)
+    body = engine._decode_body
+
+    def recording_body():
+        seen.append(inductor_config.coordinate_descent_tuning)  # runs while dynamo traces, i.e. inside the compile
+        body()
+    engine._decode_body = recording_body
+    before = inductor_config.coordinate_descent_tuning
+    embeds = spliced(model, request_for(model, 61, 6, 3, 4))
+    assert engine_tokens(engine, embeds, 4) == engine_tokens(StaticEngine(model.llm), embeds, 4)
+    assert seen and seen[0] is True
+    assert inductor_config.coordinate_descent_tuning == before is False
