@@ -35,7 +35,7 @@ from egpt_speed.eagle import EagleHead, head_config_from_target  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
-from egpt_speed.quantize import quantize_llm_torchao  # noqa: E402
+from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.static_decode import StaticEngine, StaticTarget  # noqa: E402
 from egpt_speed.static_draft import DeviceTree, StaticEagleDrafter  # noqa: E402
@@ -147,12 +147,18 @@ def quantized_decode(model, kind: str, embeds: torch.Tensor, compile_mode: str |
     try:
         converted = quantize_llm_torchao(llm, kind)
         llm_bytes = metrics.minus(metrics.allocated_bytes(device), before)
-        engine = StaticEngine(llm, compile_mode=compile_mode)
+        settings = inductor_config_for(llm)  # what compile (the strategy) uses: torchao's inductor settings
+        engine = StaticEngine(llm, compile_mode=compile_mode, inductor_config=settings)
         ms = decode_ms_per_token(engine, embeds, new_tokens, repeats)
         moved = metrics.bytes_per_decoded_token(model, context_len, llm_bytes) if llm_bytes else None
         result = {"ms_per_token": ms, "compile_ms": engine.setup_ms, "quantized_linears": converted,
-                  "llm_bytes": llm_bytes, "mbu": metrics.mbu(moved, ms, bandwidth) if moved else None}
+                  "llm_bytes": llm_bytes, "mbu": metrics.mbu(moved, ms, bandwidth) if moved else None,
+                  "inductor_config": settings}
         engine.release()
+        if compile_mode is not None and settings:  # the same step compiled without them (before 2026-12-03)
+            plain = StaticEngine(llm, compile_mode=compile_mode)
+            result["ms_per_token_plain_inductor"] = decode_ms_per_token(plain, embeds, new_tokens, repeats)
+            plain.release()
         return result
     except (EgptError, RuntimeError, NotImplementedError, AssertionError, ImportError, TypeError, ValueError) as error:
         return {"error": f"{type(error).__name__}: {str(error)[:600]}"}
@@ -194,6 +200,8 @@ def render(document: dict) -> str:
             lines.append(f"| {kind}+compile | failed: {q['error'][:200]} | | |")
         else:
             lines.append(f"| {kind}+compile | {fmt(q['ms_per_token'])} | {fmt(q['mbu'], '.1%')} (of {q['llm_bytes'] / 1e9:.2f} GB) | {q['compile_ms'] / 1e3:.0f} |")
+            if "ms_per_token_plain_inductor" in q:
+                lines.append(f"| {kind}+compile without torchao's inductor settings | {fmt(q['ms_per_token_plain_inductor'])} | | |")
     lines += ["", "Each verify against one step of its own engine (× own step) and against the compiled step:", "",
               "| captured verify | nodes + root | ms | × own step | × compiled step | ms with keep_path | × compiled step |",
               "|---|---:|---:|---:|---:|---:|---:|"]
@@ -245,6 +253,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gamma", type=int, default=4)
     parser.add_argument("--tau", type=float, default=4.3, help="tokens per verify step (Spec-Bench: EAGLE-2 on Vicuna-7B)")
     parser.add_argument("--quant", default="int8wo,int4wo")
+    parser.add_argument("--only-quant", action="store_true", help="the compiled step, then the --quant kinds only")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args()
 
@@ -283,6 +292,10 @@ def main() -> None:
     step = decode_ms_per_token(compiled, embeds, args.new_tokens, args.repeats)
     document["decode"].update(compiled_ms_per_token=step, compile_ms=compiled.setup_ms, compiled_mbu=metrics.mbu(moved, step, bandwidth))
     print(f"compiled step {step:.3f} ms/token (compile {compiled.setup_ms / 1e3:.0f} s)", flush=True)
+    if args.only_quant:  # the compiled step as the same-run reference, then the quantized steps
+        compiled.release()
+        run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)
+        return
     eager = StaticEngine(model.llm, compile_mode=None)
     eager_step = decode_ms_per_token(eager, embeds, args.new_tokens, args.repeats)
     document["decode"].update(eager_captured_ms_per_token=eager_step, eager_captured_mbu=metrics.mbu(moved, eager_step, bandwidth))
@@ -301,6 +314,11 @@ def main() -> None:
         document["tree_verify"]["compiled"][n] = tree_verify_ms(compiled, embeds, n, args.tree_topk, args.repeats)
         save(document, out)
     compiled.release()
+    run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)
+
+
+def run_quant(document: dict, model, embeds: torch.Tensor, compile_mode: str | None, args, context: float,
+              bandwidth: float | None, out: Path) -> None:
     for kind in sizes_or_names(args.quant):
         document["quant"][kind] = quantized_decode(model, kind, embeds, compile_mode, args.new_tokens, args.repeats,
                                                    context, bandwidth)

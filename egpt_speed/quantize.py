@@ -146,6 +146,8 @@ def quantize_llm_torchao(llm, kind: str) -> int:
     """torchao `quantize_` on the decoder-layer linears of `llm` (weights already on the device); returns the count."""
     try:
         from torchao.quantization import quantize_
+    except ModuleNotFoundError:
+        raise EgptError(f"{kind}: torchao is not installed; pip install torchao (a build matching torch {torch.__version__}).") from None
     except (ImportError, OSError, RuntimeError) as error:  # a torchao built for another torch fails at import
         raise EgptError(f"{kind}: torchao is installed but does not import with this torch "
                         f"({type(error).__name__}: {error}); install a torchao matching torch {torch.__version__}.") from None
