@@ -148,6 +148,7 @@ def quantized_decode(model, kind: str, embeds: torch.Tensor, compile_mode: str |
         converted = quantize_llm_torchao(llm, kind)
         llm_bytes = metrics.minus(metrics.allocated_bytes(device), before)
         settings = inductor_config_for(llm)  # what compile (the strategy) uses: torchao's inductor settings
+        torch._dynamo.reset()  # dynamo caches compiled code per code object and does not guard inductor settings
         engine = StaticEngine(llm, compile_mode=compile_mode, inductor_config=settings)
         ms = decode_ms_per_token(engine, embeds, new_tokens, repeats)
         moved = metrics.bytes_per_decoded_token(model, context_len, llm_bytes) if llm_bytes else None
@@ -156,6 +157,7 @@ def quantized_decode(model, kind: str, embeds: torch.Tensor, compile_mode: str |
                   "inductor_config": settings}
         engine.release()
         if compile_mode is not None and settings:  # the same step compiled without them (before 2026-12-03)
+            torch._dynamo.reset()  # else the plain engine would replay the code compiled under the settings
             plain = StaticEngine(llm, compile_mode=compile_mode)
             result["ms_per_token_plain_inductor"] = decode_ms_per_token(plain, embeds, new_tokens, repeats)
             plain.release()

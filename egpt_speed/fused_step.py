@@ -191,7 +191,7 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     counters.target_forwards += 1
     clock.mark_first_token()
     drafter.observe(target.last_hidden)
-    drafter._catch_up(committed)  # the prompt: variable length, not captured (no draft phase: see below)
+    drafter._catch_up(committed)  # the prompt: one captured graph per PREFILL_BUCKET on CUDA (no draft phase: see below)
     step = getattr(drafter, "_fused", None)
     kind = FusedTreeStep if tree else FusedChainStep
     if type(step) is not kind or not step.still_valid(target, drafter):
@@ -213,8 +213,6 @@ def fused_chain_decode(target: StaticTarget, drafter: StaticEagleDrafter, prefix
     # draft and verify share one graph: no draft time of their own, so no cost ratio (None), only the step's
     metrics = speculation_metrics(counters, len(committed), 0.0, clock.phases_ms.get("verify", 0.0))
     metrics["fused_step"] = True
-    if target.engine.prefill_capture_ms:  # a prompt of a new PREFILL_BUCKET: its capture is inside this prefill
-        metrics["prefill_capture_ms"] = target.engine.prefill_capture_ms
     if tree:
         metrics["tree"] = {"topk": drafter.topk, "max_nodes": drafter.max_nodes, "depth": gamma,
                            "mean_nodes": step.nodes - 1}

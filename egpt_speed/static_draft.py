@@ -97,13 +97,13 @@ class _Graphs:
         self.steps: dict[str, object] = {}
         self._keep: list[torch.cuda.CUDAGraph] = []
 
-    def run(self, name: str, body) -> None:
+    def run(self, name: str, body, compile: bool = True) -> None:
         if name not in self.steps:
-            self.steps[name] = self._prepare(body)
+            self.steps[name] = self._prepare(body, compile)
         self.steps[name]()
 
-    def _prepare(self, body):
-        if self.compile_mode is not None:  # inductor fuses the draft's many small ops before the capture
+    def _prepare(self, body, compile: bool = True):
+        if self.compile_mode is not None and compile:  # inductor fuses the draft's many small ops before the capture
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
         if not self.capture:
             return body
@@ -273,7 +273,9 @@ class StaticEagleDrafter(Proposer):
             buffers[name][:, :count].copy_(rows)
             buffers[name][:, count:].zero_()
         buffers["last"].fill_(count - 1)
-        self.graphs.run(f"prompt{bucket}", lambda: self._prompt_body(buffers))
+        # captured without inductor (as the target's prefill): every bucket would otherwise recompile one
+        # lambda, inside a timed sample, and fullgraph compiles stop at dynamo's recompile limit
+        self.graphs.run(f"prompt{bucket}", lambda: self._prompt_body(buffers), compile=False)
 
     def _prompt_body(self, buffers: dict[str, torch.Tensor]) -> None:
         out = self._head(buffers["features"], buffers["next"], buffers["slots"])

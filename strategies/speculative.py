@@ -60,6 +60,9 @@ class Speculative(Strategy):
         # each sample records which one it measured
         result.metrics["drafter"] = type(proposer).__name__
         result.metrics.update(self._draft_stage_ms)
+        engine = getattr(target, "engine", None)  # a static target: a prompt of a new PREFILL_BUCKET was captured here
+        if engine is not None and engine.prefill_capture_ms:
+            result.metrics["prefill_capture_ms"] = engine.prefill_capture_ms
         return result
 
     def fused_step(self) -> bool:

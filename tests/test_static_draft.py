@@ -481,3 +481,21 @@ def test_the_fused_step_after_a_padded_prompt_equals_the_unpadded_loop(model, he
     fused = fused_chain_decode(target, drafter, embeds, GenerationSettings(max_new_tokens=NEW), gamma, set(), clock,
                                tree=tree)
     assert fused.token_ids == reference(model, embeds)
+
+
+def test_prompts_of_many_buckets_do_not_recompile_the_drafter(model, head):
+    """--draft-compile: the prompt catch-up is captured without inductor, so ten buckets neither hit dynamo's
+    recompile limit (8) nor compile inside a sample; drafts equal the uncompiled drafter's."""
+    lengths = [64 * i + 5 for i in range(10, 0, -1)]  # longest first: one head cache for all
+    drafts = {}
+    for compile_mode in (None, "default"):
+        drafter = StaticEagleDrafter(head, model.llm, 4, cuda_graph=False, compile_mode=compile_mode, bucket_prompt=True)
+        drafts[compile_mode] = []
+        for length in lengths:
+            embeds = prefix(model, length, length)
+            drafter.begin(embeds, 8)
+            drafter.observe(torch.randn(1, length, drafter.feature_size, generator=torch.Generator().manual_seed(length)))
+            with torch.inference_mode():
+                drafts[compile_mode].append(drafter.propose([7], 4, None, None).tokens.tolist())
+        assert len(drafter._prompts) == 10
+    assert drafts["default"] == drafts[None]
