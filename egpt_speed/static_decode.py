@@ -97,6 +97,11 @@ def round_up(value: int, multiple: int = CACHE_ROUNDING) -> int:
     return int(math.ceil(value / multiple) * multiple)
 
 
+def prefill_bucket(length: int, max_len: int) -> int:
+    """The padded length a prompt of `length` positions is prefilled at (PREFILL_BUCKET), within a cache of max_len."""
+    return min(round_up(length, PREFILL_BUCKET), max_len)
+
+
 def with_decode_attention(body: Callable[[], None], device: torch.device, dtype: torch.dtype) -> Callable[[], None]:
     """`body` run under the dtype's DECODE_SDPA_BACKENDS on CUDA (a compiled or captured body is traced under
     them, so the choice is baked in); unchanged elsewhere."""
@@ -223,14 +228,17 @@ class StaticEngine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _prepare_step(self, name: str, body: Callable[[], None], compile: bool = True) -> None:
+    def _prepare_step(self, name: str, body: Callable[[], None], compile: bool = True,
+                      decode_attention: bool = True) -> None:
         """Make `body` (reads and writes engine buffers only) runnable as self._steps[name], captured on CUDA.
 
-        compile=False captures the eager body (index copies: nothing for inductor to fuse)."""
+        compile=False captures the eager body (index copies: nothing for inductor to fuse); decode_attention=False
+        keeps PyTorch's SDPA choice instead of DECODE_SDPA_BACKENDS (the prefill's long causal query)."""
         compiled = self.compile_mode is not None and compile
         if compiled:
             body = torch.compile(body, mode=self.compile_mode, fullgraph=True, dynamic=False)
-        body = with_decode_attention(body, self.device, self.dtype)
+        if decode_attention:
+            body = with_decode_attention(body, self.device, self.dtype)
         if not self.manual_graph:
             if compiled:  # compile (and record cudagraph trees) now, inside setup's timing
                 with torch._inductor.config.patch(self.inductor_config):
@@ -313,7 +321,7 @@ class StaticEngine:
 
     def _bucketed_prefill(self, embeds: torch.Tensor, aux_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         length = embeds.shape[1]
-        bucket = min(round_up(length, PREFILL_BUCKET), self.cache.max_len)
+        bucket = prefill_bucket(length, self.cache.max_len)
         key = (bucket, tuple(aux_layers))
         buffers = self._prefill_buffers.get(key)
         if buffers is None:
@@ -324,7 +332,8 @@ class StaticEngine:
         name = f"prefill{bucket}" + "".join(f"_{layer}" for layer in aux_layers)
         if name not in self._steps:
             start = time.perf_counter()
-            self._prepare_prefill(name, lambda: self._prefill_body(buffers, aux_layers))
+            # no inductor, and PyTorch's SDPA choice for a long causal query; the warm-up writes the replay's slots
+            self._prepare_step(name, lambda: self._prefill_body(buffers, aux_layers), compile=False, decode_attention=False)
             synchronize(self.device)
             self.prefill_capture_ms = (time.perf_counter() - start) * 1e3
         self._steps[name]()
@@ -339,16 +348,6 @@ class StaticEngine:
                                           attention_mask=self._attention_mask(buffers.positions)))
         buffers.logits.copy_(self.llm.lm_head(out.last_hidden_state.index_select(1, buffers.last)))
         buffers.features.copy_(features_of(out, aux_layers))
-
-    def _prepare_prefill(self, name: str, body: Callable[[], None]) -> None:
-        """Like _prepare_step without inductor or the decode attention backends (a long causal query keeps
-        PyTorch's SDPA choice); the warm-up runs write the very slots the replay writes again."""
-        if not self.manual_graph:
-            self._steps[name] = body
-            return
-        graph = capture_cuda_graph(body, self.device, warmup=2)
-        self._graphs[name] = graph
-        self._steps[name] = graph.replay
 
     def _decode_body(self) -> None:
         """The captured step: greedy token after `_token` at `_position`, then advance in place.

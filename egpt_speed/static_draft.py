@@ -28,7 +28,7 @@ import torch
 from egpt_speed.eagle import EagleHead
 from egpt_speed.errors import EgptError
 from egpt_speed.proposers import Proposer
-from egpt_speed.static_decode import (PREFILL_BUCKET, HostStaging, StaticKVCache, capture_cuda_graph, round_up,
+from egpt_speed.static_decode import (HostStaging, StaticKVCache, capture_cuda_graph, prefill_bucket, round_up,
                                       with_decode_attention)
 from egpt_speed.tree import DraftTree
 from egpt_speed.verify import ChainDraft
@@ -261,7 +261,7 @@ class StaticEagleDrafter(Proposer):
         """features, next_embeds: [1, L, ·] of prompt positions 0..L-1 → _predicted, as one graph per bucket.
         The padding's head-cache slots are hidden by every later mask until the catch-up overwrites them."""
         count = features.shape[1]
-        bucket = min(round_up(count, PREFILL_BUCKET), self.cache.max_len)
+        bucket = prefill_bucket(count, self.cache.max_len)
         if bucket not in self._prompts:
             zeros = dict(dtype=self.dtype, device=self.device)
             self._prompts[bucket] = {"features": torch.zeros(1, bucket, self.feature_size, **zeros),
