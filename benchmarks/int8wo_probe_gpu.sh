@@ -8,10 +8,10 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/card.txt"
 echo "bash benchmarks/int8wo_probe_gpu.sh \$OUT  # $(git rev-parse --short HEAD 2>/dev/null)" > "$out/command.txt"
 for v in bf16 torchao torchao-nowoq hand-reduce; do
-  timeout 150 python3 benchmarks/int8wo_probe.py --variant $v 2>>"$out/stderr.log" | tee -a "$out/probe.jsonl"
+  timeout 90 python3 benchmarks/int8wo_probe.py --variant $v 2>>"$out/stderr.log" | tee -a "$out/probe.jsonl"
 done
-for v in bf16 torchao-nowoq; do
-  timeout 150 python3 benchmarks/int8wo_probe.py --variant $v --mode max-autotune-no-cudagraphs 2>>"$out/stderr.log" \
+for v in torchao-nowoq; do
+  timeout 100 python3 benchmarks/int8wo_probe.py --variant $v --mode max-autotune-no-cudagraphs 2>>"$out/stderr.log" \
     | tee -a "$out/probe.jsonl"
 done
 tail -5 "$out/stderr.log"
