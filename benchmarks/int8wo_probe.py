@@ -90,10 +90,18 @@ def time_replays(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def measure(variant: str, rows: int, layers: int, mode: str) -> dict:
+def kernel_table(graph: torch.cuda.CUDAGraph) -> str:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=4, max_name_column_width=70)
+
+
+def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = False, show: bool = False) -> dict:
     linears = build(variant, layers)
     step = torch.compile(lambda x: forward(linears, x), mode=mode, dynamic=False)
-    x = torch.randn(rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(*((1,) if batch_dim else ()), rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
     with torch.no_grad(), torch.cuda.stream(stream):
         for _ in range(3):
@@ -103,8 +111,10 @@ def measure(variant: str, rows: int, layers: int, mode: str) -> dict:
     with torch.no_grad(), torch.cuda.graph(graph):
         step(x)
     us = time_replays(graph)
+    if show:
+        print(kernel_table(graph), flush=True)
     weight_bytes = sum(o * i for o, i in SHAPES) * layers * (2 if variant == "bf16" else 1)
-    return {"variant": variant, "mode": mode, "rows": rows, "layers": layers, "us": round(us, 1),
+    return {"variant": variant, "mode": mode, "input": list(x.shape), "rows": rows, "layers": layers, "us": round(us, 1),
             "weight_GB_per_s": round(weight_bytes / us / 1e3, 1), "device": torch.cuda.get_device_name()}
 
 
@@ -114,12 +124,14 @@ def main() -> None:
     parser.add_argument("--rows", default="1,5")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--mode", default="default", help="torch.compile mode (max-autotune-no-cudagraphs: Triton GEMM templates)")
+    parser.add_argument("--batch-dim", action="store_true", help="inputs [1, rows, 4096] as in the decoder ([rows, 4096] else)")
+    parser.add_argument("--profile", action="store_true", help="print the top CUDA kernels of one replay")
     args = parser.parse_args()
     if args.variant == "torchao-nowoq":
         switch_off_woq_pattern()
     torch._inductor.config.coordinate_descent_tuning = True
     for rows in (int(r) for r in args.rows.split(",")):
-        print(json.dumps(measure(args.variant, rows, args.layers, args.mode)), flush=True)
+        print(json.dumps(measure(args.variant, rows, args.layers, args.mode, args.batch_dim, args.profile)), flush=True)
 
 
 if __name__ == "__main__":
