@@ -25,6 +25,7 @@ from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyStat
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import GenerationSettings
 from egpt_speed.errors import EgptError, RunInterrupted
+from egpt_speed.fused_step import resolve_fused_step
 from egpt_speed.models import (EventGPT, cache_root, check_model_spec, load_model, model_family, resolve_device,
                                resolve_dtype)
 from egpt_speed.options import MeasureOptions, RunOptions, default_strategy_options
@@ -81,8 +82,10 @@ def validate(config: RunConfig) -> None:
 
 def context_for(config: RunConfig) -> RunContext:
     device = shards.local_device(resolve_device(config.device))
+    options = {**config.options, "fused_step": resolve_fused_step(config.options.get("fused_step"), device,
+                                                                  config.do_sample, config.options)}
     return RunContext(device=device, dtype=resolve_dtype(config.dtype, device), model_spec=config.model,
-                      draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=config.options)
+                      draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=options)
 
 
 def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:

@@ -4,7 +4,7 @@
 #   1. run(carry=[".carry1"]), then run(carry=[".carry1b"]):  bash benchmarks/gguf_carry.sh park
 #   2. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" fused     # ~6 min
 #   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~6 min, right after 2
-# .whl holds torchao-0.18.0 (int8wo). fused: compiled decode step MBU with and without `fused`, int8wo(+tuned)
+# .whl holds torchao-0.18.0 (int8wo). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
 # kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
 # and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz.
 set -uo pipefail

@@ -28,7 +28,7 @@ from egpt_speed import metrics  # noqa: E402
 from egpt_speed.fuse import fuse_projections  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
-from egpt_speed.quantize import quantize_llm_torchao  # noqa: E402
+from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noqa: E402
 from egpt_speed.results import capture_env  # noqa: E402
 from egpt_speed.static_decode import StaticEngine  # noqa: E402
 from egpt_speed.timing import measure_copy_bandwidth  # noqa: E402
@@ -64,17 +64,18 @@ def kernel_table(engine: StaticEngine, steps: int = 8) -> str:
 
 
 def quantized(model, kind: str, embeds: torch.Tensor, compile_mode: str | None, repeats: int) -> dict:
-    """kind: int8wo / int4wo, or `<kind>-tuned`: the same after torchao's recommended inductor settings
-    (mixed int8×bf16 matmul fused into one kernel, coordinate-descent tuning); they stay set for later kinds."""
+    """kind: int8wo / int4wo compiled as `<kind>+compile` compiles it (under torchao's inductor settings,
+    quantize.inductor_config_for), or `<kind>-plain`: under inductor's defaults. Without coordinate-descent tuning
+    inductor does not turn a one-row int8 matmul into a reduction, and its weight-only-int8 pattern sends it to
+    aten._weight_int8pack_mm (216 µs per 7B linear on the H200). Dynamo is reset first: it would otherwise replay
+    the previous kind's compiled step, whose guards do not cover inductor's settings."""
     llm = copy.deepcopy(model.llm)
     try:
-        if kind.endswith("-tuned"):
-            from torchao.quantization.utils import recommended_inductor_config_setter
-
-            recommended_inductor_config_setter()
-            kind = kind.removesuffix("-tuned")
+        plain = kind.endswith("-plain")
+        kind = kind.removesuffix("-plain")
         converted = quantize_llm_torchao(llm, kind)
-        engine = StaticEngine(llm, compile_mode=compile_mode)
+        torch._dynamo.reset()
+        engine = StaticEngine(llm, compile_mode=compile_mode, inductor_config={} if plain else inductor_config_for(llm))
         ms = decode_ms_per_token(engine, embeds, 64, repeats)
         return {"ms_per_token": ms, "quantized_linears": converted, "kernels": kernel_table(engine)}
     except Exception as error:  # noqa: BLE001 - report why a scheme cannot run, keep the rest
@@ -105,7 +106,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", default="default")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quant", default="int8wo,int8wo-tuned")
+    parser.add_argument("--quant", default="int8wo,int8wo-plain")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     device = resolve_device("auto")

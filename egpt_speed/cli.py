@@ -45,7 +45,7 @@ def _configure(debug: bool) -> None:
 
 def _typer_option(name: str, annotation: Any, default: Any, metadata: dict) -> inspect.Parameter:
     extra = {k: v for k, v in metadata.items() if k not in ("names", "help", "required")}
-    if annotation is bool:
+    if annotation in (bool, Optional[bool]):
         extra.setdefault("metavar", "")  # a flag takes no value: no "<bool>" in --help
     value = ... if metadata.get("required") else default
     return inspect.Parameter(name, KEYWORD, annotation=annotation,

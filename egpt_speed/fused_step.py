@@ -39,6 +39,17 @@ WARM_UP_RUNS = 4
 _STEP_NUMBERS = itertools.count()  # graph names: an id() can come back once its step is freed
 
 
+def resolve_fused_step(choice: bool | None, device: torch.device, do_sample: bool, options: dict) -> bool:
+    """--fused-step / --no-fused-step as given; unset, on where the fused step runs and was measured faster: a greedy,
+    fixed-γ run on CUDA (H200, tiny bf16, captured prompt catch-up on both sides, 3 samples: the fused tree 2.01× over
+    `compile` against 1.38× unfused, the fused chain 2.05× against 2.03×;
+    benchmarks/results/spec_tree_sweep_h200_20261203_bf16_captured). CPU runs stay on the step-by-step loop."""
+    if choice is not None:
+        return bool(choice)
+    return (device.type == "cuda" and not do_sample and not options.get("adaptive_gamma")
+            and options.get("compile_mode") != "reduce-overhead")
+
+
 class FusedChainStep:
     """The device state and the one body of a fused greedy chain step on `target` with `drafter`."""
 

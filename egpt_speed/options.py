@@ -85,7 +85,7 @@ class StrategyOptions:
     adaptive_gamma: bool = option(False, "--adaptive-gamma", help="Grow/shrink gamma with acceptance (speculative).")
     compile_mode: Optional[str] = option(None, "--compile-mode", help="compile: none | default | max-autotune-no-cudagraphs (CUDA default) | reduce-overhead.")
     draft_compile: Optional[str] = option(None, "--draft-compile", help="compile+eagle / compile+eagle-tree: compile the captured drafter's bodies with inductor before capture: none (default) | default | max-autotune-no-cudagraphs.")
-    fused_step: bool = option(False, "--fused-step", help="compile+eagle / compile+eagle-tree: draft, verify, greedy acceptance (and the tree path's cache compaction) and the head's catch-up as one compiled, captured graph per step with one read-back.")
+    fused_step: Optional[bool] = option(None, "--fused-step/--no-fused-step", help="compile+eagle / compile+eagle-tree: draft, verify, greedy acceptance (and the tree path's cache compaction) and the head's catch-up as one compiled, captured graph per step with one read-back. Default: on for greedy, fixed-γ runs on CUDA (measured faster there), off elsewhere.")
     tree_topk: int = option(8, "--tree-topk", help="eagle-tree: children per expanded node and nodes expanded per level.")
     tree_nodes: int = option(32, "--tree-nodes", help="eagle-tree: drafted nodes verified per step (the γ levels' likeliest).")
 

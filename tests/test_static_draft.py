@@ -499,3 +499,21 @@ def test_prompts_of_many_buckets_do_not_recompile_the_drafter(model, head):
                 drafts[compile_mode].append(drafter.propose([7], 4, None, None).tokens.tolist())
         assert len(drafter._prompts) == 10
     assert drafts["default"] == drafts[None]
+
+
+def test_the_fused_step_is_on_by_default_only_where_it_was_measured_faster():
+    """Unset: a greedy, fixed-γ compile+eagle(-tree) on CUDA fuses its step; CPU, --sample, --adaptive-gamma and
+    cudagraph-tree compiles keep the loop; --fused-step / --no-fused-step always win."""
+    from egpt_speed.fused_step import resolve_fused_step
+    from egpt_speed.baselines.runner import RunConfig, context_for
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_fused_step(None, cuda, False, {}) is True
+    assert resolve_fused_step(None, cpu, False, {}) is False
+    assert resolve_fused_step(None, cuda, True, {}) is False
+    assert resolve_fused_step(None, cuda, False, {"adaptive_gamma": True}) is False
+    assert resolve_fused_step(None, cuda, False, {"compile_mode": "reduce-overhead"}) is False
+    assert resolve_fused_step(False, cuda, False, {}) is False and resolve_fused_step(True, cpu, False, {}) is True
+    unset = RunConfig(strategies=["compile+eagle"], device="cpu")
+    assert unset.options["fused_step"] is None and context_for(unset).options["fused_step"] is False
+    chosen = RunConfig(strategies=["compile+eagle"], device="cpu", options={**unset.options, "fused_step": True})
+    assert context_for(chosen).options["fused_step"] is True
