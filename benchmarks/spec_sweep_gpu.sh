@@ -11,7 +11,7 @@
 #   (suffix c: drafter bodies compiled by inductor, --draft-compile; f: one fused graph a step, --fused-step)
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
-# (DTYPES to choose)
+# (DTYPES to choose; since 2026-12-03 the fused step is the CUDA default, EXTRA=--no-fused-step times the loop instead)
 # (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
 set -uo pipefail
 if [ "${1:-}" = park ]; then
