@@ -66,8 +66,11 @@ class Speculative(Strategy):
         return result
 
     def fused_step(self) -> bool:
-        """--fused-step: one graph per step (fused_step.py), for the captured drafter on a lent target only."""
-        return bool(self.ctx.options.get("fused_step")) and self.lender is not None
+        """--fused-step: one graph per step (fused_step.py), for an EAGLE head's captured drafter on a lent target
+        only (an LM draft keeps the loop, and its settings must say so: the report reads them)."""
+        draft = getattr(self, "draft", None)
+        return (bool(self.ctx.options.get("fused_step")) and self.lender is not None
+                and (draft is None or draft.head is not None))
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""

@@ -517,3 +517,16 @@ def test_the_fused_step_is_on_by_default_only_where_it_was_measured_faster():
     assert unset.options["fused_step"] is None and context_for(unset).options["fused_step"] is False
     chosen = RunConfig(strategies=["compile+eagle"], device="cpu", options={**unset.options, "fused_step": True})
     assert context_for(chosen).options["fused_step"] is True
+
+
+def test_an_lm_draft_keeps_the_loop_and_says_so_when_the_fused_step_is_on(model, sp_tokenizer, tmp_path):
+    """The fused step is an EAGLE-head path: compile+speculative with a causal-LM draft under fused_step=True (the CUDA
+    default) decodes with the loop, equal to baseline, and its settings (which the report reads) say not fused."""
+    from test_draft_lm import write_draft_lm
+
+    write_draft_lm(tmp_path / "draft", sp_tokenizer, len(sp_tokenizer))
+    results, strategy = decode_through_registry(model, tmp_path / "draft", ("baseline", "compile+speculative"),
+                                                {"fused_step": True}, seed=5)
+    assert results["compile+speculative"].token_ids == results["baseline"].token_ids
+    assert "fused_step" not in results["compile+speculative"].metrics
+    assert strategy.settings()["fused_step"] is False
