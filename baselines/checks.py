@@ -28,10 +28,18 @@ def check_compile_modes(options: dict) -> None:
             raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
+def speculates_on_compile(strategy: str) -> bool:
+    """A composition whose speculative decoder borrows compile's static target and captured drafter
+    (compile+eagle, eagle+compile, fused+compile+eagle-tree, compile+speculative with an EAGLE head, ...)."""
+    parts = strategy.split("+")
+    return "compile" in parts and any(p in ("eagle", "eagle-tree", "speculative") for p in parts)
+
+
 def check_speculation_flags(options: dict, strategies: list[str], do_sample: bool = False) -> None:
     """--fused-step and --draft-compile change the captured EAGLE drafter of compile+eagle(-tree): refuse them
     where no strategy has one, instead of ignoring them."""
-    if options.get("fused_step") and not any(s.startswith("compile+eagle") for s in strategies):
+    captured_drafter = any(speculates_on_compile(s) for s in strategies)
+    if options.get("fused_step") and not captured_drafter:
         raise EgptError("--fused-step fuses the step of compile+eagle / compile+eagle-tree; add one or drop it.")
     if options.get("fused_step") and do_sample:  # sampled runs draft with the eager head: nothing would be fused
         raise EgptError("--fused-step fuses the greedy step; drop --sample or --fused-step.")
@@ -39,7 +47,9 @@ def check_speculation_flags(options: dict, strategies: list[str], do_sample: boo
         raise EgptError("--fused-step captures a step of fixed γ; drop --adaptive-gamma or --fused-step.")
     if options.get("fused_step") and options.get("compile_mode") == "reduce-overhead":
         raise EgptError("--fused-step captures its step itself; use another --compile-mode than reduce-overhead.")
-    if options.get("draft_compile") not in (None, "", "none") and not any(s.startswith("compile+eagle") for s in strategies):
+    if options.get("fused_step") and options.get("draft_compile") not in (None, "", "none"):
+        raise EgptError("--fused-step compiles the drafter inside its step graph; drop --draft-compile or --fused-step.")
+    if options.get("draft_compile") not in (None, "", "none") and not captured_drafter:
         raise EgptError("--draft-compile compiles the drafter of compile+eagle / compile+eagle-tree; add one or drop it.")
 
 

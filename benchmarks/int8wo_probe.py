@@ -5,8 +5,10 @@
 
 One process per variant because inductor registers its pattern passes once per process. The workload is the 7
 linears of `--layers` Llama-7B decoder layers (4096 wide, MLP 11008) chained x -> q,k,v,o,gate,up,down, compiled
-(default mode), captured in a CUDA graph and replayed; prints one JSON line per row count with the median µs per
-replay and the weight bytes read per µs.
+(default mode) under the inductor settings `compile` uses for a torchao LLM (quantize.TORCHAO_INDUCTOR_CONFIG),
+captured in a CUDA graph and replayed; prints one JSON line per row count with the median µs per replay, the weight
+bytes read per µs and how many matmuls inductor's weight-only-int8 pattern rewrote. (The 2026-12-03 results were
+taken with coordinate-descent tuning alone and without the rewrite count.)
 
 Variants:
 - bf16: plain bf16 linears (the reference).
@@ -22,10 +24,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 HIDDEN, MLP = 4096, 11008
 SHAPES = [(HIDDEN, HIDDEN)] * 4 + [(MLP, HIDDEN), (MLP, HIDDEN), (HIDDEN, MLP)]  # q k v o gate up down: (out, in)
@@ -103,6 +109,7 @@ def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = F
     step = torch.compile(lambda x: forward(linears, x), mode=mode, dynamic=False)
     x = torch.randn(*((1,) if batch_dim else ()), rows, HIDDEN, device="cuda", dtype=torch.bfloat16)
     stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())  # the weights and x were made on the default stream
     with torch.no_grad(), torch.cuda.stream(stream):
         for _ in range(3):
             step(x)
@@ -114,7 +121,9 @@ def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = F
     if show:
         print(kernel_table(graph), flush=True)
     weight_bytes = sum(o * i for o, i in SHAPES) * layers * (2 if variant == "bf16" else 1)
-    return {"variant": variant, "mode": mode, "input": list(x.shape), "rows": rows, "layers": layers, "us": round(us, 1),
+    from torch._dynamo.utils import counters
+    return {"variant": variant, "mode": mode, "input": list(x.shape), "rows": rows,
+            "woq_rewrites": counters["inductor"]["woq_matcher_count"],  # inductor's int8 pattern → _weight_int8pack_mm "layers": layers, "us": round(us, 1),
             "weight_GB_per_s": round(weight_bytes / us / 1e3, 1), "device": torch.cuda.get_device_name()}
 
 
@@ -129,7 +138,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.variant == "torchao-nowoq":
         switch_off_woq_pattern()
-    torch._inductor.config.coordinate_descent_tuning = True
+    from egpt_speed.quantize import TORCHAO_INDUCTOR_CONFIG  # the settings `compile` uses for a torchao LLM
+    for key, value in TORCHAO_INDUCTOR_CONFIG.items():
+        setattr(torch._inductor.config, key, value)
     for rows in (int(r) for r in args.rows.split(",")):
         print(json.dumps(measure(args.variant, rows, args.layers, args.mode, args.batch_dim, args.profile)), flush=True)
 

@@ -69,7 +69,7 @@ def quantized(model, kind: str, embeds: torch.Tensor, compile_mode: str | None, 
     inductor does not turn a one-row int8 matmul into a reduction, and its weight-only-int8 pattern sends it to
     aten._weight_int8pack_mm (216 µs per 7B linear on the H200). Dynamo is reset first: it would otherwise replay
     the previous kind's compiled step, whose guards do not cover inductor's settings."""
-    llm = copy.deepcopy(model.llm)
+    llm, engine = copy.deepcopy(model.llm), None
     try:
         plain = kind.endswith("-plain")
         kind = kind.removesuffix("-plain")
@@ -81,7 +81,9 @@ def quantized(model, kind: str, embeds: torch.Tensor, compile_mode: str | None, 
     except Exception as error:  # noqa: BLE001 - report why a scheme cannot run, keep the rest
         return {"error": f"{type(error).__name__}: {str(error)[:600]}"}
     finally:
-        del llm
+        if engine is not None:
+            engine.release()
+        del llm, engine
         torch.cuda.empty_cache()
 
 

@@ -47,7 +47,8 @@ def resolve_fused_step(choice: bool | None, device: torch.device, do_sample: boo
     if choice is not None:
         return bool(choice)
     return (device.type == "cuda" and not do_sample and not options.get("adaptive_gamma")
-            and options.get("compile_mode") != "reduce-overhead")
+            and options.get("compile_mode") != "reduce-overhead"
+            and options.get("draft_compile") in (None, "", "none"))  # the fused graph holds the drafter's bodies
 
 
 class FusedChainStep:

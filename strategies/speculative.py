@@ -6,7 +6,7 @@ from egpt_speed.cross_modal import draft_prefix
 from egpt_speed.decoding import eos_ids
 from egpt_speed.drafts import Draft, load_draft
 from egpt_speed.proposers import CausalLMProposer, EagleProposer, Proposer
-from egpt_speed.fused_step import fused_chain_decode
+from egpt_speed.fused_step import fused_chain_decode, resolve_fused_step
 from egpt_speed.speculation import speculative_decode
 from egpt_speed.static_draft import StaticEagleDrafter
 from egpt_speed.tree import TreeShape
@@ -69,8 +69,8 @@ class Speculative(Strategy):
         """--fused-step: one graph per step (fused_step.py), for an EAGLE head's captured drafter on a lent target
         only (an LM draft keeps the loop, and its settings must say so: the report reads them)."""
         draft = getattr(self, "draft", None)
-        return (bool(self.ctx.options.get("fused_step")) and self.lender is not None
-                and (draft is None or draft.head is not None))
+        wanted = resolve_fused_step(self.ctx.options.get("fused_step"), self.ctx.device, False, self.ctx.options)
+        return wanted and self.lender is not None and (draft is None or draft.head is not None)
 
     def tree_shape(self) -> TreeShape | None:
         """A draft tree's shape for tree-drafting subclasses (eagle-tree); None drafts a chain."""

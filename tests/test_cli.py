@@ -104,6 +104,9 @@ BAD_OPTIONS = {
     "fused-step-adaptive": (["run", "compile+eagle", "--fused-step", "--adaptive-gamma"], "fixed γ"),
     "fused-step-sampled": (["run", "compile+eagle", "--fused-step", "--sample"], "--fused-step fuses the greedy step"),
     "draft-compile-alone": (["run", "speculative", "--draft-compile", "default"], "--draft-compile compiles the drafter"),
+    "fused-step-draft-compile": (["run", "compile+eagle", "--fused-step", "--draft-compile", "default"],
+                                 "drop --draft-compile or --fused-step"),
+    "fused-step-no-compiled-drafter": (["run", "eagle+sdpa", "--fused-step"], "--fused-step fuses the step"),
 }
 
 

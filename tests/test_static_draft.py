@@ -512,7 +512,12 @@ def test_the_fused_step_is_on_by_default_only_where_it_was_measured_faster():
     assert resolve_fused_step(None, cuda, True, {}) is False
     assert resolve_fused_step(None, cuda, False, {"adaptive_gamma": True}) is False
     assert resolve_fused_step(None, cuda, False, {"compile_mode": "reduce-overhead"}) is False
+    assert resolve_fused_step(None, cuda, False, {"draft_compile": "default"}) is False
     assert resolve_fused_step(False, cuda, False, {}) is False and resolve_fused_step(True, cpu, False, {}) is True
+    from egpt_speed.baselines.checks import speculates_on_compile
+    assert all(map(speculates_on_compile, ["compile+eagle", "eagle+compile", "fused+compile+eagle-tree",
+                                            "compile+speculative"]))
+    assert not any(map(speculates_on_compile, ["eagle", "compile", "eagle-tree+sdpa", "fused+compile"]))
     unset = RunConfig(strategies=["compile+eagle"], device="cpu")
     assert unset.options["fused_step"] is None and context_for(unset).options["fused_step"] is False
     chosen = RunConfig(strategies=["compile+eagle"], device="cpu", options={**unset.options, "fused_step": True})
