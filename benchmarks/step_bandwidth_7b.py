@@ -1,5 +1,6 @@
 """Issue 11 at 7B shape: the compiled decode step's share of copy bandwidth with and without `fused`
-(q/k/v and gate/up in one GEMM each), and which kernel makes `int8wo+compile` slow.
+(q/k/v and gate/up in one GEMM each), each also under inductor's coordinate-descent tuning, and which kernel
+makes `int8wo+compile` slow.
 
     python benchmarks/step_bandwidth_7b.py --out DIR [--model synthetic-7b] [--quant int8wo]   # GPU
 Per variant (unfused, fused on a deep copy of the LLM, each a StaticEngine with --compile-mode),
@@ -55,6 +56,8 @@ def interleaved(engines: dict[str, StaticEngine], embeds: torch.Tensor, rounds: 
 def kernel_table(engine: StaticEngine, steps: int = 8) -> str:
     from torch.profiler import ProfilerActivity, profile
 
+    if engine.device.type != "cuda":
+        return ""
     step = engine._steps["decode"]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
@@ -122,8 +125,14 @@ def main() -> None:
     moved = metrics.bytes_per_decoded_token(model, embeds.shape[1] + 32)
     fused_llm = copy.deepcopy(model.llm)
     fuse_projections(fused_llm)
+    tuned = {"coordinate_descent_tuning": True}  # gpt-fast's setting: one-row matmuls become tuned Triton reductions
     engines = {"compile": StaticEngine(model.llm, compile_mode=compile_mode),
-               "fused+compile": StaticEngine(fused_llm, compile_mode=compile_mode)}
+               "fused+compile": StaticEngine(fused_llm, compile_mode=compile_mode),
+               "compile, coordinate descent": StaticEngine(model.llm, compile_mode=compile_mode, inductor_config=tuned),
+               "fused+compile, coordinate descent": StaticEngine(fused_llm, compile_mode=compile_mode, inductor_config=tuned)}
+    for engine in engines.values():  # each compiles and captures alone: dynamo would otherwise replay another
+        torch._dynamo.reset()        # variant's compiled code (its guards do not cover inductor's settings)
+        decode_ms_per_token(engine, embeds, 64, 1)
     times = interleaved(engines, embeds, args.rounds, args.repeats)
     document = {"model": args.model, "dtype": args.dtype, "compile_mode": compile_mode, "env": capture_env(device, bandwidth),
                 "command": "python benchmarks/step_bandwidth_7b.py " + " ".join(sys.argv[1:]), "bandwidth": bandwidth,
