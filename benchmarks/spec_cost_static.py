@@ -68,8 +68,23 @@ def device_tree(nodes: int, topk: int, device: torch.device) -> DeviceTree:
     return DeviceTree(tree.tokens, tree.parents, None, inputs)
 
 
-def tree_verify_ms(engine: StaticEngine, embeds: torch.Tensor, nodes: int, topk: int, repeats: int) -> dict:
-    """One captured tree verify (N+1 nodes) at the decode position, alone and followed by keep_path."""
+def cuda_kernel_table(run, device: torch.device, calls: int = 8, rows: int = 14) -> str:
+    """torch.profiler's CUDA kernels of `calls` runs, by GPU time ('' off CUDA): where a step's time goes."""
+    if device.type != "cuda":
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            run()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=rows, max_name_column_width=90)
+
+
+def tree_verify_ms(engine: StaticEngine, embeds: torch.Tensor, nodes: int, topk: int, repeats: int,
+                   profile: bool = False) -> dict:
+    """One captured tree verify (N+1 nodes) at the decode position, alone and followed by keep_path (and, with
+    `profile`, the verify's kernel table)."""
     target = StaticTarget(engine, gamma=4)
     target.setup(embeds.shape[1] + 256, tree_nodes=nodes)
     target.prefill(embeds)
@@ -87,8 +102,11 @@ def tree_verify_ms(engine: StaticEngine, embeds: torch.Tensor, nodes: int, topk:
         target.verify_tree(tree)
         target.keep_path(path)
         target.crop(base)
-    return {"verify_ms": median_ms(verify, engine.device, repeats),
-            "verify_keep_ms": median_ms(verify_keep, engine.device, repeats), "kept_path": path}
+    result = {"verify_ms": median_ms(verify, engine.device, repeats),
+              "verify_keep_ms": median_ms(verify_keep, engine.device, repeats), "kept_path": path}
+    if profile:
+        result["kernels"] = cuda_kernel_table(verify, engine.device)
+    return result
 
 
 def chain_verify_ms(engine: StaticEngine, embeds: torch.Tensor, gamma: int, repeats: int) -> float:
@@ -230,6 +248,12 @@ def render(document: dict) -> str:
                   "| verify engine | nodes | draft ms | verify ms | speedup |", "|---|---:|---:|---:|---:|"]
         lines += [f"| {p['engine']} | {p['nodes']} | {p['draft_ms']:.3f} | {p['verify_ms']:.3f} | {p['speedup_vs_compiled_step']:.2f}× |"
                   for p in document["predictions"]]
+    tables = [("compiled decode step", decode.get("compiled_kernels"))]
+    tables += [(f"compiled tree verify, {int(n) + 1} rows", cost.get("kernels"))
+               for n, cost in document["tree_verify"].get("compiled", {}).items()]
+    for title, table in tables:
+        if table:
+            lines += ["", f"### {title}: CUDA kernels of 8 replays", "", "```", table, "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -294,6 +318,7 @@ def main() -> None:
     step = decode_ms_per_token(compiled, embeds, args.new_tokens, args.repeats)
     document["decode"].update(compiled_ms_per_token=step, compile_ms=compiled.setup_ms, compiled_mbu=metrics.mbu(moved, step, bandwidth))
     print(f"compiled step {step:.3f} ms/token (compile {compiled.setup_ms / 1e3:.0f} s)", flush=True)
+    document["decode"]["compiled_kernels"] = cuda_kernel_table(compiled._steps["decode"], device)
     if args.only_quant:  # the compiled step as the same-run reference, then the quantized steps
         compiled.release()
         run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)
@@ -313,7 +338,8 @@ def main() -> None:
     print(render(document), flush=True)
     document["tree_verify"]["compiled"] = {}
     for n in sizes(args.compiled_tree_nodes):  # before quantization: a run cut by a time limit keeps these first
-        document["tree_verify"]["compiled"][n] = tree_verify_ms(compiled, embeds, n, args.tree_topk, args.repeats)
+        document["tree_verify"]["compiled"][n] = tree_verify_ms(compiled, embeds, n, args.tree_topk, args.repeats,
+                                                                profile=True)
         save(document, out)
     compiled.release()
     run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)

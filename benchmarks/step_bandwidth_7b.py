@@ -33,7 +33,7 @@ from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noq
 from egpt_speed.results import capture_env  # noqa: E402
 from egpt_speed.static_decode import StaticEngine  # noqa: E402
 from egpt_speed.timing import measure_copy_bandwidth  # noqa: E402
-from spec_cost_static import decode_ms_per_token  # noqa: E402
+from spec_cost_static import cuda_kernel_table, decode_ms_per_token  # noqa: E402
 
 
 def prompt_embeds(model) -> torch.Tensor:
@@ -53,17 +53,8 @@ def interleaved(engines: dict[str, StaticEngine], embeds: torch.Tensor, rounds: 
     return times
 
 
-def kernel_table(engine: StaticEngine, steps: int = 8) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    if engine.device.type != "cuda":
-        return ""
-    step = engine._steps["decode"]
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=90)
+def kernel_table(engine: StaticEngine) -> str:
+    return cuda_kernel_table(engine._steps["decode"], engine.device, rows=12)
 
 
 def quantized(model, kind: str, embeds: torch.Tensor, compile_mode: str | None, repeats: int) -> dict:
