@@ -9,7 +9,7 @@ the result files are written from the journal, so `--resume` can continue an int
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -78,6 +78,14 @@ def validate(config: RunConfig) -> None:
     check_speculation_flags(config.options, config.strategies, config.do_sample)
     if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
         raise EgptError("--memory-budget must be a positive number of GB.")
+
+
+def with_resolved_options(config: RunConfig) -> RunConfig:
+    """Options whose default depends on the device, resolved: the journal's hash and the result's config then say
+    what runs (a CPU run without --fused-step resumes a journal written when the flag defaulted to off)."""
+    device = shards.local_device(resolve_device(config.device))
+    choice = resolve_fused_step(config.options.get("fused_step"), device, config.do_sample, config.options)
+    return replace(config, options={**config.options, "fused_step": choice})
 
 
 def context_for(config: RunConfig) -> RunContext:
@@ -251,6 +259,7 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
         name: str | None = None, resume: bool = False) -> Outcome:
     """Check, load, run (journaling each counted sample), write `<out>/<name>_<stamp>.json/.md/.png`."""
     validate(config)
+    config = with_resolved_options(config)
     results.check_writable_dir(out)
     name = results.result_name(name or "_".join(config.strategies), config.strategies, results.name_max(out))
     digest = journal.config_hash(config.record())

@@ -522,6 +522,11 @@ def test_the_fused_step_is_on_by_default_only_where_it_was_measured_faster():
     assert unset.options["fused_step"] is None and context_for(unset).options["fused_step"] is False
     chosen = RunConfig(strategies=["compile+eagle"], device="cpu", options={**unset.options, "fused_step": True})
     assert context_for(chosen).options["fused_step"] is True
+    from egpt_speed import journal
+    from egpt_speed.baselines.runner import with_resolved_options
+    off = RunConfig(strategies=["compile+eagle"], device="cpu", options={**unset.options, "fused_step": False})
+    assert journal.config_hash(with_resolved_options(unset).record()) == journal.config_hash(off.record()), \
+        "a CPU run without the flag must resume a journal written when the flag defaulted to off"
 
 
 def test_an_lm_draft_keeps_the_loop_and_says_so_when_the_fused_step_is_on(model, sp_tokenizer, tmp_path):
