@@ -136,13 +136,18 @@ def main() -> None:
     for engine in engines.values():
         engine.release()
     del fused_llm
+    stem = args.out / f"step_bandwidth_7b_{time.strftime('%Y%m%d_%H%M%S')}"
+    save(document, stem)  # a call cut by its time limit keeps what it measured
     for kind in [k for k in args.quant.split(",") if k]:
         document["quant"][kind] = quantized(model, kind, embeds, compile_mode, args.repeats)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"step_bandwidth_7b_{time.strftime('%Y%m%d_%H%M%S')}"
+        save(document, stem)
+    print(render(document))
+
+
+def save(document: dict, stem: Path) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
     stem.with_suffix(".md").write_text(render(document))
-    print(render(document))
 
 
 if __name__ == "__main__":
