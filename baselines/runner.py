@@ -90,10 +90,9 @@ def with_resolved_options(config: RunConfig) -> RunConfig:
 
 def context_for(config: RunConfig) -> RunContext:
     device = shards.local_device(resolve_device(config.device))
-    options = {**config.options, "fused_step": resolve_fused_step(config.options.get("fused_step"), device,
-                                                                  config.do_sample, config.options)}
     return RunContext(device=device, dtype=resolve_dtype(config.dtype, device), model_spec=config.model,
-                      draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size, options=options)
+                      draft_spec=config.draft, gamma=config.gamma, batch_size=config.batch_size,
+                      options=with_resolved_options(config).options)  # a no-op after run()'s own call
 
 
 def build_strategies(config: RunConfig, ctx: RunContext) -> list[Strategy]:

@@ -96,14 +96,6 @@ def time_replays(graph: torch.cuda.CUDAGraph, repeats: int = 50) -> float:
     return statistics.median(times)
 
 
-def kernel_table(graph: torch.cuda.CUDAGraph) -> str:
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
-        torch.cuda.synchronize()
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=4, max_name_column_width=70)
-
-
 def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = False, show: bool = False) -> dict:
     linears = build(variant, layers)
     step = torch.compile(lambda x: forward(linears, x), mode=mode, dynamic=False)
@@ -119,7 +111,8 @@ def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = F
         step(x)
     us = time_replays(graph)
     if show:
-        print(kernel_table(graph), flush=True)
+        from spec_cost_static import cuda_kernel_table  # benchmarks/, this script's folder
+        print(cuda_kernel_table(graph.replay, x.device, calls=1, rows=4), flush=True)
     weight_bytes = sum(o * i for o, i in SHAPES) * layers * (2 if variant == "bf16" else 1)
     from torch._dynamo.utils import counters
     return {"variant": variant, "mode": mode, "input": list(x.shape), "rows": rows,
