@@ -11,7 +11,7 @@
 #   (suffix c: drafter bodies compiled by inductor, --draft-compile; f: one fused graph a step, --fused-step)
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
-# (DTYPES to choose; since 2026-12-03 the fused step is the CUDA default, EXTRA=--no-fused-step times the loop instead)
+# (STRATS to choose the strategies, e.g. STRATS='compile fused+compile compile+eagle fused+compile+eagle'; DTYPES to choose; since 2026-12-03 the fused step is the CUDA default, EXTRA=--no-fused-step times the loop instead)
 # (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
 set -uo pipefail
 if [ "${1:-}" = park ]; then
@@ -25,7 +25,7 @@ bash benchmarks/gguf_carry.sh join || exit 3  # the first measuring call carries
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 mkdir -p /tmp/res && rm -rf /tmp/res/*
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee /tmp/res/card.txt
-echo "DTYPES=${DTYPES:-} DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} CHAINS=${CHAINS:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
+echo "STRATS='${STRATS:-}' DTYPES=${DTYPES:-} DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} CHAINS=${CHAINS:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
 pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
 if [ "$what" = sweep ]; then
   python3 benchmarks/spec_tree_sweep.py --out /tmp/res --dtype "${DTYPE:-float32}" --samples "${N:-4}" --warmup 1 \
@@ -37,6 +37,6 @@ cli() { python3 -m egpt_speed.cli "$@"; }
 common=(--model tiny --max-new-tokens 64 --compile-mode default --out /tmp/res ${EXTRA:-})
 for dtype in ${DTYPES:-float32 bfloat16}; do  # DTYPES=bfloat16: the one that decides issue 11's goal, in less time
   check=(); [ "$dtype" = bfloat16 ] && check=(--fp32-check)
-  cli compare baseline compile compile+eagle compile+eagle-tree --dtype "$dtype" "${check[@]}" -n "${N:-10}" --warmup 2 \
+  cli compare ${STRATS:-baseline compile compile+eagle compile+eagle-tree} --dtype "$dtype" "${check[@]}" -n "${N:-10}" --warmup 2 \
     "${common[@]}" 2>&1 | tee "/tmp/res/${dtype}.log" | tail -32; pack
 done
