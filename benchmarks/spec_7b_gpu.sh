@@ -4,7 +4,7 @@
 #   1. run(carry=[".carry1"]), then run(carry=[".carry1b"]):  bash benchmarks/gguf_carry.sh park
 #   2. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" fused     # ~6 min
 #   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~6 min, right after 2
-# .whl holds torchao-0.18.0 (int8wo). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
+# .whl holds torchao-0.18.0 (int8wo; QUANT=int8wo,int4wo chooses the quantized variants). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
 # kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
 # and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz, packed even when
 # LIMIT (540 s) cuts the measurement: both scripts save after each part.
@@ -18,9 +18,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 mkdir -p /tmp/res7 && rm -rf /tmp/res7/*
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/res7/card.txt
-echo "bash benchmarks/spec_7b_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res7/command.txt
+echo "QUANT=${QUANT:-} LIMIT=${LIMIT:-} bash benchmarks/spec_7b_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res7/command.txt
 if [ "$what" = fused ]; then
-  timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode default --out /tmp/res7 2>&1 \
+  timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode default --quant "${QUANT:-int8wo,int8wo-plain}" --out /tmp/res7 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/fused.log | tail -60
 else
   timeout "${LIMIT:-540}" python3 benchmarks/spec_cost_static.py --model synthetic-7b --dtype bfloat16 --compile-mode default --repeats 30 \
