@@ -28,6 +28,18 @@ def check_compile_modes(options: dict) -> None:
             raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
+def check_coordinate_descent(options: dict, strategies: list[str]) -> None:
+    """--coordinate-descent / --no-coordinate-descent tune what compile compiles: refused where nothing is."""
+    choice = options.get("coordinate_descent")
+    if choice is None:
+        return
+    flag = "--coordinate-descent" if choice else "--no-coordinate-descent"
+    if not any("compile" in s.split("+") for s in strategies):
+        raise EgptError(f"{flag} sets how compile's decode step is compiled; add a compile strategy or drop it.")
+    if choice and options.get("compile_mode") in ("", "none"):
+        raise EgptError(f"{flag} tunes inductor's kernels, which --compile-mode none does not use; drop one of them.")
+
+
 def speculates_on_compile(strategy: str) -> bool:
     """A composition whose speculative decoder borrows compile's static target and captured drafter
     (compile+eagle, eagle+compile, fused+compile+eagle-tree, compile+speculative with an EAGLE head, ...)."""

@@ -86,6 +86,7 @@ class StrategyOptions:
     compile_mode: Optional[str] = option(None, "--compile-mode", help="compile: none | default | max-autotune-no-cudagraphs (CUDA default) | reduce-overhead.")
     draft_compile: Optional[str] = option(None, "--draft-compile", help="compile+eagle / compile+eagle-tree: compile the captured drafter's bodies with inductor before capture: none (default) | default | max-autotune-no-cudagraphs.")
     fused_step: Optional[bool] = option(None, "--fused-step/--no-fused-step", help="compile+eagle / compile+eagle-tree: draft, verify, greedy acceptance (and the tree path's cache compaction) and the head's catch-up as one compiled, captured graph per step with one read-back. Default: on for greedy, fixed-γ runs on CUDA (measured faster there), off elsewhere.")
+    coordinate_descent: Optional[bool] = option(None, "--coordinate-descent/--no-coordinate-descent", help="compile (and every composition with it): inductor's coordinate-descent tuning, which turns one-row matmuls into tuned, fused reductions. Default: on for bfloat16/float16 on CUDA without `fused` (measured faster there), off elsewhere; a torchao-quantized LLM keeps torchao's settings, which include it.")
     tree_topk: int = option(8, "--tree-topk", help="eagle-tree: children per expanded node and nodes expanded per level.")
     tree_nodes: int = option(32, "--tree-nodes", help="eagle-tree: drafted nodes verified per step (the γ levels' likeliest).")
 

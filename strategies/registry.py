@@ -101,7 +101,7 @@ class Strategy:
 
 
 class ComposedStrategy(Strategy):
-    """`a+b+c`: every part prepares in order; the one decoding part (or baseline) owns the loop."""
+    """`a+b+c`: the preparers prepare in order, then the decoding parts; the one decoding part (or baseline) owns the loop."""
 
     def __init__(self, ctx: RunContext, parts: list[Strategy], decoder: Strategy):
         super().__init__(ctx)
@@ -120,9 +120,12 @@ class ComposedStrategy(Strategy):
         return None
 
     def prepare(self, model) -> None:
-        for part in self.parts:
-            if part is not self.decoder:
-                part.prepare(model)
+        """Preparers (they change the model) in the order given, then the parts that decode on it: compile+fused
+        builds its engine on the fused LLM like fused+compile."""
+        preparers = [part for part in self.parts if not part.decodes]
+        lenders = [part for part in self.parts if part.decodes and part is not self.decoder]
+        for part in preparers + lenders:
+            part.prepare(model)
         self.decoder.prepare(model)
 
     def decode(self, model, request, clock):

@@ -107,6 +107,11 @@ BAD_OPTIONS = {
     "fused-step-draft-compile": (["run", "compile+eagle", "--fused-step", "--draft-compile", "default"],
                                  "drop --draft-compile or --fused-step"),
     "fused-step-no-compiled-drafter": (["run", "eagle+sdpa", "--fused-step"], "--fused-step fuses the step"),
+    "coordinate-descent-without-compile": (["compare", "baseline", "speculative", "--coordinate-descent"],
+                                           "--coordinate-descent sets how compile's decode step is compiled"),
+    "no-coordinate-descent-without-compile": (["run", "int8", "--no-coordinate-descent"], "add a compile strategy"),
+    "coordinate-descent-uncompiled": (["run", "compile", "--coordinate-descent", "--compile-mode", "none"],
+                                      "--compile-mode none does not use"),
 }
 
 
