@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Issue 11 at 7B shape on the GPU machine (prepared 2026-11-28, not yet run). synthetic-7b borrows the SmolLM2
+# Issue 11 at 7B shape on the GPU machine (run 2026-12-03: benchmarks/results/issue11_h200_20261203_*.md). synthetic-7b borrows the SmolLM2
 # tokenizer, so the GGUF travels in three parts (benchmarks/gguf_carry.sh; the machine stays warm ~30 s between calls):
 #   1. run(carry=[".carry1"]), then run(carry=[".carry1b"]):  bash benchmarks/gguf_carry.sh park
 #   2. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" fused     # ~6 min
-#   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~6 min, right after 2
+#   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~3 min (SKIP_EAGER=1: less)
+#   quant: int8wo/int4wo+compile against the compiled step (~3 min); attention: benchmarks/attention_probe.py
 # .whl holds torchao-0.18.0 (int8wo; QUANT=int8wo,int4wo chooses the quantized variants). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
 # kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
 # and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz, packed even when
@@ -11,7 +12,7 @@
 set -uo pipefail
 out=$1; what=${2:-fused}
 gguf=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
-bash benchmarks/gguf_carry.sh join || exit 3
+[ "$what" = attention ] || bash benchmarks/gguf_carry.sh join || exit 3  # the probe needs no tokenizer
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 [ -e egpt_speed/baselines ] || ln -s ../baselines egpt_speed/baselines
 [ -e egpt_speed/strategies ] || ln -s ../strategies egpt_speed/strategies
@@ -22,8 +23,13 @@ echo "QUANT=${QUANT:-} LIMIT=${LIMIT:-} bash benchmarks/spec_7b_gpu.sh \$OUT $wh
 if [ "$what" = fused ]; then
   timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode default --quant "${QUANT:-int8wo,int8wo-plain}" --out /tmp/res7 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/fused.log | tail -60
-else
+elif [ "$what" = quant ]; then  # int8wo / int4wo + compile against the compiled bf16 step (coordinate descent as compile resolves it)
   timeout "${LIMIT:-540}" python3 benchmarks/spec_cost_static.py --model synthetic-7b --dtype bfloat16 --compile-mode default --repeats 30 \
+    --only-quant --quant "${QUANT:-int8wo,int4wo}" --out /tmp/res7 2>&1 | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/quant.log | tail -60
+elif [ "$what" = attention ]; then  # no GGUF needed; SDPA backends vs FlexAttention over the static cache
+  timeout "${LIMIT:-540}" python3 benchmarks/attention_probe.py --out /tmp/res7 2>&1 | grep --line-buffered -v -i "warn" | tee /tmp/res7/attention.log | tail -40
+else
+  timeout "${LIMIT:-540}" python3 benchmarks/spec_cost_static.py ${SKIP_EAGER:+--skip-eager} --model synthetic-7b --dtype bfloat16 --compile-mode default --repeats 30 \
     --tree-nodes 16,32,64 --compiled-tree-nodes 16,32,64 --tree-depth 5 --quant "" --out /tmp/res7 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/tree.log | tail -60
 fi

@@ -35,6 +35,7 @@ from egpt_speed.eagle import EagleHead, head_config_from_target  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
+from egpt_speed.inductor_tuning import decode_inductor_config  # noqa: E402
 from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.static_decode import StaticEngine, StaticTarget  # noqa: E402
@@ -210,7 +211,7 @@ def render(document: dict) -> str:
     fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# Speculative cost on the compiled static path: {config['model']}, {config['dtype']}", "",
              f"- device {env.get('device_name')}, copy bandwidth {fmt((env.get('copy_bandwidth_bytes_per_s') or 0) / 1e12, '.2f')} TB/s, "
-             f"prefix {config['prefix_len']} tokens, decode position {config['decode_position']}, compile mode {config['compile_mode']}",
+             f"prefix {config['prefix_len']} tokens, decode position {config['decode_position']}, compile mode {config['compile_mode']}, inductor settings {config.get('inductor_config') or 'default'}",
              f"- command: `{env.get('command')}`", "- random weights: costs only, no acceptance", "",
              "| path | ms/token | MBU | compile s |", "|---|---:|---:|---:|",
              f"| compiled + captured decode step | {fmt(step)} | {fmt(decode.get('compiled_mbu'), '.1%')} | {fmt((decode.get('compile_ms') or 0) / 1e3, '.0f')} |",
@@ -280,12 +281,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--tau", type=float, default=4.3, help="tokens per verify step (Spec-Bench: EAGLE-2 on Vicuna-7B)")
     parser.add_argument("--quant", default="int8wo,int4wo")
     parser.add_argument("--only-quant", action="store_true", help="the compiled step, then the --quant kinds only")
+    parser.add_argument("--coordinate-descent", choices=("auto", "on", "off"), default="auto",
+                        help="the compiled engine's inductor tuning, as `compile` resolves --coordinate-descent (auto: on for bf16/fp16)")
+    parser.add_argument("--skip-eager", action="store_true", help="leave out the eager-captured engine's step and verifies")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args()
 
 
 def sizes(text: str) -> list[int]:
     return [int(n) for n in text.split(",") if n.strip()]
+
+
+def measure_eager_captured(document: dict, model, embeds: torch.Tensor, args, moved: float, bandwidth: float) -> None:
+    """The eager-captured engine's step, chain verify and tree verifies (the reference for the compiled ones)."""
+    eager = StaticEngine(model.llm, compile_mode=None)
+    eager_step = decode_ms_per_token(eager, embeds, args.new_tokens, args.repeats)
+    document["decode"].update(eager_captured_ms_per_token=eager_step, eager_captured_mbu=metrics.mbu(moved, eager_step, bandwidth))
+    document["chain_verify_ms"] = chain_verify_ms(eager, embeds, args.gamma, args.repeats)
+    document["tree_verify"]["eager_captured"] = {n: tree_verify_ms(eager, embeds, n, args.tree_topk, args.repeats)
+                                                 for n in sizes(args.tree_nodes)}
+    eager.release()
 
 
 @torch.inference_mode()
@@ -314,7 +329,10 @@ def main() -> None:
                 "decode": {}, "tree_verify": {}, "eagle_head": {}, "quant": {}}
     document["env"]["copy_bandwidth_bytes_per_s"] = bandwidth
 
-    compiled = StaticEngine(model.llm, compile_mode=compile_mode)
+    choice = {"auto": None, "on": True, "off": False}[args.coordinate_descent]
+    tuning = decode_inductor_config(model.llm, choice) if compile_mode is not None else {}
+    document["config"]["inductor_config"] = tuning  # what `compile` would compile this LLM under
+    compiled = StaticEngine(model.llm, compile_mode=compile_mode, inductor_config=tuning)
     step = decode_ms_per_token(compiled, embeds, args.new_tokens, args.repeats)
     document["decode"].update(compiled_ms_per_token=step, compile_ms=compiled.setup_ms, compiled_mbu=metrics.mbu(moved, step, bandwidth))
     print(f"compiled step {step:.3f} ms/token (compile {compiled.setup_ms / 1e3:.0f} s)", flush=True)
@@ -323,13 +341,9 @@ def main() -> None:
         compiled.release()
         run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)
         return
-    eager = StaticEngine(model.llm, compile_mode=None)
-    eager_step = decode_ms_per_token(eager, embeds, args.new_tokens, args.repeats)
-    document["decode"].update(eager_captured_ms_per_token=eager_step, eager_captured_mbu=metrics.mbu(moved, eager_step, bandwidth))
-    document["chain_verify_ms"] = chain_verify_ms(eager, embeds, args.gamma, args.repeats)
-    document["tree_verify"]["eager_captured"] = {n: tree_verify_ms(eager, embeds, n, args.tree_topk, args.repeats)
-                                                 for n in sizes(args.tree_nodes)}
-    save(document, out)
+    if not args.skip_eager:
+        measure_eager_captured(document, model, embeds, args, moved, bandwidth)
+        save(document, out)
     nodes = max(sizes(args.tree_nodes) or [32])
     for name, vocab in (("full_vocab", None), ("draft_vocab_subset", DRAFT_VOCAB)):
         document["eagle_head"][name] = head_costs(model.llm, embeds, args.gamma, args.tree_depth, args.tree_topk, nodes,
