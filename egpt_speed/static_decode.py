@@ -31,10 +31,11 @@ from transformers import StaticCache
 
 from egpt_speed.decoding import DecodeResult, truncate_at_eos, with_cache
 from egpt_speed.errors import EgptError
+from egpt_speed.flex import FLEX, block_mask_from_dense
 from egpt_speed.host_staging import PinnedStaging
 from egpt_speed.timing import Clock, synchronize
 
-SUPPORTED_ATTENTION = ("sdpa", "eager")
+SUPPORTED_ATTENTION = ("sdpa", "eager", FLEX)
 COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead")
 DRAFT_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # the drafter is captured by us: no cudagraph trees
 CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across prompts, 16-aligned masks for SDPA
@@ -268,10 +269,7 @@ class StaticEngine:
         explicit 4-D mask `create_causal_mask` returns it untouched. Slots past a query's position may
         hold stale drafts or garbage: this mask is what keeps them invisible after a rollback.
         """
-        allowed = self._kv_positions <= positions.view(1, 1, -1, 1)
-        if self.llm.config._attn_implementation == "sdpa":
-            return allowed  # boolean: True = attend
-        return torch.zeros((), dtype=self.dtype, device=self.device).masked_fill(~allowed, torch.finfo(self.dtype).min)
+        return mask_for_attention(self._kv_positions <= positions.view(1, 1, -1, 1), self)
 
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, position_ids: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, aux_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
@@ -689,9 +687,7 @@ class TreeVerifyBuffers:
 
     def forward(self, engine: StaticEngine, aux_layers: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """The loaded tree through the engine under its tree mask → (logits [1, W, V], features [1, W, F])."""
-        allowed = self.mask(engine._kv_positions)
-        if engine.llm.config._attn_implementation != "sdpa":
-            allowed = torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(~allowed, torch.finfo(engine.dtype).min)
+        allowed = mask_for_attention(self.mask(engine._kv_positions), engine)
         return engine._forward(self.tokens, self.slots, self.positions.view(1, -1), allowed, aux_layers)
 
     def mask(self, kv_positions: torch.Tensor) -> torch.Tensor:
@@ -700,6 +696,17 @@ class TreeVerifyBuffers:
         allowed = (kv_positions < self.base).expand(1, 1, width, kv_positions.shape[-1]).clone()
         allowed[0, 0].index_copy_(1, self.slots, self.ancestry)
         return allowed
+
+
+def mask_for_attention(allowed: torch.Tensor, engine: StaticEngine):
+    """allowed: [1, 1, q, M] bool (True = attend) → what the LLM's attention takes: the boolean mask (sdpa), an
+    additive float mask (eager) or a BlockMask (flex: the empty blocks skipped, the full ones unmasked)."""
+    implementation = engine.llm.config._attn_implementation
+    if implementation == "sdpa":
+        return allowed
+    if implementation == FLEX:
+        return block_mask_from_dense(allowed)
+    return torch.zeros((), dtype=engine.dtype, device=engine.device).masked_fill(~allowed, torch.finfo(engine.dtype).min)
 
 
 def features_of(out, aux_layers: tuple[int, ...]) -> torch.Tensor:

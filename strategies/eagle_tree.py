@@ -11,6 +11,7 @@ follows the target's sampling distribution.
 from __future__ import annotations
 
 from egpt_speed.errors import EgptError
+from egpt_speed.flex import FLEX
 from egpt_speed.tree import TreeShape
 from egpt_speed.strategies.eagle import Eagle
 from egpt_speed.strategies.registry import register
@@ -27,9 +28,10 @@ class EagleTree(Eagle):
     def prepare(self, model) -> None:
         super().prepare(model)
         attention = model.llm.config._attn_implementation
-        if attention not in TREE_ATTENTION:
-            raise EgptError(f"eagle-tree needs sdpa or eager attention for its tree mask, not {attention!r}; "
-                            "drop the attention strategy or use eagle.")
+        on_static_target = self.lender is not None and attention == FLEX  # the engine builds flex's block mask
+        if attention not in TREE_ATTENTION and not on_static_target:
+            raise EgptError(f"eagle-tree needs sdpa or eager attention for its tree mask, not {attention!r} "
+                            "(flex only with compile+eagle-tree); drop the attention strategy or use eagle.")
 
     def tree_shape(self) -> TreeShape:
         topk, nodes = self.ctx.options.get("tree_topk"), self.ctx.options.get("tree_nodes")

@@ -1,0 +1,36 @@
+"""`flex`: the LLM's attention as PyTorch FlexAttention with a block-sparse mask (egpt_speed.flex).
+
+A preparer, meant for the static-cache decoder: `flex+compile`, `flex+compile+eagle-tree`. The engine turns its
+dense mask into a BlockMask, so the unused cache slots are skipped, the filled prefix runs unmasked and only the
+blocks holding a draft tree are masked; compiled, inductor emits FlexAttention's Triton kernels (flex decoding
+for few queries). Eager (the CPU) runs FlexAttention's reference implementation. Batch 1, boolean masks only;
+the CLIP tower keeps its attention. Not yet timed on a GPU (benchmarks/attention_probe.py measures the kernels).
+"""
+
+from __future__ import annotations
+
+from egpt_speed.attention import attention_settings, set_llm_attention
+from egpt_speed.flex import BLOCK, register_flex
+from egpt_speed.strategies.registry import Strategy, register
+
+
+@register
+class FlexAttention(Strategy):
+    name = "flex"
+    summary = "LLM attention = PyTorch FlexAttention with a block-sparse mask over the static cache (flex+compile); CLIP tower unchanged"
+    decodes = False
+    sets = "the LLM's attention implementation"
+    modifies_model = True  # the attention setting lives on the model: compare gives it its own copy
+
+    def unavailable_reason(self) -> str | None:
+        compiled = self.ctx.options.get("compile_mode") not in (None, "", "none")
+        if self.ctx.device.type == "cpu" and compiled:  # torch 2.13: NoValidChoicesError while lowering flex
+            return "inductor cannot compile FlexAttention on the CPU; drop --compile-mode here (flex runs eager on the CPU)."
+        return None
+
+    def prepare(self, model) -> None:
+        set_llm_attention(model.llm, register_flex())
+        self.recorded = attention_settings(model)
+
+    def settings(self) -> dict:
+        return {**getattr(self, "recorded", {}), "flex_block": BLOCK}

@@ -1,0 +1,126 @@
+"""`flex`: FlexAttention with a block mask built from the static engine's dense mask (egpt_speed.flex).
+
+- attention under the BlockMask equals SDPA under the dense mask (trees, GQA, cache lengths off the block grid);
+- the BlockMask skips empty blocks and runs full ones unmasked;
+- flex+compile and flex+compile+eagle-tree decode baseline's greedy tokens (float32, CPU: the reference kernel),
+  and HF generate on the flex LLM too; the eager eagle-tree, which builds additive masks, refuses flex.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from egpt_speed.decoding import DecodeRequest, GenerationSettings
+from egpt_speed.eagle import EagleHead, head_config_from_target
+from egpt_speed.errors import EgptError
+from egpt_speed.flex import BLOCK, block_mask_from_dense, flex_forward
+from egpt_speed.prompt import EVENT_TOKEN_INDEX
+from egpt_speed.strategies import registry
+from egpt_speed.strategies.registry import RunContext
+from egpt_speed.timing import Clock
+from helpers import make_tiny_eventgpt
+
+CPU = torch.device("cpu")
+
+
+def tree_mask(queries: int, slots: int, filled: int, generator: torch.Generator) -> torch.Tensor:
+    """[1, 1, q, slots]: the filled prefix, then each query sees itself and one random earlier query's ancestry."""
+    ancestry = torch.eye(queries, dtype=torch.bool)
+    for node in range(1, queries):
+        ancestry[node] |= ancestry[int(torch.randint(0, node, (1,), generator=generator))]
+    mask = torch.zeros(queries, slots, dtype=torch.bool)
+    mask[:, :filled] = True
+    mask[:, filled:filled + queries] = ancestry
+    return mask[None, None]
+
+
+@pytest.mark.parametrize("queries,slots,filled,heads,kv_heads", [
+    (1, 512, 300, 4, 2), (5, 384, 130, 4, 4), (33, 300, 129, 6, 2), (150, 640, 256, 2, 1)])
+def test_attention_under_the_block_mask_equals_sdpa_under_the_dense_one(queries, slots, filled, heads, kv_heads):
+    generator = torch.Generator().manual_seed(queries)
+    query = torch.randn(1, heads, queries, 16, generator=generator)
+    key, value = (torch.randn(1, kv_heads, slots, 16, generator=generator) for _ in range(2))
+    mask = tree_mask(queries, slots, filled, generator)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, enable_gqa=heads != kv_heads)
+    got, _ = flex_forward(None, query, key, value, block_mask_from_dense(mask), scaling=None)
+    torch.testing.assert_close(got, expected.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_the_block_mask_skips_empty_blocks_and_runs_full_ones_unmasked():
+    """One query at slot 200 of a 512-slot cache: block 0 full, block 1 partial, blocks 2 and 3 never read."""
+    mask = (torch.arange(512) <= 200).view(1, 1, 1, 512)
+    block_mask = block_mask_from_dense(mask)
+    assert block_mask.full_kv_num_blocks.flatten().tolist() == [1]
+    assert block_mask.full_kv_indices[0, 0, 0, :1].tolist() == [0]
+    assert block_mask.kv_num_blocks.flatten().tolist() == [1]
+    assert block_mask.kv_indices[0, 0, 0, :1].tolist() == [1]
+    assert block_mask.BLOCK_SIZE == (BLOCK, BLOCK) and block_mask.shape == (1, 1, 1, 512)
+
+
+def test_a_batched_or_additive_mask_is_refused_clearly():
+    with pytest.raises(EgptError, match="batch 1"):
+        block_mask_from_dense(torch.ones(2, 1, 3, 8, dtype=torch.bool))
+    query = torch.randn(1, 2, 3, 8)
+    with pytest.raises(EgptError, match="boolean masks"):
+        flex_forward(None, query, query, query, torch.zeros(1, 1, 3, 3))
+
+
+@pytest.fixture
+def model(sp_tokenizer):
+    """A fresh tiny EventGPT per test: `flex` switches the LLM's attention in place."""
+    tiny = make_tiny_eventgpt(0, tokenizer=sp_tokenizer)
+    with torch.no_grad():  # sharper logits: fewer near-ties, so equality tests the code, not rounding
+        tiny.llm.lm_head.weight.mul_(4.0)
+    return tiny
+
+
+def request_for(model, seed: int, new: int = 20) -> DecodeRequest:
+    generator = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, model.llm.config.vocab_size, (8,), generator=generator)
+    prompt = torch.cat([torch.tensor([1]), text[:4], torch.tensor([EVENT_TOKEN_INDEX]), text[4:]])
+    return DecodeRequest(f"s{seed}", prompt, torch.randn(5, model.hidden_size, generator=generator) * 0.5,
+                         GenerationSettings(max_new_tokens=new))
+
+
+def decoded(name: str, model, request: DecodeRequest, **context) -> list[int]:
+    strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, **context))
+    strategy.prepare(model)
+    clock = Clock(CPU)
+    clock.begin()
+    return strategy.decode(model, request, clock).token_ids
+
+
+def test_flex_compile_decodes_what_baseline_decodes(model):
+    requests = [request_for(model, seed) for seed in (1, 2, 3)]
+    expected = [decoded("baseline", model, request) for request in requests]
+    assert [decoded("flex+compile", model, request) for request in requests] == expected
+    assert model.llm.config._attn_implementation == "egpt_flex"
+    assert [decoded("baseline", model, request) for request in requests] == expected  # HF generate on flex too
+
+
+def test_flex_compile_eagle_tree_equals_baseline(model, tmp_path):
+    """The static tree verify under flex's block mask: greedy tokens of baseline, with drafts accepted."""
+    torch.manual_seed(0)
+    EagleHead(head_config_from_target(model.llm.config)).eval().save(tmp_path / "head")
+    context = {"draft_spec": str(tmp_path / "head"), "options": {"tree_nodes": 10}}
+    for seed in (4, 5):
+        request = request_for(model, seed, new=24)
+        assert decoded("flex+compile+eagle-tree", model, request, **context) == decoded("baseline", model, request)
+
+
+def test_the_eager_eagle_tree_refuses_flex(model, tmp_path):
+    torch.manual_seed(0)
+    EagleHead(head_config_from_target(model.llm.config)).eval().save(tmp_path / "head")
+    strategy = registry.build("flex+eagle-tree", RunContext(device=CPU, dtype=torch.float32, draft_spec=str(tmp_path / "head")))
+    with pytest.raises(EgptError, match="flex only with compile"):
+        strategy.prepare(model)
+
+
+
+def test_flex_under_inductor_on_the_cpu_is_refused_before_it_runs():
+    """Inductor has no CPU lowering for this FlexAttention (torch 2.13: NoValidChoicesError): say so up front."""
+    strategy = registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32, options={"compile_mode": "default"}))
+    assert "CPU" in strategy.unavailable_reason() and "--compile-mode" in strategy.unavailable_reason()
+    assert registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32)).unavailable_reason() is None
