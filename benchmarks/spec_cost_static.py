@@ -35,6 +35,8 @@ from egpt_speed.eagle import EagleHead, head_config_from_target  # noqa: E402
 from egpt_speed.errors import EgptError  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
+from egpt_speed.attention import set_llm_attention  # noqa: E402
+from egpt_speed.flex import register_flex  # noqa: E402
 from egpt_speed.inductor_tuning import decode_inductor_config  # noqa: E402
 from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noqa: E402
 from egpt_speed.results import capture_env, timestamped_name, write_json_atomic, write_text_atomic  # noqa: E402
@@ -211,7 +213,7 @@ def render(document: dict) -> str:
     fmt = lambda v, spec=".3f": "–" if v is None else format(v, spec)  # noqa: E731
     lines = [f"# Speculative cost on the compiled static path: {config['model']}, {config['dtype']}", "",
              f"- device {env.get('device_name')}, copy bandwidth {fmt((env.get('copy_bandwidth_bytes_per_s') or 0) / 1e12, '.2f')} TB/s, "
-             f"prefix {config['prefix_len']} tokens, decode position {config['decode_position']}, compile mode {config['compile_mode']}, inductor settings {config.get('inductor_config') or 'default'}",
+             f"prefix {config['prefix_len']} tokens, decode position {config['decode_position']}, compile mode {config['compile_mode']}, inductor settings {config.get('inductor_config') or 'default'}, attention {config.get('attention', 'sdpa')}",
              f"- command: `{env.get('command')}`", "- random weights: costs only, no acceptance", "",
              "| path | ms/token | MBU | compile s |", "|---|---:|---:|---:|",
              f"| compiled + captured decode step | {fmt(step)} | {fmt(decode.get('compiled_mbu'), '.1%')} | {fmt((decode.get('compile_ms') or 0) / 1e3, '.0f')} |",
@@ -283,6 +285,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--only-quant", action="store_true", help="the compiled step, then the --quant kinds only")
     parser.add_argument("--coordinate-descent", choices=("auto", "on", "off"), default="auto",
                         help="the compiled engine's inductor tuning, as `compile` resolves --coordinate-descent (auto: on for bf16/fp16)")
+    parser.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
+                        help="the LLM's attention (flex: FlexAttention with the static engine's block mask, egpt_speed.flex)")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager-captured engine's step and verifies")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args()
@@ -314,6 +318,8 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, device)
     compile_mode = None if args.compile_mode == "none" else args.compile_mode
     model = load_model(args.model, dtype, device)
+    if args.attention == "flex":
+        set_llm_attention(model.llm, register_flex())
     prompt = model.template.render("What are the key elements in this scene?", model.tokenizer)
     ids = torch.tensor(tokenize_with_event_placeholder(prompt, model.tokenizer, model.fold_to_vocab), device=device)
     embeds = model.splice(ids, torch.randn(582, model.hidden_size, device=device, dtype=dtype) * 0.02)
@@ -325,7 +331,8 @@ def main() -> None:
     document = {"schema": "egpt-speed/spec-cost-static/1", "env": capture_env(device, bandwidth),
                 "config": {"model": args.model, "dtype": str(dtype), "prefix_len": prefix_len, "compile_mode": compile_mode,
                            "decode_position": prefix_len + DECODE_POSITION_OFFSET, "new_tokens": args.new_tokens,
-                           "repeats": args.repeats, "tau": args.tau, "bytes_per_token": moved},
+                           "repeats": args.repeats, "tau": args.tau, "bytes_per_token": moved,
+                           "attention": model.llm.config._attn_implementation},
                 "decode": {}, "tree_verify": {}, "eagle_head": {}, "quant": {}}
     document["env"]["copy_bandwidth_bytes_per_s"] = bandwidth
 
