@@ -5,7 +5,8 @@ over the static cache — the verify's masked attention is half of its extra cos
 Per shape (7B: 32 q / 32 kv heads × 128; tiny: 9 / 3 × 64), dtype and query count: the static cache's 1024
 slots of which the first 660 are filled, the queries see the filled prefix plus (q > 1) a random tree ancestry
 among themselves, exactly the mask StaticEngine builds. Backends: SDPA cuDNN / memory-efficient / math with the
-dense boolean mask; FlexAttention (compiled) with a BlockMask built from the same mask, whose empty blocks
+dense boolean mask; FlexAttention (compiled) with the BlockMask the `flex` preparer builds from the same mask
+(egpt_speed.flex), whose empty blocks
 (the unused slots) it skips and whose full blocks it runs unmasked; the SDPA flash kernel over the filled slots
 without a mask (q = 1 only: the lower bound a split-KV kernel could reach). Each: CUDA-graph replays, median of 5
 rounds of 50, and the largest difference from the math backend's output. Writes attention_probe_<stamp>.json/.md.
@@ -15,13 +16,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import flex_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from egpt_speed.flex import block_mask_from_dense  # noqa: E402
+from int8wo_probe import time_replays  # noqa: E402  (median µs of one replay)
 
 SHAPES = {"7b": (32, 32, 128), "tiny": (9, 3, 64)}
 SLOTS, FILLED = 1024, 660
@@ -52,15 +59,7 @@ def replay_us(body, rounds: int = 5, replays: int = 50) -> float:
     with torch.cuda.graph(graph):
         for _ in range(replays):
             body()
-    times = []
-    for _ in range(rounds):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / replays)
-    return statistics.median(times)
+    return time_replays(graph, rounds) / replays
 
 
 def variants(q, k, v, mask, queries: int) -> dict:
@@ -72,8 +71,7 @@ def variants(q, k, v, mask, queries: int) -> dict:
             with sdpa_kernel([backend]):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         calls[name] = sdpa
-    dense = mask[0, 0]
-    block_mask = create_block_mask(lambda b, h, qi, ki: dense[qi, ki], None, None, queries, SLOTS, device="cuda")
+    block_mask = block_mask_from_dense(mask)  # the one the `flex` preparer's engine builds
     compiled = torch.compile(flex_attention, dynamic=False)
     calls["flex"] = lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
     if queries == 1:
