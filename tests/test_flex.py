@@ -124,3 +124,20 @@ def test_flex_under_inductor_on_the_cpu_is_refused_before_it_runs():
     strategy = registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32, options={"compile_mode": "default"}))
     assert "CPU" in strategy.unavailable_reason() and "--compile-mode" in strategy.unavailable_reason()
     assert registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32)).unavailable_reason() is None
+
+
+def test_mask_building_and_flex_trace_as_one_graph():
+    """What a compiled step hands inductor on CUDA: the dense mask → BlockMask → FlexAttention traced with
+    fullgraph=True through AOT autograd (inductor's CPU lowering is the only part the CPU cannot check)."""
+    def attention(query, key, value, positions, kv_positions):
+        allowed = kv_positions <= positions.view(1, 1, -1, 1)
+        return flex_forward(None, query, key, value, block_mask_from_dense(allowed))[0]
+    traced = torch.compile(attention, backend="aot_eager", fullgraph=True, dynamic=False)
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(1, 4, 5, 16, generator=generator)
+    key, value = (torch.randn(1, 2, 256, 16, generator=generator) for _ in range(2))
+    positions, kv_positions = torch.arange(100, 105), torch.arange(256).view(1, 1, 1, 256)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=kv_positions <= positions.view(1, 1, -1, 1),
+                                              enable_gqa=True)
+    torch.testing.assert_close(traced(query, key, value, positions, kv_positions), expected.transpose(1, 2),
+                               rtol=1e-5, atol=1e-5)
