@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from egpt_speed.errors import EgptError
-from egpt_speed.static_decode import COMPILE_MODES, DRAFT_COMPILE_MODES
+from egpt_speed.static_decode import COMPILE_MODES, DRAFT_COMPILE_MODES, resolve_compile_mode
 
 
 def check_strategy_names(strategies: list[str]) -> None:
@@ -28,7 +30,7 @@ def check_compile_modes(options: dict) -> None:
             raise EgptError(f"{flag} {value!r} is not one of none, {', '.join(m for m in modes if m)}; pick one.")
 
 
-def check_coordinate_descent(options: dict, strategies: list[str]) -> None:
+def check_coordinate_descent(options: dict, strategies: list[str], device: torch.device) -> None:
     """--coordinate-descent / --no-coordinate-descent tune what compile compiles: refused where nothing is."""
     choice = options.get("coordinate_descent")
     if choice is None:
@@ -36,8 +38,20 @@ def check_coordinate_descent(options: dict, strategies: list[str]) -> None:
     flag = "--coordinate-descent" if choice else "--no-coordinate-descent"
     if not any("compile" in s.split("+") for s in strategies):
         raise EgptError(f"{flag} sets how compile's decode step is compiled; add a compile strategy or drop it.")
-    if choice and options.get("compile_mode") in ("", "none"):
-        raise EgptError(f"{flag} tunes inductor's kernels, which --compile-mode none does not use; drop one of them.")
+    if resolve_compile_mode(options.get("compile_mode"), device) is None:
+        raise EgptError(f"{flag} tunes inductor's kernels, which compile does not use here (--compile-mode none, "
+                        "the CPU's default); add --compile-mode default or drop the flag.")
+
+
+def check_flex(strategies: list[str], batch_size: int) -> None:
+    """`flex` takes one boolean mask per call, built by compile's static engine for a draft tree."""
+    for expression in strategies:
+        parts = expression.split("+")
+        if "flex" in parts and "eagle-tree" in parts and "compile" not in parts:
+            raise EgptError(f"{expression}: the eager eagle-tree builds additive tree masks that flex does not take; "
+                            "use flex+compile+eagle-tree or drop flex.")
+        if "flex" in parts and batch_size > 1:
+            raise EgptError(f"{expression}: the flex attention runs batch 1; use --batch-size 1 or drop flex.")
 
 
 def speculates_on_compile(strategy: str) -> bool:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 
 from egpt_speed import datasets, divergence, journal, metrics, results, shards
-from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_sampling,
+from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_flex, check_sampling,
                                          check_speculation_flags, check_strategy_names)
 from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, encode_plan, input_facts
 from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
@@ -76,7 +76,8 @@ def validate(config: RunConfig) -> None:
         raise EgptError("--fp32-check compares greedy outputs; drop --sample or --fp32-check.")
     check_compile_modes(config.options)
     check_speculation_flags(config.options, config.strategies, config.do_sample)
-    check_coordinate_descent(config.options, config.strategies)
+    check_coordinate_descent(config.options, config.strategies, shards.local_device(resolve_device(config.device)))
+    check_flex(config.strategies, config.batch_size)
     if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
         raise EgptError("--memory-budget must be a positive number of GB.")
 

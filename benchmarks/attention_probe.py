@@ -5,8 +5,8 @@ over the static cache — the verify's masked attention is half of its extra cos
 Per shape (7B: 32 q / 32 kv heads × 128; tiny: 9 / 3 × 64), dtype and query count: the static cache's 1024
 slots of which the first 660 are filled, the queries see the filled prefix plus (q > 1) a random tree ancestry
 among themselves, exactly the mask StaticEngine builds. Backends: SDPA cuDNN / memory-efficient / math with the
-dense boolean mask; FlexAttention (compiled) with the BlockMask the `flex` preparer builds from the same mask
-(egpt_speed.flex), whose empty blocks
+dense boolean mask; FlexAttention (compiled, the BlockMask built inside the call as the `flex` preparer's
+engine builds it, egpt_speed.flex), whose empty blocks
 (the unused slots) it skips and whose full blocks it runs unmasked; the SDPA flash kernel over the filled slots
 without a mask (q = 1 only: the lower bound a split-KV kernel could reach). Each: CUDA-graph replays, median of 5
 rounds of 50, and the largest difference from the math backend's output. Writes attention_probe_<stamp>.json/.md.
@@ -71,9 +71,10 @@ def variants(q, k, v, mask, queries: int) -> dict:
             with sdpa_kernel([backend]):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         calls[name] = sdpa
-    block_mask = block_mask_from_dense(mask)  # the one the `flex` preparer's engine builds
-    compiled = torch.compile(flex_attention, dynamic=False)
-    calls["flex"] = lambda: compiled(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    # as in a compiled step of the `flex` preparer's engine: the BlockMask is built from the dense mask every call
+    compiled = torch.compile(lambda: flex_attention(q, k, v, block_mask=block_mask_from_dense(mask), enable_gqa=gqa),
+                             dynamic=False, fullgraph=True)
+    calls["flex"] = compiled
     if queries == 1:
         def flash_filled():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
@@ -83,6 +84,7 @@ def variants(q, k, v, mask, queries: int) -> dict:
 
 
 def probe(shape: str, dtype: torch.dtype, queries: int, generator: torch.Generator) -> dict:
+    torch._dynamo.reset()  # 15 compilations of flex_attention: past the recompile limit dynamo would run it eager
     heads, kv_heads, head_dim = SHAPES[shape]
     q = torch.randn(1, heads, queries, head_dim, generator=generator).to("cuda", dtype)
     k, v = (torch.randn(1, kv_heads, SLOTS, head_dim, generator=generator).to("cuda", dtype) for _ in range(2))

@@ -24,7 +24,7 @@ echo "QUANT=${QUANT:-} LIMIT=${LIMIT:-} SKIP_EAGER=${SKIP_EAGER:-} ATTENTION=${A
 if [ "$what" = fused ]; then
   timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode default --quant "${QUANT:-int8wo,int8wo-plain}" --out /tmp/res7 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/fused.log | tail -60
-elif [ "$what" = quant ]; then  # int8wo / int4wo + compile against the compiled bf16 step (coordinate descent as compile resolves it)
+elif [ "$what" = quant ]; then  # int8wo / int4wo + compile (torchao's settings; no -plain kinds here) against the compiled bf16 step
   timeout "${LIMIT:-540}" python3 benchmarks/spec_cost_static.py --model synthetic-7b --dtype bfloat16 --compile-mode default --repeats 30 \
     --only-quant --quant "${QUANT:-int8wo,int4wo}" --out /tmp/res7 2>&1 | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/quant.log | tail -60
 elif [ "$what" = attention ]; then  # no GGUF needed; SDPA backends vs FlexAttention over the static cache

@@ -5,15 +5,18 @@ unused slots and, for a masked multi-row query (a tree verify), runs cuDNN's mas
 7B shape a 33-row verify spends 26.8 µs a layer in attention against 9.5 µs for a decode step
 (benchmarks/results/issue11_h200_20261203_evening.md). A BlockMask built from the same dense mask lets the
 kernel skip empty 128-slot blocks, run full blocks (the filled prefix) without evaluating the mask, and apply it
-only to the blocks holding the tree; under torch.compile inductor emits its flex-decoding kernel for few queries.
+only to the blocks holding the tree; compiled, inductor emits its flex-decoding kernel for few queries (eager calls
+on CUDA, e.g. the prefill bucket, go through one torch.compile'd flex_attention).
 
 Written by hand (a registered transformers attention function, not transformers' "flex_attention"): that one
 always calls a separately torch.compile'd flex_attention outside a compiled region, which fails to build on the
 CPU (torch 2.13's C++ template) and builds masks with its own mask functions, while the static engine passes the
-mask it already computes. Eager (the CPU, tests) runs FlexAttention's reference implementation: same numbers.
+mask it already computes. On the CPU (tests) FlexAttention's reference implementation runs: same numbers.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
@@ -49,8 +52,8 @@ def block_mask_from_dense(allowed: torch.Tensor) -> BlockMask:
 
     def mask_mod(batch, head, query, slot):
         return padded[query, slot]
-    return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices,
-                                    BLOCK_SIZE=(BLOCK, BLOCK), mask_mod=mask_mod, seq_lengths=(queries, slots))
+    return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=(BLOCK, BLOCK),
+                                    mask_mod=mask_mod, seq_lengths=(queries, slots), compute_q_blocks=False)  # no backward
 
 
 def causal_bool_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
@@ -73,9 +76,23 @@ def flex_forward(module, query: torch.Tensor, key: torch.Tensor, value: torch.Te
         if attention_mask.dtype != torch.bool:
             raise EgptError("the flex attention takes boolean masks; use sdpa or eager for additive ones.")
         attention_mask = block_mask_from_dense(attention_mask)
-    out = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling,
-                         enable_gqa=query.shape[1] != key.shape[1])
+    out = _flex_for(query)(query, key, value, block_mask=attention_mask, scale=scaling,
+                           enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention)
+
+
+def _flex_for(query: torch.Tensor):
+    """flex_attention as traced into a compiled step; outside one, on CUDA, a compiled copy (uncompiled,
+    FlexAttention materialises every score: the prefill bucket and eager steps would pay that); on the CPU the
+    reference implementation (inductor has no CPU lowering for it)."""
+    if torch.compiler.is_compiling() or query.device.type != "cuda":
+        return flex_attention
+    return _compiled_flex()
 
 
 def register_flex() -> str:

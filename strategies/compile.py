@@ -22,7 +22,7 @@ from __future__ import annotations
 from egpt_speed.decoding import eos_ids
 from egpt_speed.errors import EgptError
 from egpt_speed.inductor_tuning import decode_inductor_config
-from egpt_speed.static_decode import DEFAULT_EOS_EVERY, StaticEngine
+from egpt_speed.static_decode import DEFAULT_EOS_EVERY, StaticEngine, resolve_compile_mode
 from egpt_speed.strategies.registry import Strategy, register
 
 
@@ -32,11 +32,7 @@ class Compile(Strategy):
     summary = "static KV cache + CUDA-graph decode step (gpt-fast style), greedy argmax on the device; CPU: uncaptured"
 
     def _compile_mode(self) -> str | None:
-        # CUDA: the fastest measured mode (see the module docstring); CPU: compilation costs more than it
-        # saves for test-sized models
-        default = "max-autotune-no-cudagraphs" if self.ctx.device.type == "cuda" else None
-        mode = self.ctx.options.get("compile_mode") or default
-        return None if mode in (None, "", "none") else str(mode)
+        return resolve_compile_mode(self.ctx.options.get("compile_mode"), self.ctx.device)
 
     def _draft_compile(self) -> str | None:
         """--draft-compile: inductor for the captured drafter's bodies (off by default until measured on a GPU)."""

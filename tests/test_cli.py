@@ -111,7 +111,10 @@ BAD_OPTIONS = {
                                            "--coordinate-descent sets how compile's decode step is compiled"),
     "no-coordinate-descent-without-compile": (["run", "int8", "--no-coordinate-descent"], "add a compile strategy"),
     "coordinate-descent-uncompiled": (["run", "compile", "--coordinate-descent", "--compile-mode", "none"],
-                                      "--compile-mode none does not use"),
+                                      "which compile does not use here"),
+    "no-coordinate-descent-cpu-default": (["run", "compile", "--no-coordinate-descent"], "add --compile-mode default"),
+    "flex-eager-tree": (["run", "flex+eagle-tree"], "use flex+compile+eagle-tree"),
+    "flex-batched": (["run", "flex+compile", "--batch-size", "2"], "runs batch 1"),
 }
 
 

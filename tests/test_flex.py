@@ -59,6 +59,34 @@ def test_the_block_mask_skips_empty_blocks_and_runs_full_ones_unmasked():
     assert block_mask.BLOCK_SIZE == (BLOCK, BLOCK) and block_mask.shape == (1, 1, 1, 512)
 
 
+def reference_blocks(mask: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
+    """Per query block, the key blocks with some / every (real-row) entry allowed, by plain loops."""
+    dense = mask[0, 0]
+    queries, slots = dense.shape
+    partial, full = [], []
+    for q0 in range(0, queries, BLOCK):
+        rows = dense[q0:q0 + BLOCK]
+        blocks = [rows[:, k0:k0 + BLOCK] for k0 in range(0, slots, BLOCK)]
+        every = [i for i, block in enumerate(blocks) if block.all() and block.shape[1] == BLOCK]
+        some = [i for i, block in enumerate(blocks) if block.any() and i not in every]
+        partial.append(some)
+        full.append(every)
+    return partial, full
+
+
+@pytest.mark.parametrize("queries,slots,filled", [(1, 1024, 660), (33, 1024, 660), (33, 300, 128), (200, 640, 127),
+                                                  (65, 512, 384), (130, 1000, 0)])
+def test_the_block_lists_are_every_block_with_some_and_with_every_entry_allowed(queries, slots, filled):
+    """What the kernel reads: uncompiled FlexAttention applies mask_mod everywhere, so only this checks the lists
+    (a key block past the cache's end is partial: its padding is masked)."""
+    mask = tree_mask(queries, slots, filled, torch.Generator().manual_seed(slots + queries))
+    block_mask = block_mask_from_dense(mask)
+    partial, full = reference_blocks(mask)
+    for row, (some, every) in enumerate(zip(partial, full)):
+        assert block_mask.kv_indices[0, 0, row, :block_mask.kv_num_blocks[0, 0, row]].tolist() == some
+        assert block_mask.full_kv_indices[0, 0, row, :block_mask.full_kv_num_blocks[0, 0, row]].tolist() == every
+
+
 def test_a_batched_or_additive_mask_is_refused_clearly():
     with pytest.raises(EgptError, match="batch 1"):
         block_mask_from_dense(torch.ones(2, 1, 3, 8, dtype=torch.bool))
@@ -100,8 +128,30 @@ def test_flex_compile_decodes_what_baseline_decodes(model):
     assert [decoded("baseline", model, request) for request in requests] == expected  # HF generate on flex too
 
 
+def test_a_static_tree_verify_under_flex_gives_every_node_the_logits_sdpa_gives(model):
+    """Every node of a branching tree (not only the root a random head's drafts leave) sees its own ancestors."""
+    from copy import deepcopy
+
+    from egpt_speed.flex import register_flex
+    from egpt_speed.attention import set_llm_attention
+    from egpt_speed.static_decode import StaticEngine, StaticTarget
+    from egpt_speed.tree import DraftTree
+
+    flex_llm = deepcopy(model.llm)
+    set_llm_attention(flex_llm, register_flex())
+    embeds = torch.randn(1, 140, model.hidden_size, generator=torch.Generator().manual_seed(6)) * 0.5  # past a block
+    tree = DraftTree([5, 7, 9, 11, 13, 17, 19], [-1, 0, 0, 1, 3, 2, 1])
+    logits = []
+    for llm in (model.llm, flex_llm):
+        target = StaticTarget(StaticEngine(llm, cuda_graph=False), 4)
+        target.setup(embeds.shape[1] + 24, tree_nodes=8)
+        target.prefill(embeds)
+        logits.append(target.verify_tree(tree))
+    torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
+
+
 def test_flex_compile_eagle_tree_equals_baseline(model, tmp_path):
-    """The static tree verify under flex's block mask: greedy tokens of baseline, with drafts accepted."""
+    """The registry path: flex+compile+eagle-tree decodes baseline's greedy tokens."""
     torch.manual_seed(0)
     EagleHead(head_config_from_target(model.llm.config)).eval().save(tmp_path / "head")
     context = {"draft_spec": str(tmp_path / "head"), "options": {"tree_nodes": 10}}
