@@ -150,14 +150,16 @@ def test_a_static_tree_verify_under_flex_gives_every_node_the_logits_sdpa_gives(
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
-def test_flex_compile_eagle_tree_equals_baseline(model, tmp_path):
-    """The registry path: flex+compile+eagle-tree decodes baseline's greedy tokens."""
+@pytest.mark.parametrize("name", ["flex+compile+eagle-tree", "flex+compile+eagle", "flex+compile+early-exit"])
+def test_flex_compile_speculation_equals_baseline(model, tmp_path, name):
+    """The registry path: speculation verified on the flex engine (tree, chain; early-exit drafts through HF's
+    masks on the same flex attention) decodes baseline's greedy tokens."""
     torch.manual_seed(0)
     EagleHead(head_config_from_target(model.llm.config)).eval().save(tmp_path / "head")
     context = {"draft_spec": str(tmp_path / "head"), "options": {"tree_nodes": 10}}
     for seed in (4, 5):
         request = request_for(model, seed, new=24)
-        assert decoded("flex+compile+eagle-tree", model, request, **context) == decoded("baseline", model, request)
+        assert decoded(name, model, request, **context) == decoded("baseline", model, request)
 
 
 def test_the_eager_eagle_tree_refuses_flex(model, tmp_path):
