@@ -40,12 +40,6 @@ COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs", "reduce-overhead
 # `compile` without --compile-mode: CUDA the fastest measured mode (strategies/compile.py's docstring); the CPU
 # none, where compilation costs more than it saves for test-sized models
 DEFAULT_COMPILE_MODE = {"cuda": "max-autotune-no-cudagraphs"}
-
-
-def resolve_compile_mode(option: str | None, device: torch.device) -> str | None:
-    """--compile-mode as given ("none" and "" mean no inductor), else the device's default."""
-    mode = option or DEFAULT_COMPILE_MODE.get(device.type)
-    return None if mode in (None, "", "none") else str(mode)
 DRAFT_COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")  # the drafter is captured by us: no cudagraph trees
 CACHE_ROUNDING = 256  # cache lengths are rounded up: fewer re-captures across prompts, 16-aligned masks for SDPA
 # EOS is read back every DEFAULT_EOS_EVERY tokens. A per-token read (one sync) costs ~0.02 ms/token once the
@@ -101,6 +95,12 @@ class StaticKVCache(StaticCache):
             layer.keys.zero_()
             layer.values.zero_()
         self.length = 0
+
+
+def resolve_compile_mode(option: str | None, device: torch.device) -> str | None:
+    """--compile-mode as given ("none" and "" mean no inductor), else the device's default."""
+    mode = option or DEFAULT_COMPILE_MODE.get(device.type)
+    return None if mode in (None, "", "none") else str(mode)
 
 
 def round_up(value: int, multiple: int = CACHE_ROUNDING) -> int:

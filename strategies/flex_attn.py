@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from egpt_speed.attention import attention_settings, set_llm_attention
 from egpt_speed.flex import BLOCK, register_flex
+from egpt_speed.static_decode import resolve_compile_mode
 from egpt_speed.strategies.registry import Strategy, register
 
 
@@ -23,7 +24,7 @@ class FlexAttention(Strategy):
     modifies_model = True  # the attention setting lives on the model: compare gives it its own copy
 
     def unavailable_reason(self) -> str | None:
-        compiled = self.ctx.options.get("compile_mode") not in (None, "", "none")
+        compiled = resolve_compile_mode(self.ctx.options.get("compile_mode"), self.ctx.device) is not None
         if self.ctx.device.type == "cpu" and compiled:  # torch 2.13: NoValidChoicesError while lowering flex
             return "inductor cannot compile FlexAttention on the CPU; drop --compile-mode here (flex runs eager on the CPU)."
         return None
