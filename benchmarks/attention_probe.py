@@ -75,6 +75,10 @@ def variants(q, k, v, mask, queries: int) -> dict:
     compiled = torch.compile(lambda: flex_attention(q, k, v, block_mask=block_mask_from_dense(mask), enable_gqa=gqa),
                              dynamic=False, fullgraph=True)
     calls["flex"] = compiled
+    # the engine builds the BlockMask once a step and every layer reuses it: the kernel alone, per layer
+    prebuilt = block_mask_from_dense(mask)
+    calls["flex, mask prebuilt"] = torch.compile(lambda: flex_attention(q, k, v, block_mask=prebuilt, enable_gqa=gqa),
+                                                 dynamic=False, fullgraph=True)
     if queries == 1:
         def flash_filled():
             with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):

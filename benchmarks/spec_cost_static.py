@@ -284,7 +284,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quant", default="int8wo,int4wo")
     parser.add_argument("--only-quant", action="store_true", help="the compiled step, then the --quant kinds only")
     parser.add_argument("--coordinate-descent", choices=("auto", "on", "off"), default="auto",
-                        help="the compiled bf16/fp32 engine's inductor tuning, as `compile` resolves --coordinate-descent (auto: on for bf16/fp16); quantized engines keep torchao's settings")
+                        help="the compiled bf16/fp32 engine's inductor tuning, as `compile` resolves --coordinate-descent (auto: off, compile's default); quantized engines keep torchao's settings")
     parser.add_argument("--attention", choices=("sdpa", "flex"), default="sdpa",
                         help="the LLM's attention (flex: FlexAttention with the static engine's block mask, egpt_speed.flex)")
     parser.add_argument("--skip-eager", action="store_true", help="leave out the eager-captured engine's step and verifies")

@@ -42,8 +42,8 @@ def block_mask_from_dense(allowed: torch.Tensor) -> BlockMask:
         raise EgptError(f"the flex attention takes one [1, 1, q, M] mask (batch 1), not {tuple(allowed.shape)}; use sdpa.")
     queries, slots = allowed.shape[-2:]
     q_blocks, kv_blocks = -(-queries // BLOCK), -(-slots // BLOCK)
-    padded = torch.zeros(q_blocks * BLOCK, kv_blocks * BLOCK, dtype=torch.bool, device=allowed.device)
-    padded[:queries, :slots] = allowed[0, 0]
+    dense = allowed[0, 0]
+    padded = torch.nn.functional.pad(dense, (0, kv_blocks * BLOCK - slots, 0, q_blocks * BLOCK - queries))
     real_rows = torch.arange(q_blocks * BLOCK, device=allowed.device).view(-1, 1) < queries
     some = padded.view(q_blocks, BLOCK, kv_blocks, BLOCK).any(3).any(1)
     every = (padded | ~real_rows).view(q_blocks, BLOCK, kv_blocks, BLOCK).all(3).all(1) & some
@@ -51,7 +51,11 @@ def block_mask_from_dense(allowed: torch.Tensor) -> BlockMask:
     full_counts, full_indices = _blocks_of(every)
 
     def mask_mod(batch, head, query, slot):
-        return padded[query, slot]
+        # reads the caller's mask, clamped into range (the kernel discards rows and slots past the lengths): on
+        # CUDA (torch 2.11, H200) inductor failed to lower a mask_mod reading `padded`, a tensor made inside
+        # the compiled graph by the mask function itself ("'function' object has no attribute 'graph'";
+        # benchmarks/flex_lowering_probe.py), while one reading the caller's tensor lowered
+        return dense[torch.clamp(query, max=queries - 1), torch.clamp(slot, max=slots - 1)]
     return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=(BLOCK, BLOCK),
                                     mask_mod=mask_mod, seq_lengths=(queries, slots), compute_q_blocks=False)  # no backward
 

@@ -1,5 +1,5 @@
 """The inductor settings a compiled decode step is built under: torchao's for a torchao-quantized LLM, else
-gpt-fast's coordinate-descent tuning where it was measured faster (`--coordinate-descent`).
+gpt-fast's coordinate-descent tuning when asked for (`--coordinate-descent`; off by default).
 
 With `coordinate_descent_tuning` inductor turns a one-row matmul into a multiply-and-sum reduction, fuses it
 with its neighbours (RMSNorm, SiLU, the KV-cache write) and tunes the reduction's block sizes. H200,
@@ -7,26 +7,19 @@ synthetic-7b bfloat16, `--compile-mode default`, 4 interleaved rounds (benchmark
 step_bandwidth_7b_h200_20261203_evening): the compiled step went 5.024 → 4.302 ms a token (68 → 79 % of the
 copy bandwidth), but with `fused` projections 4.545 → 5.147 ms (its fused q/k/v reduction, with the norm inside,
 ran at 1.5 TB/s). Multi-row matmuls (a verify, the prefill) keep their GEMMs either way.
+Why not the default (it was, briefly): the next run of the same step under the same setting (H200, 2026-12-03
+17:43, benchmarks/results/issue11_h200_20261203_night) took 4.999 ms — the tuner chose other block sizes, and the
+down projection's fused reduction ran at 51.3 µs a layer instead of 28.5 — so the gain is the tuner's luck of
+the run, not a property of the setting; and a `tiny` bfloat16 compare of compile, compile+eagle and
+compile+eagle-tree under it finished no sample in 420 s (its journal holds only the header; earlier
+runs of the same compare without it finished inside one 600-s device call). A user who wants it asks.
 """
 
 from __future__ import annotations
 
-import torch
-
-from egpt_speed.fuse import is_fused
 from egpt_speed.quantize import inductor_config_for
 
 COORDINATE_DESCENT = {"coordinate_descent_tuning": True}
-# where unset means on: the dtypes it was measured faster in (bf16; fp16 shares its GEMV kernels' arithmetic)
-COORDINATE_DESCENT_DTYPES = (torch.bfloat16, torch.float16)
-
-
-def resolve_coordinate_descent(choice: bool | None, device: torch.device, dtype: torch.dtype, fused: bool) -> bool:
-    """--coordinate-descent / --no-coordinate-descent as given; unset, on for a half-precision LLM without `fused`
-    on CUDA (measured faster there, slower with `fused`; float32 and the CPU are unmeasured or unaffected)."""
-    if choice is not None:
-        return bool(choice)
-    return device.type == "cuda" and dtype in COORDINATE_DESCENT_DTYPES and not fused
 
 
 def decode_inductor_config(llm, choice: bool | None) -> dict:
@@ -38,5 +31,4 @@ def decode_inductor_config(llm, choice: bool | None) -> dict:
         if choice is False:
             return {key: value for key, value in torchao.items() if not key.startswith("coordinate_descent")}
         return torchao
-    weight = llm.get_input_embeddings().weight
-    return dict(COORDINATE_DESCENT) if resolve_coordinate_descent(choice, weight.device, weight.dtype, is_fused(llm)) else {}
+    return dict(COORDINATE_DESCENT) if choice else {}

@@ -10,8 +10,8 @@ static-cache path runs uncompiled and uncaptured (`cuda_graph: false` in setting
   default                                    6.33–6.43 ms/token,  ~39–46 s
   none (capture the eager step)              8.29 ms/token,  ~0.1 s
   reduce-overhead                            torch.compile's own CUDA graphs instead of ours
-`--coordinate-descent` (egpt_speed.inductor_tuning; H200, synthetic-7b bf16, compile mode default, 2026-12-03):
-  off 5.024 ms/token, on 4.302 (the default for bf16/fp16 on CUDA); with `fused` 4.545 off, 5.147 on (default off)
+`--coordinate-descent` (egpt_speed.inductor_tuning, opt-in; H200, synthetic-7b bf16, compile mode default, 2026-12-03):
+  off 5.024 ms/token, on 4.302 in one run and 4.999 in the next (the tuner's picks vary); with `fused` 4.545 off, 5.147 on
 `eos_every` (a RunContext option, no CLI flag): tokens between EOS checks (default 1, see
 static_decode.DEFAULT_EOS_EVERY). `--draft-compile` (compile+eagle, compile+eagle-tree): the captured
 drafter's bodies compiled by inductor before capture; off by default (not yet timed on a GPU).
@@ -46,7 +46,7 @@ class Compile(Strategy):
         return value
 
     def prepare(self, model) -> None:
-        # torchao's settings for int8wo/int4wo+compile, else coordinate-descent tuning where measured faster
+        # torchao's settings for int8wo/int4wo+compile, else coordinate-descent tuning if asked for
         compiled = self._compile_mode() is not None
         self.inductor_config = decode_inductor_config(model.llm, self.ctx.options.get("coordinate_descent")) if compiled else {}
         self.engine = StaticEngine(model.llm, compile_mode=self._compile_mode(), inductor_config=self.inductor_config)

@@ -382,19 +382,15 @@ def test_an_inductor_config_is_in_force_while_the_step_compiles_and_not_after(mo
     assert inductor_config.coordinate_descent_tuning == before is False
 
 
-@pytest.mark.parametrize("choice, device, dtype, fused, expected", [
-    (None, "cuda", torch.bfloat16, False, True),    # measured faster: 7B bf16 step 5.02 → 4.30 ms (H200)
-    (None, "cuda", torch.float16, False, True),
-    (None, "cuda", torch.bfloat16, True, False),    # measured slower with fused projections
-    (None, "cuda", torch.float32, False, False),    # unmeasured: stays off
-    (None, "cpu", torch.bfloat16, False, False),
-    (True, "cpu", torch.float32, True, True),       # an explicit choice always wins
-    (False, "cuda", torch.bfloat16, False, False),
+@pytest.mark.parametrize("choice, expected", [
+    (None, {}),  # off unless asked for: the tuner's gain at 7B was 14 % in one run, 0.5 % in the next (H200)
+    (False, {}),
+    (True, {"coordinate_descent_tuning": True}),
 ])
-def test_coordinate_descent_default(choice, device, dtype, fused, expected):
-    from egpt_speed.inductor_tuning import resolve_coordinate_descent
+def test_coordinate_descent_is_opt_in(model, choice, expected):
+    from egpt_speed.inductor_tuning import decode_inductor_config
 
-    assert resolve_coordinate_descent(choice, torch.device(device), dtype, fused) is expected
+    assert decode_inductor_config(model.llm, choice) == expected
 
 
 def test_coordinate_descent_compiles_the_step_under_it_and_decodes_the_same(model):

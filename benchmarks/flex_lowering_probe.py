@@ -1,0 +1,124 @@
+"""Which FlexAttention call shapes inductor lowers on this GPU (issue 11: the `flex` preparer's BlockMask,
+built inside the compiled step from the engine's dense mask, failed to lower on the H200's torch 2.11 with
+"'function' object has no attribute 'graph'"). Each variant is compiled alone and its full traceback kept.
+
+    python3 benchmarks/flex_lowering_probe.py [--device cuda] [--backend inductor]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+from torch.nn.attention.flex_attention import BlockMask
+
+from egpt_speed.flex import BLOCK, _blocks_of, block_mask_from_dense
+
+sys.path.insert(0, str(Path(__file__).parent))
+SLOTS, FILLED = 1024, 660
+
+
+def tree_like_mask(queries: int, device: str) -> torch.Tensor:
+    allowed = torch.zeros(1, 1, queries, SLOTS, dtype=torch.bool, device=device)
+    allowed[..., :FILLED] = True
+    allowed[..., FILLED:FILLED + queries] = torch.tril(torch.ones(queries, queries, dtype=torch.bool, device=device))
+    return allowed
+
+
+def candidate(allowed: torch.Tensor, read: str) -> BlockMask:
+    """block_mask_from_dense with the block lists from a functional pad; mask_mod reads `read`: 'padded' (the
+    padded intermediate) or 'allowed' (the caller's tensor, indices clamped into range)."""
+    queries, slots = allowed.shape[-2:]
+    q_blocks, kv_blocks = -(-queries // BLOCK), -(-slots // BLOCK)
+    padded = torch.nn.functional.pad(allowed[0, 0], (0, kv_blocks * BLOCK - slots, 0, q_blocks * BLOCK - queries))
+    real_rows = torch.arange(q_blocks * BLOCK, device=allowed.device).view(-1, 1) < queries
+    some = padded.view(q_blocks, BLOCK, kv_blocks, BLOCK).any(3).any(1)
+    every = (padded | ~real_rows).view(q_blocks, BLOCK, kv_blocks, BLOCK).all(3).all(1) & some
+    partial_counts, partial_indices = _blocks_of(some & ~every)
+    full_counts, full_indices = _blocks_of(every)
+    dense = allowed[0, 0]
+
+    def mask_padded(batch, head, query, slot):
+        return padded[query, slot]
+
+    def mask_allowed(batch, head, query, slot):
+        return dense[torch.clamp(query, max=queries - 1), torch.clamp(slot, max=slots - 1)]
+    return BlockMask.from_kv_blocks(partial_counts, partial_indices, full_counts, full_indices, BLOCK_SIZE=(BLOCK, BLOCK),
+                                    mask_mod=mask_padded if read == "padded" else mask_allowed,
+                                    seq_lengths=(queries, slots), compute_q_blocks=False)
+
+
+def cases(q, k, v, mask):
+    gqa = q.shape[1] != k.shape[1]
+    outside = block_mask_from_dense(mask)
+    dense = mask[0, 0]
+
+    def causal(b, h, qi, kv):
+        return kv <= qi + FILLED
+
+    def captured(b, h, qi, kv):
+        return dense[qi, kv]
+    return {
+        "no mask": lambda: flex_attention(q, k, v, enable_gqa=gqa),
+        "create_block_mask outside, index-free mask_mod": (
+            lambda bm=create_block_mask(causal, 1, 1, q.shape[2], SLOTS, device=q.device): flex_attention(
+                q, k, v, block_mask=bm, enable_gqa=gqa)),
+        "create_block_mask outside, mask_mod reads an input tensor": (
+            lambda bm=create_block_mask(captured, 1, 1, q.shape[2], SLOTS, device=q.device): flex_attention(
+                q, k, v, block_mask=bm, enable_gqa=gqa)),
+        "block_mask_from_dense outside": lambda: flex_attention(q, k, v, block_mask=outside, enable_gqa=gqa),
+        "block_mask_from_dense inside (the preparer)": lambda: flex_attention(
+            q, k, v, block_mask=block_mask_from_dense(mask), enable_gqa=gqa),
+        # the engine computes its mask inside the step: `mask & mask` stands for that intermediate
+        "pad, reads padded; input mask": lambda: flex_attention(q, k, v, block_mask=candidate(mask, "padded"), enable_gqa=gqa),
+        "pad, reads padded; intermediate mask": lambda: flex_attention(
+            q, k, v, block_mask=candidate(mask & mask, "padded"), enable_gqa=gqa),
+        "pad, reads allowed; input mask": lambda: flex_attention(q, k, v, block_mask=candidate(mask, "allowed"), enable_gqa=gqa),
+        "pad, reads allowed; intermediate mask": lambda: flex_attention(
+            q, k, v, block_mask=candidate(mask & mask, "allowed"), enable_gqa=gqa),
+        "from_dense inside; intermediate mask": lambda: flex_attention(
+            q, k, v, block_mask=block_mask_from_dense(mask & mask), enable_gqa=gqa),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default="inductor")
+    parser.add_argument("--queries", default="1,33")
+    args = parser.parse_args()
+    print("torch", torch.__version__, torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    for queries in map(int, args.queries.split(",")):
+        q = torch.randn(1, 32, queries, 128, device=args.device, dtype=dtype)
+        k, v = (torch.randn(1, 32, SLOTS, 128, device=args.device, dtype=dtype) for _ in range(2))
+        mask = tree_like_mask(queries, args.device)
+        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+        if args.device == "cuda":
+            from attention_probe import replay_us
+            print(f"q={queries} sdpa (default backend): {replay_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)):.1f} us")
+        for (name, call), grad_mode in [(case, mode) for mode in ("inference_mode",)
+                                        for case in cases(q, k, v, mask).items()]:
+            torch._dynamo.reset()
+            name = f"{name} [{grad_mode}]"
+            try:
+                with getattr(torch, grad_mode)():
+                    out = torch.compile(call, backend=args.backend, fullgraph=True, dynamic=False)()
+                diff = (out.float() - reference).abs().max().item() if name != "no mask" else float("nan")
+                timing = ""
+                if args.device == "cuda":
+                    from attention_probe import replay_us
+                    compiled = torch.compile(call, fullgraph=True, dynamic=False)
+                    timing = f", {replay_us(compiled):.1f} us a call (graph replays)"
+                print(f"q={queries} {name}: ok, max diff vs sdpa {diff:.3g}{timing}")
+            except Exception:  # noqa: BLE001 - the traceback is the result
+                print(f"q={queries} {name}: FAILED\n" + "".join(traceback.format_exc().splitlines(True)[-6:]))
+
+
+if __name__ == "__main__":
+    main()
