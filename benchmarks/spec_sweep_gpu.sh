@@ -12,7 +12,8 @@
 #   and the strategies with it: EXTRA="--draft-compile default" bash benchmarks/spec_sweep_gpu.sh "$OUT" compare
 # compare: the final `compare baseline compile compile+eagle compile+eagle-tree`, float32 then bfloat16 --fp32-check
 # (STRATS to choose the strategies, e.g. STRATS='compile fused+compile compile+eagle fused+compile+eagle'; DTYPES to choose; since 2026-12-03 the fused step is the CUDA default, EXTRA=--no-fused-step times the loop instead)
-# (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage).
+# (N=${N:-10}, --warmup 2, --compile-mode default). Everything lands in OUT/results.tgz (packed after each stage, and
+# after LIMIT seconds (default 540) cut a stage: journal and logs so far; 2026-12-03 an outer `timeout` lost a whole run).
 set -uo pipefail
 if [ "${1:-}" = park ]; then
   bash benchmarks/gguf_carry.sh park; exit
@@ -25,18 +26,19 @@ bash benchmarks/gguf_carry.sh join || exit 3  # the first measuring call carries
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 mkdir -p /tmp/res && rm -rf /tmp/res/*
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv | tee /tmp/res/card.txt
-echo "STRATS='${STRATS:-}' DTYPES=${DTYPES:-} DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} CHAINS=${CHAINS:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
+echo "LIMIT=${LIMIT:-} STRATS='${STRATS:-}' DTYPES=${DTYPES:-} DTYPE=${DTYPE:-} SHAPES=${SHAPES:-} CHAINS=${CHAINS:-} EXTRA=${EXTRA:-} N=${N:-} bash benchmarks/spec_sweep_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res/command.txt
 pack() { tar czf "$out/results.tgz" -C /tmp/res .; }
+deadline=$((SECONDS + ${LIMIT:-540}))  # each part runs under what is left of LIMIT, then packs: a cut run still returns its files
+left() { echo $((deadline - SECONDS > 1 ? deadline - SECONDS : 1)); }
 if [ "$what" = sweep ]; then
-  python3 benchmarks/spec_tree_sweep.py --out /tmp/res --dtype "${DTYPE:-float32}" --samples "${N:-4}" --warmup 1 \
+  timeout "$(left)" python3 benchmarks/spec_tree_sweep.py --out /tmp/res --dtype "${DTYPE:-float32}" --samples "${N:-4}" --warmup 1 \
       ${VARIANTS---variants} ${SHAPES:+--shapes "$SHAPES"} ${CHAINS:+--chains "$CHAINS"} 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res/sweep.log | tail -40
   pack; exit
 fi
-cli() { python3 -m egpt_speed.cli "$@"; }
 common=(--model tiny --max-new-tokens 64 --compile-mode default --out /tmp/res ${EXTRA:-})
 for dtype in ${DTYPES:-float32 bfloat16}; do  # DTYPES=bfloat16: the one that decides issue 11's goal, in less time
   check=(); [ "$dtype" = bfloat16 ] && check=(--fp32-check)
-  cli compare ${STRATS:-baseline compile compile+eagle compile+eagle-tree} --dtype "$dtype" "${check[@]}" -n "${N:-10}" --warmup 2 \
+  timeout "$(left)" python3 -m egpt_speed.cli compare ${STRATS:-baseline compile compile+eagle compile+eagle-tree} --dtype "$dtype" "${check[@]}" -n "${N:-10}" --warmup 2 \
     "${common[@]}" 2>&1 | tee "/tmp/res/${dtype}.log" | tail -32; pack
 done
