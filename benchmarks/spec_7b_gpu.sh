@@ -6,7 +6,8 @@
 #   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~3 min (SKIP_EAGER=1: less)
 #   quant: int8wo/int4wo+compile against the compiled step (~3 min); attention: benchmarks/attention_probe.py
 #   ATTENTION=flex SKIP_EAGER=1 ... tree: the compiled step and verifies with the `flex` block-mask attention
-# .whl holds torchao-0.18.0 (int8wo; QUANT=int8wo,int4wo chooses the quantized variants). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
+# .whl holds torchao-0.18.0 and gemlite-0.6.0.post2 (a pure-Python wheel built here from its sdist: `pip wheel --no-deps
+# --no-build-isolation gemlite==0.6.0.post2 -w .whl`); QUANT=int8wo,int4wo,int4wo-gemlite chooses the quantized variants. fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
 # kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
 # and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz, packed even when
 # LIMIT (540 s) cuts the measurement: both scripts save after each part.

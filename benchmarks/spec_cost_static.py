@@ -12,7 +12,7 @@ Measures, all on `static_decode.StaticEngine` / `StaticTarget` / `static_draft.S
   --compiled-tree-nodes (each costs one more compilation);
 - a target-width EAGLE head (random weights: cost only), captured: catch-up, γ-chain, tree draft
   of --tree-depth levels of top-k, over the full vocabulary and an 8192-id draft vocabulary;
-- --quant kinds (torchao int8wo/int4wo) on a copy of the LLM, compiled and captured the same way;
+- --quant kinds (torchao int8wo/int4wo/int4wo-gemlite) on a copy of the LLM, compiled and captured the same way;
 - the predicted speedup over the compiled step at --tau tokens per verify step:
   τ · t_step / (t_catchup + t_tree_draft + t_tree_verify).
 Results are written after every section (json + md), so a run cut short keeps what finished.
@@ -161,7 +161,7 @@ def head_costs(llm, embeds: torch.Tensor, gamma: int, depth: int, topk: int, nod
 
 def quantized_decode(model, kind: str, embeds: torch.Tensor, compile_mode: str | None, new_tokens: int,
                      repeats: int, context_len: int, bandwidth: float | None) -> dict:
-    """kind (int8wo/int4wo) on a copy of the LLM, then the same compiled captured decode; the error if it fails."""
+    """kind (int8wo/int4wo/int4wo-gemlite) on a copy of the LLM, then the same compiled captured decode; the error if it fails."""
     device = embeds.device
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
     llm = copy.deepcopy(model.llm)

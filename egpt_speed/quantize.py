@@ -1,5 +1,5 @@
 """Weight quantization of an already-loaded LLM, in place: bitsandbytes (LLM.int8, NF4, FP4) and torchao
-weight-only (int8, int4).
+weight-only (int8, int4 with tinygemm or GemLite kernels).
 
 Only the `nn.Linear` modules inside the decoder layers are converted. The token embeddings and
 `lm_head` stay in the run's dtype — transformers' bitsandbytes integration skips the output
@@ -27,7 +27,7 @@ from torch import nn
 from egpt_speed.errors import EgptError
 
 BNB_KINDS = ("int8", "nf4", "fp4")
-TORCHAO_KINDS = ("int8wo", "int4wo")
+TORCHAO_KINDS = ("int8wo", "int4wo", "int4wo-gemlite")
 INT4_GROUP_SIZE = 128
 KEPT_IN_RUN_DTYPE = "token embeddings, lm_head, CLIP tower, projector, adaptor"
 
@@ -133,6 +133,8 @@ def torchao_config(kind: str):
     """
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
+    if kind == "int4wo-gemlite":
+        return gemlite_config()
     if kind == "int8wo":
         return Int8WeightOnlyConfig(set_inductor_config=False)
     fields = {f.name for f in dataclasses.fields(Int4WeightOnlyConfig)}
@@ -140,6 +142,19 @@ def torchao_config(kind: str):
         return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, int4_packing_format="tile_packed_to_4d",
                                     set_inductor_config=False)
     return Int4WeightOnlyConfig(group_size=INT4_GROUP_SIZE, set_inductor_config=False)
+
+
+def gemlite_config():
+    """int4wo-gemlite: torchao's UIntxWeightOnlyConfig (a prototype in 0.18): 4-bit asymmetric weights in groups of
+    INT4_GROUP_SIZE, quantized by HQQ and bit-packed for GemLite's Triton GEMV/GEMM kernels (a torch custom op,
+    so inductor compiles around it). Why beside int4wo: tinygemm's one-row int4 matmul read 4.0 GB in 3.29 ms at
+    7B shape on the H200 (1.2 TB/s, benchmarks/results/issue11_h200_20261203_night) against a 1.8 ms goal."""
+    try:
+        from torchao.prototype.quantization import UIntxWeightOnlyConfig
+    except ImportError:
+        raise EgptError("int4wo-gemlite: this torchao has no UIntxWeightOnlyConfig (torchao 0.18 or newer has it); "
+                        "upgrade torchao or use int4wo.") from None
+    return UIntxWeightOnlyConfig(group_size=INT4_GROUP_SIZE, bit_width=4, set_inductor_config=False)
 
 
 def quantize_llm_torchao(llm, kind: str) -> int:
@@ -190,7 +205,10 @@ def _plain_float_weight(module: nn.Module) -> bool:
 def torchao_settings(kind: str) -> dict:
     settings = {"quantization": f"torchao {'int8' if kind == 'int8wo' else 'int4'} weight-only",
                 "torchao": package_version("torchao")}
-    if kind == "int4wo":
+    if kind == "int4wo-gemlite":
+        settings.update(group_size=INT4_GROUP_SIZE, packing="gemlite bit-packed", quantizer="HQQ",
+                        gemlite=package_version("gemlite"))
+    elif kind == "int4wo":
         settings.update(group_size=INT4_GROUP_SIZE, packing="tile_packed_to_4d (tinygemm)")
     else:
         settings.update(granularity="per output channel")

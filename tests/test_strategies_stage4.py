@@ -23,8 +23,8 @@ from egpt_speed.strategies.registry import ComposedStrategy, RunContext
 
 CPU = torch.device("cpu")
 FAKE_CUDA = torch.device("cuda")  # a device object only: nothing is allocated on it
-STAGE4_NAMES = ("int8", "nf4", "fp4", "int8wo", "int4wo", "eager", "sdpa", "sdpa-flash", "flash-attn", "batch")
-QUANTIZERS = ("int8", "nf4", "fp4", "int8wo", "int4wo")
+STAGE4_NAMES = ("int8", "nf4", "fp4", "int8wo", "int4wo", "int4wo-gemlite", "eager", "sdpa", "sdpa-flash", "flash-attn", "batch")
+QUANTIZERS = ("int8", "nf4", "fp4", "int8wo", "int4wo", "int4wo-gemlite")
 QUESTIONS = ("What is in the scene?", "Describe the objects, their colors, shapes and positions in detail.",
              "How many people?", "Is there any vehicle turning left or right at the intersection near the bridge?")
 HAS_CUDA = torch.cuda.is_available()
@@ -126,12 +126,23 @@ def test_quantizers_need_cuda(name):
 
 
 @pytest.mark.parametrize("name, package", [("int8", "bitsandbytes"), ("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"),
-                                           ("int8wo", "torchao"), ("int4wo", "torchao")])
+                                           ("int8wo", "torchao"), ("int4wo", "torchao"), ("int4wo-gemlite", "torchao"),
+                                           ("int4wo-gemlite", "gemlite")])
 def test_quantizers_name_their_missing_package(name, package, monkeypatch):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: None if mod == package else real(mod, *a))
+    present = {"torchao", "gemlite"} - {package}  # the other optional packages count as installed
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda mod, *a: None if mod == package else object() if mod in present else real(mod, *a))
     reason = registry.available()[name](ctx(FAKE_CUDA, torch.bfloat16)).unavailable_reason()
     assert reason == f"needs the {package} package (pip install {package})."
+
+
+def test_int4wo_gemlite_needs_half_precision(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod in ("torchao", "gemlite") else real(mod, *a))
+    reason = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float32)).unavailable_reason()
+    assert "float32" in reason and "--dtype bfloat16" in reason
+    assert registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float16)).unavailable_reason() is None
 
 
 def test_int4wo_needs_bfloat16(monkeypatch):
@@ -370,7 +381,7 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 
 @needs_cuda
 @pytest.mark.parametrize("name, package", [("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("int8", "bitsandbytes"),
-                                           ("int8wo", "torchao"), ("int4wo", "torchao")])
+                                           ("int8wo", "torchao"), ("int4wo", "torchao"), ("int4wo-gemlite", "gemlite")])
 def test_quantizer_runs_on_gpu(name, package, tokenizer):
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed")
