@@ -112,12 +112,16 @@ def request_for(model, seed: int, new: int = 20) -> DecodeRequest:
                          GenerationSettings(max_new_tokens=new))
 
 
-def decoded(name: str, model, request: DecodeRequest, **context) -> list[int]:
+def decode_result(name: str, model, request: DecodeRequest, **context):
     strategy = registry.build(name, RunContext(device=CPU, dtype=torch.float32, **context))
     strategy.prepare(model)
     clock = Clock(CPU)
     clock.begin()
-    return strategy.decode(model, request, clock).token_ids
+    return strategy.decode(model, request, clock)
+
+
+def decoded(name: str, model, request: DecodeRequest, **context) -> list[int]:
+    return decode_result(name, model, request, **context).token_ids
 
 
 def test_flex_compile_decodes_what_baseline_decodes(model):
@@ -150,16 +154,21 @@ def test_a_static_tree_verify_under_flex_gives_every_node_the_logits_sdpa_gives(
     torch.testing.assert_close(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["flex+compile+eagle-tree", "flex+compile+eagle", "flex+compile+early-exit"])
-def test_flex_compile_speculation_equals_baseline(model, tmp_path, name):
+@pytest.mark.parametrize("name, fused_step", [("flex+compile+eagle-tree", False), ("flex+compile+eagle", False),
+                                              ("flex+compile+early-exit", False), ("flex+compile+eagle-tree", True),
+                                              ("flex+compile+eagle", True)])
+def test_flex_compile_speculation_equals_baseline(model, tmp_path, name, fused_step):
     """The registry path: speculation verified on the flex engine (tree, chain; early-exit drafts through HF's
-    masks on the same flex attention) decodes baseline's greedy tokens."""
+    masks on the same flex attention; the fused step, CUDA's default, as one graph a step) decodes baseline's
+    greedy tokens."""
     torch.manual_seed(0)
     EagleHead(head_config_from_target(model.llm.config)).eval().save(tmp_path / "head")
-    context = {"draft_spec": str(tmp_path / "head"), "options": {"tree_nodes": 10}}
+    context = {"draft_spec": str(tmp_path / "head"), "options": {"tree_nodes": 10, "fused_step": fused_step}}
     for seed in (4, 5):
         request = request_for(model, seed, new=24)
-        assert decoded(name, model, request, **context) == decoded("baseline", model, request)
+        result = decode_result(name, model, request, **context)
+        assert result.token_ids == decoded("baseline", model, request)
+        assert bool(result.metrics.get("fused_step")) == fused_step
 
 
 def test_the_eager_eagle_tree_refuses_flex(model, tmp_path):
