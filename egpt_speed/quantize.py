@@ -131,6 +131,8 @@ def torchao_config(kind: str):
     `set_inductor_config=False`: torchao would otherwise change torch.compile's global settings for
     every strategy in the process.
     """
+    if kind not in TORCHAO_KINDS:
+        raise EgptError(f"unknown torchao weight-only kind {kind!r}; use one of {', '.join(TORCHAO_KINDS)}.")
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
 
     if kind == "int4wo-gemlite":

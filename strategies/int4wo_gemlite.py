@@ -22,7 +22,7 @@ class Int4WeightOnlyGemlite(TorchaoWeightOnlyPreparer, Strategy):
     summary = "torchao int4 weight-only LLM linears on GemLite Triton kernels (group 128, HQQ); bf16/fp16; vision stack unchanged"
 
     def unavailable_reason(self) -> str | None:
-        reason = (cuda_reason(self.ctx.device, "GemLite's int4 kernels (Triton)") or package_reason("torchao", "torchao")
+        reason = (cuda_reason(self.ctx.device, "torchao int4 weight-only (GemLite)") or package_reason("torchao", "torchao")
                   or package_reason("gemlite", "gemlite"))
         if reason:
             return reason

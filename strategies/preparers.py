@@ -37,7 +37,7 @@ class FlashAttentionPreparer:
 class TorchaoWeightOnlyPreparer:
     """Quantizes the LLM's decoder-layer linears with the torchao scheme named like the strategy."""
 
-    name: str  # int8wo / int4wo: also the torchao scheme's key in egpt_speed.quantize
+    name: str  # int8wo / int4wo / int4wo-gemlite: also the torchao scheme's key in egpt_speed.quantize (TORCHAO_KINDS)
     decodes = False
     sets = "the LLM's weight format"
     modifies_model = True

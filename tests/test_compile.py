@@ -387,10 +387,17 @@ def test_an_inductor_config_is_in_force_while_the_step_compiles_and_not_after(mo
     (False, {}),
     (True, {"coordinate_descent_tuning": True}),
 ])
-def test_coordinate_descent_is_opt_in(model, choice, expected):
+def test_coordinate_descent_is_opt_in(choice, expected):
+    """Even for the LLM it was once the default for (bfloat16 on CUDA, unfused): a stub that reports so."""
+    from types import SimpleNamespace
+
     from egpt_speed.inductor_tuning import decode_inductor_config
 
-    assert decode_inductor_config(model.llm, choice) == expected
+    class CudaBfloat16LLM(torch.nn.Module):
+        def get_input_embeddings(self):
+            return SimpleNamespace(weight=SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16))
+
+    assert decode_inductor_config(CudaBfloat16LLM(), choice) == expected
 
 
 def test_coordinate_descent_compiles_the_step_under_it_and_decodes_the_same(model):
@@ -421,8 +428,9 @@ def test_coordinate_descent_is_left_out_where_nothing_compiles(model):
 
 
 def test_compile_named_before_a_preparer_builds_on_the_prepared_llm(sp_tokenizer, monkeypatch):
-    """compile+fused+pld (compile lends pld its target) must see the fused LLM when it chooses its settings,
-    exactly like fused+compile+pld."""
+    """compile+fused+pld (compile lends pld its target) must see the prepared (fused) LLM when it chooses its
+    inductor settings, exactly like fused+compile+pld: the settings follow the LLM compile will compile (torchao's
+    for a quantized one), so every preparer runs before it, wherever it is named."""
     import egpt_speed.strategies.compile as compile_module
     from egpt_speed.fuse import is_fused
 

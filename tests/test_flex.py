@@ -187,7 +187,7 @@ def test_flex_under_inductor_on_the_cpu_is_refused_before_it_runs():
     assert registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32)).unavailable_reason() is None
 
 
-def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype, slots: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """The dense mask made inside the compiled call (as a step makes it) → BlockMask → FlexAttention, compiled with
     fullgraph=True; returns (its output, SDPA's under the same dense mask)."""
     def attention(query, key, value, positions, kv_positions):
@@ -196,24 +196,26 @@ def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype) -> tuple
     traced = torch.compile(attention, backend=backend, fullgraph=True, dynamic=False)
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(1, 4, 5, 16, generator=generator).to(device, dtype)
-    key, value = (torch.randn(1, 2, 256, 16, generator=generator).to(device, dtype) for _ in range(2))
-    positions, kv_positions = torch.arange(100, 105, device=device), torch.arange(256, device=device).view(1, 1, 1, 256)
+    key, value = (torch.randn(1, 2, slots, 16, generator=generator).to(device, dtype) for _ in range(2))
+    positions, kv_positions = torch.arange(100, 105, device=device), torch.arange(slots, device=device).view(1, 1, 1, slots)
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=kv_positions <= positions.view(1, 1, -1, 1),
                                               enable_gqa=True)
     return traced(query, key, value, positions, kv_positions), expected.transpose(1, 2)
 
 
-def test_mask_building_and_flex_trace_as_one_graph():
+@pytest.mark.parametrize("slots", [256, 200])
+def test_mask_building_and_flex_trace_as_one_graph(slots):
     """What a compiled step hands inductor on CUDA, traced through AOT autograd (inductor's lowering is CUDA's:
-    the test below)."""
-    out, expected = _mask_build_and_flex("cpu", "aot_eager", torch.float32)
+    the test below); 200 slots: a last key block past the cache, where the mask function's clamp reads."""
+    out, expected = _mask_build_and_flex("cpu", "aot_eager", torch.float32, slots)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor lowers FlexAttention on CUDA only (the CPU runs "
                     "the reference implementation, covered above)")
-def test_mask_building_and_flex_lower_under_inductor_on_cuda():
+@pytest.mark.parametrize("slots", [256, 200])
+def test_mask_building_and_flex_lower_under_inductor_on_cuda(slots):
     """On the H200 (torch 2.11) a mask_mod reading a tensor the BlockMask builder made failed to lower ("'function'
     object has no attribute 'graph'"); the one reading the caller's mask lowers (benchmarks/flex_lowering_probe.py)."""
-    out, expected = _mask_build_and_flex("cuda", "inductor", torch.bfloat16)
+    out, expected = _mask_build_and_flex("cuda", "inductor", torch.bfloat16, slots)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)

@@ -315,4 +315,4 @@ def test_every_strategy_runs_on_the_llava_families_or_refuses_in_one_sentence(fa
             assert tokens == baseline, name
         outcomes[name] = "ran"
     assert {"baseline", "speculative", "pld", "early-exit", "sdpa", "eager", "compile", "batch", "fused", "hf-static"} <= {n for n, o in outcomes.items() if o == "ran"}
-    assert all(outcomes[q].startswith("refused") for q in ("int8", "nf4", "fp4", "int8wo", "int4wo")), outcomes
+    assert all(outcomes[q].startswith("refused") for q in ("int8", "nf4", "fp4", "int8wo", "int4wo", "int4wo-gemlite")), outcomes

@@ -137,6 +137,22 @@ def test_quantizers_name_their_missing_package(name, package, monkeypatch):
     assert reason == f"needs the {package} package (pip install {package})."
 
 
+def test_int4wo_gemlite_quantizes_as_its_own_kind(monkeypatch, tokenizer):
+    """The preparer asks torchao for the GemLite kind (not tinygemm's), records it, and an unknown kind is refused."""
+    import egpt_speed.quantize as quantize
+    import egpt_speed.strategies.preparers as preparers
+
+    kinds = []
+    monkeypatch.setattr(preparers, "quantize_llm_torchao", lambda llm, kind: kinds.append(kind) or 7)
+    strategy = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.bfloat16))
+    strategy.prepare(make_tiny_eventgpt(0, tokenizer=tokenizer))
+    settings = strategy.settings()
+    assert kinds == ["int4wo-gemlite"] and settings["quantized_linears"] == 7
+    assert settings["packing"] == "gemlite bit-packed" and settings["quantizer"] == "HQQ" and settings["group_size"] == 128
+    with pytest.raises(EgptError, match="unknown torchao weight-only kind 'int4wo_gemlite'"):
+        quantize.torchao_config("int4wo_gemlite")
+
+
 def test_int4wo_gemlite_needs_half_precision(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod in ("torchao", "gemlite") else real(mod, *a))
@@ -383,8 +399,9 @@ needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("name, package", [("nf4", "bitsandbytes"), ("fp4", "bitsandbytes"), ("int8", "bitsandbytes"),
                                            ("int8wo", "torchao"), ("int4wo", "torchao"), ("int4wo-gemlite", "gemlite")])
 def test_quantizer_runs_on_gpu(name, package, tokenizer):
-    if importlib.util.find_spec(package) is None:
-        pytest.skip(f"{package} is not installed")
+    reason = registry.build(name, ctx(torch.device("cuda"), torch.bfloat16)).unavailable_reason()
+    if reason and reason.startswith("needs the "):
+        pytest.skip(reason)
     model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device="cuda", dtype=torch.bfloat16)
     tower_dtype = next(model.vision_tower.parameters()).dtype
     strategy = registry.build(name, ctx(torch.device("cuda"), torch.bfloat16))
@@ -398,6 +415,30 @@ def test_quantizer_runs_on_gpu(name, package, tokenizer):
     clock = Clock(torch.device("cuda"))
     clock.begin()
     assert len(strategy.decode(model, request, clock).token_ids) > 0
+
+
+@needs_cuda
+def test_int4wo_gemlite_compiles_into_the_captured_step_on_gpu(tokenizer):
+    """int4wo-gemlite+compile: GemLite's custom op inside the compiled, captured decode step gives the tokens the
+    same quantized LLM gives eagerly (bf16: equal up to the first near-tie, so the first tokens are compared)."""
+    cuda = torch.device("cuda")
+    reason = registry.build("int4wo-gemlite", ctx(cuda, torch.bfloat16)).unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.bfloat16)
+    request = requests_for(model)[0]
+    request = DecodeRequest(request.id, request.prompt_ids.cuda(), request.event_features.cuda().bfloat16(), request.settings)
+    tokens = {}
+    for name in ("int4wo-gemlite", "int4wo-gemlite+compile"):
+        strategy = registry.build(name, ctx(cuda, torch.bfloat16, options={"compile_mode": "default"}))
+        strategy.prepare(model)
+        weight = model.llm.model.layers[0].self_attn.q_proj.weight
+        assert type(weight).__name__ == "UIntxBitPackedTensor", type(weight)
+        clock = Clock(cuda)
+        clock.begin()
+        tokens[name] = strategy.decode(model, request, clock).token_ids
+        model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.bfloat16)
+    assert tokens["int4wo-gemlite"][:3] == tokens["int4wo-gemlite+compile"][:3]
 
 
 @needs_cuda
