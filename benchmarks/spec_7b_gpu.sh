@@ -6,6 +6,8 @@
 #   3. run(carry=[".carry2", ".whl"]):  bash benchmarks/spec_7b_gpu.sh "$OUT" tree      # ~3 min (SKIP_EAGER=1: less)
 #   quant: int8wo/int4wo+compile against the compiled step (~3 min); attention: benchmarks/attention_probe.py
 #   ATTENTION=flex SKIP_EAGER=1 ... tree: the compiled step and verifies with the `flex` block-mask attention
+#   VARIANTS='compile; compile, coordinate descent; compile, coordinate descent, all directions, radius 2' QUANT= ... fused:
+#   the coordinate-descent step's run-to-run spread against the tuner's wider search (benchmarks/step_bandwidth_7b.py)
 #   COMPILE_MODE=max-autotune-no-cudagraphs ... tree: the CLI's CUDA default (Triton GEMM templates autotuned against
 #   cuBLAS for the 33-row verify's shapes; ~10 s a shape), instead of `default`
 # .whl holds torchao-0.18.0 and gemlite-0.6.0.post2 (a pure-Python wheel built here from its sdist: `pip wheel --no-deps
@@ -23,9 +25,9 @@ python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .
 export PYTHONPATH=/tmp/site:$PWD EGPT_SPEED_GGUF=$gguf EGPT_SPEED_CACHE=/tmp/cache PYTHONUNBUFFERED=1
 mkdir -p /tmp/res7 && rm -rf /tmp/res7/*
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > /tmp/res7/card.txt
-echo "COMPILE_MODE=${COMPILE_MODE:-} QUANT=${QUANT:-} LIMIT=${LIMIT:-} SKIP_EAGER=${SKIP_EAGER:-} ATTENTION=${ATTENTION:-} bash benchmarks/spec_7b_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res7/command.txt
+echo "VARIANTS='${VARIANTS:-}' COMPILE_MODE=${COMPILE_MODE:-} QUANT=${QUANT:-} LIMIT=${LIMIT:-} SKIP_EAGER=${SKIP_EAGER:-} ATTENTION=${ATTENTION:-} bash benchmarks/spec_7b_gpu.sh \$OUT $what  # git $(git rev-parse --short HEAD 2>/dev/null)" > /tmp/res7/command.txt
 if [ "$what" = fused ]; then
-  timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode "${COMPILE_MODE:-default}" --quant "${QUANT:-int8wo,int8wo-plain}" --out /tmp/res7 2>&1 \
+  timeout "${LIMIT:-540}" python3 benchmarks/step_bandwidth_7b.py --model synthetic-7b --dtype bfloat16 --compile-mode "${COMPILE_MODE:-default}" --quant "${QUANT-int8wo,int8wo-plain}" ${VARIANTS:+--variants "$VARIANTS"} --out /tmp/res7 2>&1 \
     | grep --line-buffered -v -i "warn\|Loading weights" | tee /tmp/res7/fused.log | tail -60
 elif [ "$what" = quant ]; then  # int8wo / int4wo + compile (torchao's settings; no -plain kinds here) against the compiled bf16 step
   timeout "${LIMIT:-540}" python3 benchmarks/spec_cost_static.py --model synthetic-7b --dtype bfloat16 --compile-mode "${COMPILE_MODE:-default}" --repeats 30 \

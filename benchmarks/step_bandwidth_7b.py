@@ -97,6 +97,22 @@ def render(document: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+TUNED = {"coordinate_descent_tuning": True}  # gpt-fast's setting: one-row matmuls become tuned Triton reductions
+# name → (fused projections?, inductor settings). The last: the tuner's wider search (torchao's own setting plus a
+# larger radius), whether it lands on the good block sizes in every run (4.30 / 4.89 / 5.00 ms under TUNED, H200)
+VARIANTS = {"compile": (False, {}), "fused+compile": (True, {}), "compile, coordinate descent": (False, TUNED),
+            "fused+compile, coordinate descent": (True, TUNED),
+            "compile, coordinate descent, all directions, radius 2": (False, {**TUNED, "coordinate_descent_check_all_directions": True,
+                                                                              "coordinate_descent_search_radius": 2})}
+
+
+def known_variants(text: str) -> str:
+    unknown = [name.strip() for name in text.split(";") if name.strip() and name.strip() not in VARIANTS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown variants {unknown}; known: {'; '.join(VARIANTS)}")
+    return text
+
+
 @torch.inference_mode()
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -106,6 +122,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quant", default="int8wo,int8wo-plain")
+    parser.add_argument("--variants", default=";".join(list(VARIANTS)[:4]), type=known_variants,
+                        help=f"';'-separated (the names hold commas), of: {'; '.join(VARIANTS)}")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     device = resolve_device("auto")
@@ -114,13 +132,13 @@ def main() -> None:
     embeds = prompt_embeds(model)
     bandwidth = measure_copy_bandwidth(device, 1024 if device.type == "cuda" else 64)
     moved = metrics.bytes_per_decoded_token(model, embeds.shape[1] + 32)
-    fused_llm = copy.deepcopy(model.llm)
-    fuse_projections(fused_llm)
-    tuned = {"coordinate_descent_tuning": True}  # gpt-fast's setting: one-row matmuls become tuned Triton reductions
-    engines = {"compile": StaticEngine(model.llm, compile_mode=compile_mode),
-               "fused+compile": StaticEngine(fused_llm, compile_mode=compile_mode),
-               "compile, coordinate descent": StaticEngine(model.llm, compile_mode=compile_mode, inductor_config=tuned),
-               "fused+compile, coordinate descent": StaticEngine(fused_llm, compile_mode=compile_mode, inductor_config=tuned)}
+    names = [name.strip() for name in args.variants.split(";") if name.strip()]
+    fused_llm = None
+    if any(VARIANTS[name][0] for name in names):
+        fused_llm = copy.deepcopy(model.llm)
+        fuse_projections(fused_llm)
+    engines = {name: StaticEngine(fused_llm if VARIANTS[name][0] else model.llm, compile_mode=compile_mode,
+                                  inductor_config=VARIANTS[name][1]) for name in names}
     for engine in engines.values():  # each compiles and captures alone: dynamo would otherwise replay another
         torch._dynamo.reset()        # variant's compiled code (its guards do not cover inductor's settings)
         decode_ms_per_token(engine, embeds, 64, 1)
@@ -135,7 +153,7 @@ def main() -> None:
     print(render(document), flush=True)
     for engine in engines.values():
         engine.release()
-    del fused_llm
+    del fused_llm  # may be None
     stem = args.out / f"step_bandwidth_7b_{time.strftime('%Y%m%d_%H%M%S')}"
     save(document, stem)  # a call cut by its time limit keeps what it measured
     for kind in [k for k in args.quant.split(",") if k]:
