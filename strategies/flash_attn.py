@@ -2,6 +2,9 @@
 
 Needs the `flash_attn` package, which has no PyPI wheel (it builds from source against the local
 CUDA); without it this refuses — `sdpa-flash` runs PyTorch's own FlashAttention-2 kernel instead.
+flash-attn-4 (a pure-Python CuTe-DSL wheel) installs into the same `flash_attn` import name without
+FlashAttention-2's API, so the check is for the flash-attn distribution, not the import name: with only FA4 installed
+transformers' flash_attention_2 would fail after the model loaded.
 transformers' fallback to the `kernels` hub package is not used: it downloads at run time.
 """
 
@@ -22,8 +25,10 @@ class FlashAttn(FlashAttentionPreparer, Strategy):
     attn_implementation = "flash_attention_2"
 
     def unavailable_reason(self) -> str | None:
-        if importlib.util.find_spec("flash_attn") is None:
-            return ("needs the flash_attn package (pip install flash-attn, a source build); "
+        if importlib.util.find_spec("flash_attn") is None or package_version("flash-attn") is None:
+            fa4 = package_version("flash-attn-4")
+            found = f" (flash-attn-4 {fa4} is installed, but it is not FlashAttention-2)" if fa4 else ""
+            return (f"needs the flash_attn package{found} (pip install flash-attn, a source build); "
                     "sdpa-flash runs PyTorch's own FlashAttention kernel without it.")
         return half_precision_cuda_reason(self.ctx.device, self.ctx.dtype, "flash_attention_2")
 

@@ -229,6 +229,22 @@ def test_flash_attn_names_its_package_or_its_requirement():
         assert "CUDA" in reason
 
 
+def test_flash_attn_is_refused_when_only_flash_attn_4_is_installed(monkeypatch):
+    """flash-attn-4 provides the `flash_attn` import name (flash_attn.cute) but not FlashAttention-2."""
+    import importlib.metadata
+
+    real_find, real_version = importlib.util.find_spec, importlib.metadata.version
+
+    def version(name):
+        if name == "flash-attn":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return "4.0.0b36" if name == "flash-attn-4" else real_version(name)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod == "flash_attn" else real_find(mod, *a))
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    reason = registry.build("flash-attn", ctx(FAKE_CUDA, torch.bfloat16)).unavailable_reason()
+    assert "flash-attn-4 4.0.0b36 is installed, but it is not FlashAttention-2" in reason and "sdpa-flash" in reason
+
+
 def test_lower_right_mask_matches_sdpa_on_a_multi_token_cached_step(tokenizer, monkeypatch):
     """sdpa-flash's mask logic, without forcing the kernel: a verify-like step equals plain sdpa."""
     from transformers import DynamicCache
