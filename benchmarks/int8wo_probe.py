@@ -116,7 +116,8 @@ def measure(variant: str, rows: int, layers: int, mode: str, batch_dim: bool = F
     weight_bytes = sum(o * i for o, i in SHAPES) * layers * (2 if variant == "bf16" else 1)
     from torch._dynamo.utils import counters
     return {"variant": variant, "mode": mode, "input": list(x.shape), "rows": rows,
-            "woq_rewrites": counters["inductor"]["woq_matcher_count"],  # inductor's int8 pattern → _weight_int8pack_mm "layers": layers, "us": round(us, 1),
+            "woq_rewrites": counters["inductor"]["woq_matcher_count"],  # inductor's int8 pattern → _weight_int8pack_mm
+            "layers": layers, "us": round(us, 1),
             "weight_GB_per_s": round(weight_bytes / us / 1e3, 1), "device": torch.cuda.get_device_name()}
 
 

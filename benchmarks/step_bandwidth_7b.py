@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ from egpt_speed.fuse import fuse_projections  # noqa: E402
 from egpt_speed.models import load_model, resolve_device, resolve_dtype  # noqa: E402
 from egpt_speed.prompt import tokenize_with_event_placeholder  # noqa: E402
 from egpt_speed.quantize import inductor_config_for, quantize_llm_torchao  # noqa: E402
-from egpt_speed.results import capture_env  # noqa: E402
+from egpt_speed.results import capture_env, write_json_atomic, write_text_atomic  # noqa: E402
 from egpt_speed.static_decode import StaticEngine  # noqa: E402
 from egpt_speed.timing import measure_copy_bandwidth  # noqa: E402
 from spec_cost_static import cuda_kernel_table, decode_ms_per_token  # noqa: E402
@@ -153,7 +152,7 @@ def main() -> None:
     print(render(document), flush=True)
     for engine in engines.values():
         engine.release()
-    del fused_llm  # may be None
+    del fused_llm
     stem = args.out / f"step_bandwidth_7b_{time.strftime('%Y%m%d_%H%M%S')}"
     save(document, stem)  # a call cut by its time limit keeps what it measured
     for kind in [k for k in args.quant.split(",") if k]:
@@ -163,9 +162,8 @@ def main() -> None:
 
 
 def save(document: dict, stem: Path) -> None:
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(document, indent=1, default=str))
-    stem.with_suffix(".md").write_text(render(document))
+    write_json_atomic(document, stem.with_suffix(".json"))  # a kill mid-write keeps the previous save
+    write_text_atomic(render(document), stem.with_suffix(".md"))
 
 
 if __name__ == "__main__":
