@@ -91,11 +91,6 @@ def _fuse_group(parent: nn.Module, names: tuple[str, ...]) -> bool:
     return True
 
 
-def is_fused(llm) -> bool:
-    """Whether fuse_projections has fused any of `llm`'s projections."""
-    return any(isinstance(module, _FusedLead) for module in llm.modules())
-
-
 def fuse_projections(llm) -> FuseReport:
     """Fuse every decoder layer's q/k/v and gate/up of a transformers Llama-style causal LM, in place."""
     layers = getattr(getattr(llm, "model", None), "layers", None)

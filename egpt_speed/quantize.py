@@ -184,7 +184,8 @@ def quantize_llm_torchao(llm, kind: str) -> int:
 # weight directly (torch/_inductor/decomposition.py, mm). Without it, inductor's weight-only-int8 pattern rewrites
 # `mm(x, w.to(bf16)) * scale` to aten._weight_int8pack_mm, whose CUDA kernel took 216 µs per 7B linear on the H200
 # (int8wo+compile 51.3–51.7 ms/token). benchmarks/results/int8wo_probe_h200_20261203: four 7B layers' linears in 470 µs
-# with it against 544 µs in bf16; with 5 rows (a verify) the pattern still fires: 12.7 ms.
+# with it against 544 µs in bf16; with 5 rows (a verify) 12.7 ms with or without the pattern (1.29 ms under
+# max-autotune-no-cudagraphs without it).
 TORCHAO_INDUCTOR_CONFIG = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True,
                            "force_fuse_int_mm_with_mul": True}
 
