@@ -9,19 +9,18 @@ the CLIP tower keeps its attention. Not yet timed on a GPU (benchmarks/attention
 
 from __future__ import annotations
 
-from egpt_speed.attention import attention_settings, set_llm_attention
-from egpt_speed.flex import BLOCK, register_flex
+from egpt_speed.attention import set_llm_attention
+from egpt_speed.flex import BLOCK, FLEX, register_flex
 from egpt_speed.static_decode import resolve_compile_mode
+from egpt_speed.strategies.preparers import AttentionPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
 
 @register
-class FlexAttention(Strategy):
+class FlexAttention(AttentionPreparer, Strategy):
     name = "flex"
     summary = "LLM attention = PyTorch FlexAttention with a block-sparse mask over the static cache (flex+compile); CLIP tower unchanged"
-    decodes = False
-    sets = "the LLM's attention implementation"
-    modifies_model = True  # the attention setting lives on the model: compare gives it its own copy
+    attn_implementation = FLEX
 
     def unavailable_reason(self) -> str | None:
         compiled = resolve_compile_mode(self.ctx.options.get("compile_mode"), self.ctx.device) is not None
@@ -29,9 +28,8 @@ class FlexAttention(Strategy):
             return "inductor cannot compile FlexAttention on the CPU; drop --compile-mode here (flex runs eager on the CPU)."
         return None
 
-    def prepare(self, model) -> None:
+    def install(self, model) -> None:
         set_llm_attention(model.llm, register_flex())
-        self.recorded = attention_settings(model)
 
-    def settings(self) -> dict:
-        return {**getattr(self, "recorded", {}), "flex_block": BLOCK}
+    def extra_settings(self) -> dict:
+        return {"flex_block": BLOCK}

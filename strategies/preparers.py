@@ -11,8 +11,8 @@ from egpt_speed.attention import attention_settings, check_flash_head_dim, set_l
 from egpt_speed.quantize import KEPT_IN_RUN_DTYPE, quantize_llm_torchao, torchao_settings
 
 
-class FlashAttentionPreparer:
-    """Sets the LLM's attention to a FlashAttention implementation after checking its head size."""
+class AttentionPreparer:
+    """Sets the LLM's attention implementation (eager, sdpa, flex, ...); the CLIP tower keeps its own."""
 
     attn_implementation: str  # the transformers attention implementation name
     decodes = False
@@ -26,12 +26,19 @@ class FlashAttentionPreparer:
         return {}
 
     def prepare(self, model) -> None:
-        check_flash_head_dim(model.llm.config)
         self.install(model)
         self.recorded = {**attention_settings(model), **self.extra_settings()}
 
     def settings(self) -> dict:
         return getattr(self, "recorded", {"attn_implementation": self.attn_implementation})
+
+
+class FlashAttentionPreparer(AttentionPreparer):
+    """Sets the LLM's attention to a FlashAttention implementation after checking its head size."""
+
+    def prepare(self, model) -> None:
+        check_flash_head_dim(model.llm.config)
+        super().prepare(model)
 
 
 class TorchaoWeightOnlyPreparer:
