@@ -5,7 +5,11 @@ The record (results/issue11_h200_20261203_night/flex_lowering_probe.md) was take
 block_mask_from_dense, whose mask_mod read its own padded copy; the "reads padded" cases keep that form, and the
 "block_mask_from_dense" cases now run the fixed one.
 
-    python3 benchmarks/flex_lowering_probe.py [--device cuda] [--backend inductor]
+The second record (2026-12-03, eighth session): the fixed mask function lowered at 7B shape, but the `tiny`
+float32 tree verify (9 query heads on 3 KV heads, head size 64) failed with "'int' object has no attribute
+'free_symbols'"; --heads 9 --kv-heads 3 --head-dim 64 --dtype float32 runs the GQA cases at that shape.
+
+    python3 benchmarks/flex_lowering_probe.py [--device cuda] [--backend inductor] [--heads H --kv-heads K ...]
 """
 
 from __future__ import annotations
@@ -54,8 +58,31 @@ def candidate(allowed: torch.Tensor, read: str) -> BlockMask:
                                     seq_lengths=(queries, slots), compute_q_blocks=False)
 
 
+def gqa_cases(q, k, v, mask) -> dict:
+    """The engine's call with grouped KV heads, against the same call on repeated KV heads and on the main
+    (non-decoding) kernel: which of GQA, the kernel choice or the mask breaks the lowering."""
+    repeat = q.shape[1] // k.shape[1]
+    k_full, v_full = (t.repeat_interleave(repeat, dim=1) for t in (k, v))
+    main_kernel = {"FORCE_USE_FLEX_ATTENTION": True}
+    return {
+        "no mask, GQA": lambda: flex_attention(q, k, v, enable_gqa=True),
+        "block_mask_from_dense outside, GQA": (
+            lambda bm=block_mask_from_dense(mask): flex_attention(q, k, v, block_mask=bm, enable_gqa=True)),
+        "from_dense inside; intermediate mask, GQA (the engine)": lambda: flex_attention(
+            q, k, v, block_mask=block_mask_from_dense(mask & mask), enable_gqa=True),
+        "from_dense inside; intermediate mask, KV heads repeated": lambda: flex_attention(
+            q, k_full, v_full, block_mask=block_mask_from_dense(mask & mask)),
+        "from_dense inside; intermediate mask, KV heads repeated, main kernel": lambda: flex_attention(
+            q, k_full, v_full, block_mask=block_mask_from_dense(mask & mask), kernel_options=main_kernel),
+        "from_dense inside; intermediate mask, GQA, main kernel": lambda: flex_attention(
+            q, k, v, block_mask=block_mask_from_dense(mask & mask), enable_gqa=True, kernel_options=main_kernel),
+    }
+
+
 def cases(q, k, v, mask):
     gqa = q.shape[1] != k.shape[1]
+    if gqa:
+        return gqa_cases(q, k, v, mask)
     outside = block_mask_from_dense(mask)
     dense = mask[0, 0]
 
@@ -102,7 +129,7 @@ def run_case(name: str, call, reference: torch.Tensor, args) -> str:
                 timing = f", {replay_us(compiled):.1f} us a call (graph replays)"
         return f"ok, max diff vs sdpa {diff:.3g}{timing}"
     except Exception:  # noqa: BLE001 - the traceback is the result
-        return "FAILED\n" + "".join(traceback.format_exc().splitlines(True)[-6:])
+        return "FAILED\n" + "".join(traceback.format_exc().splitlines(True)[-args.tail:])
 
 
 def main() -> None:
@@ -110,17 +137,24 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backend", default="inductor")
     parser.add_argument("--queries", default="1,33")
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=32)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None)
+    parser.add_argument("--tail", type=int, default=6, help="traceback lines kept for a failed case")
     args = parser.parse_args()
     print("torch", torch.__version__, torch.cuda.get_device_name() if args.device == "cuda" else "cpu")
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     for queries in map(int, args.queries.split(",")):
-        q = torch.randn(1, 32, queries, 128, device=args.device, dtype=dtype)
-        k, v = (torch.randn(1, 32, SLOTS, 128, device=args.device, dtype=dtype) for _ in range(2))
+        q = torch.randn(1, args.heads, queries, args.head_dim, device=args.device, dtype=dtype)
+        k, v = (torch.randn(1, args.kv_heads, SLOTS, args.head_dim, device=args.device, dtype=dtype) for _ in range(2))
         mask = tree_like_mask(queries, args.device)
-        reference = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+        reference = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=args.heads != args.kv_heads).float()
         if args.device == "cuda":
             from attention_probe import replay_us
-            sdpa_us = replay_us(lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask))
+            sdpa_us = replay_us(lambda: torch.nn.functional.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=args.heads != args.kv_heads))
             print(f"q={queries} sdpa (default backend): {sdpa_us:.1f} us")
         for name, call in cases(q, k, v, mask).items():
             print(f"q={queries} {name}: {run_case(name, call, reference, args)}")

@@ -144,7 +144,7 @@ def test_int4wo_gemlite_quantizes_as_its_own_kind(monkeypatch, tokenizer):
 
     kinds = []
     monkeypatch.setattr(preparers, "quantize_llm_torchao", lambda llm, kind: kinds.append(kind) or 7)
-    strategy = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.bfloat16))
+    strategy = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float16))
     strategy.prepare(make_tiny_eventgpt(0, tokenizer=tokenizer))
     settings = strategy.settings()
     assert kinds == ["int4wo-gemlite"] and settings["quantized_linears"] == 7
@@ -153,12 +153,31 @@ def test_int4wo_gemlite_quantizes_as_its_own_kind(monkeypatch, tokenizer):
         quantize.torchao_config("int4wo_gemlite")
 
 
-def test_int4wo_gemlite_needs_half_precision(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4wo_gemlite_needs_float16(monkeypatch, dtype):
+    """torchao's HQQ scales are float16, and GemLite's kernels take that dtype: bf16 failed in Triton on the H200."""
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod in ("torchao", "gemlite") else real(mod, *a))
-    reason = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float32)).unavailable_reason()
-    assert "float32" in reason and "--dtype bfloat16" in reason
+    reason = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, dtype)).unavailable_reason()
+    assert str(dtype).replace("torch.", "") in reason and "--dtype float16" in reason
     assert registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float16)).unavailable_reason() is None
+
+
+@pytest.mark.parametrize("torchao, gemlite, refused", [("0.18.0", "0.6.0.post2", True), ("0.18.0", "0.5.1.post1", False),
+                                                      ("0.19.0", "0.6.0.post2", False)])
+def test_int4wo_gemlite_refuses_a_gemlite_its_torchao_cannot_read(monkeypatch, torchao, gemlite, refused):
+    """torchao 0.18 unpacks three gemlite tensors, gemlite 0.6 returns four: refused before loading, with the fix."""
+    import egpt_speed.quantize as quantize
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda mod, *a: object() if mod in ("torchao", "gemlite") else real(mod, *a))
+    monkeypatch.setattr(quantize.importlib.metadata, "version", lambda name: {"torchao": torchao, "gemlite": gemlite}[name])
+    reason = registry.build("int4wo-gemlite", ctx(FAKE_CUDA, torch.float16)).unavailable_reason()
+    if refused:
+        assert reason == (f"int4wo-gemlite: torchao {torchao} cannot pack weights with gemlite {gemlite} (gemlite 0.6 changed the packed "
+                          "tensors torchao 0.18 reads); pip install 'gemlite<0.6'.")
+    else:
+        assert reason is None
 
 
 def test_int4wo_needs_bfloat16(monkeypatch):
@@ -436,24 +455,24 @@ def test_quantizer_runs_on_gpu(name, package, tokenizer):
 @needs_cuda
 def test_int4wo_gemlite_compiles_into_the_captured_step_on_gpu(tokenizer):
     """int4wo-gemlite+compile: GemLite's custom op inside the compiled, captured decode step gives the tokens the
-    same quantized LLM gives eagerly (bf16: equal up to the first near-tie, so the first tokens are compared)."""
+    same quantized LLM gives eagerly (float16: equal up to the first near-tie, so the first tokens are compared)."""
     cuda = torch.device("cuda")
-    reason = registry.build("int4wo-gemlite", ctx(cuda, torch.bfloat16)).unavailable_reason()
+    reason = registry.build("int4wo-gemlite", ctx(cuda, torch.float16)).unavailable_reason()
     if reason:
         pytest.skip(reason)
-    model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.bfloat16)
+    model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.float16)
     request = requests_for(model)[0]
-    request = DecodeRequest(request.id, request.prompt_ids.cuda(), request.event_features.cuda().bfloat16(), request.settings)
+    request = DecodeRequest(request.id, request.prompt_ids.cuda(), request.event_features.cuda().half(), request.settings)
     tokens = {}
     for name in ("int4wo-gemlite", "int4wo-gemlite+compile"):
-        strategy = registry.build(name, ctx(cuda, torch.bfloat16, options={"compile_mode": "default"}))
+        strategy = registry.build(name, ctx(cuda, torch.float16, options={"compile_mode": "default"}))
         strategy.prepare(model)
         weight = model.llm.model.layers[0].self_attn.q_proj.weight
         assert type(weight).__name__ == "UIntxBitPackedTensor", type(weight)
         clock = Clock(cuda)
         clock.begin()
         tokens[name] = strategy.decode(model, request, clock).token_ids
-        model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.bfloat16)
+        model = make_tiny_eventgpt(0, tokenizer=tokenizer, hidden=128).to(device=cuda, dtype=torch.float16)
     assert tokens["int4wo-gemlite"][:3] == tokens["int4wo-gemlite+compile"][:3]
 
 
