@@ -700,11 +700,17 @@ class TreeVerifyBuffers:
         return engine._forward(self.tokens, self.slots, self.positions.view(1, -1), allowed, aux_layers)
 
     def mask(self, kv_positions: torch.Tensor) -> torch.Tensor:
-        """kv_positions: [1, 1, 1, M] → [1, 1, W, M] bool: the cache before base, and the node's ancestors' slots."""
-        width = self.tokens.shape[1]
-        allowed = (kv_positions < self.base).expand(1, 1, width, kv_positions.shape[-1]).clone()
-        allowed[0, 0].index_copy_(1, self.slots, self.ancestry)
-        return allowed
+        """kv_positions: [1, 1, 1, M] → [1, 1, W, M] bool: the cache before base, and the node's ancestors' slots.
+
+        Built out of place, the tree's columns scattered into fresh tensors: the in-place form (`index_copy_` into a
+        view of the expanded prefix) traces to a select_scatter at a constant index, which inductor inlined into
+        FlexAttention's mask function, and Triton's template could not render its index ("'int' object has no
+        attribute 'free_symbols'", H200, torch 2.11: every flex tree verify at 7B and tiny shape)."""
+        width, slots = self.tokens.shape[1], kv_positions.shape[-1]
+        flags = dict(dtype=torch.bool, device=kv_positions.device)
+        tree_columns = torch.zeros(slots, **flags).index_copy(0, self.slots, torch.ones(width, **flags))
+        ancestors = torch.zeros(width, slots, **flags).index_copy(1, self.slots, self.ancestry)
+        return torch.where(tree_columns, ancestors, kv_positions < self.base)
 
 
 def mask_for_attention(allowed: torch.Tensor, engine: StaticEngine):

@@ -187,35 +187,59 @@ def test_flex_under_inductor_on_the_cpu_is_refused_before_it_runs():
     assert registry.build("flex+compile", RunContext(device=CPU, dtype=torch.float32)).unavailable_reason() is None
 
 
-def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype, slots: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dense mask made inside the compiled call (as a step makes it) → BlockMask → FlexAttention, compiled with
-    fullgraph=True; returns (its output, SDPA's under the same dense mask)."""
+def _tree_verify_buffers(slots: int, device: str):
+    """A loaded 5-node branching tree (parents -1, 0, 0, 1, 2) at cache length 100, as a tree verify holds it."""
+    from egpt_speed.static_decode import TreeVerifyBuffers
+
+    parents = [-1, 0, 0, 1, 2]
+    ancestry = torch.eye(5, dtype=torch.bool)
+    for node, parent in enumerate(parents):
+        if parent >= 0:
+            ancestry[node] |= ancestry[parent]
+    buffers = TreeVerifyBuffers.allocate(5, slots, vocab=8, hidden_size=4, dtype=torch.float32, device=torch.device(device))
+    depths = torch.tensor([0, 1, 1, 2, 2])
+    buffers.load(torch.arange(5, device=device), depths.to(device), ancestry.to(device), base=100)
+    return buffers
+
+
+def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype, slots: int = 256,
+                         mask: str = "step") -> tuple[torch.Tensor, torch.Tensor]:
+    """The dense mask made inside the compiled call (as a step or a tree verify makes it) → BlockMask →
+    FlexAttention, compiled with fullgraph=True; returns (its output, SDPA's under the same dense mask)."""
+    tree = _tree_verify_buffers(slots, device)
+
+    def dense_mask(positions, kv_positions):
+        return tree.mask(kv_positions) if mask == "tree" else kv_positions <= positions.view(1, 1, -1, 1)
+
     def attention(query, key, value, positions, kv_positions):
-        allowed = kv_positions <= positions.view(1, 1, -1, 1)
-        return flex_forward(None, query, key, value, block_mask_from_dense(allowed))[0]
+        return flex_forward(None, query, key, value, block_mask_from_dense(dense_mask(positions, kv_positions)))[0]
     traced = torch.compile(attention, backend=backend, fullgraph=True, dynamic=False)
     generator = torch.Generator().manual_seed(3)
     query = torch.randn(1, 4, 5, 16, generator=generator).to(device, dtype)
     key, value = (torch.randn(1, 2, slots, 16, generator=generator).to(device, dtype) for _ in range(2))
     positions, kv_positions = torch.arange(100, 105, device=device), torch.arange(slots, device=device).view(1, 1, 1, slots)
-    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=kv_positions <= positions.view(1, 1, -1, 1),
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=dense_mask(positions, kv_positions),
                                               enable_gqa=True)
     return traced(query, key, value, positions, kv_positions), expected.transpose(1, 2)
 
 
+@pytest.mark.parametrize("mask", ["step", "tree"])
 @pytest.mark.parametrize("slots", [256, 200])
-def test_mask_building_and_flex_trace_as_one_graph(slots):
-    """What a compiled step hands inductor on CUDA, traced through AOT autograd (inductor's lowering is CUDA's:
-    the test below); 200 slots: a last key block past the cache, where the mask function's clamp reads."""
-    out, expected = _mask_build_and_flex("cpu", "aot_eager", torch.float32, slots)
+def test_mask_building_and_flex_trace_as_one_graph(slots, mask):
+    """What a compiled step or tree verify hands inductor on CUDA, traced through AOT autograd (inductor's lowering
+    is CUDA's: the test below); 200 slots: a last key block past the cache, where the mask function's clamp reads."""
+    out, expected = _mask_build_and_flex("cpu", "aot_eager", torch.float32, slots, mask)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor lowers FlexAttention on CUDA only (the CPU runs "
                     "the reference implementation, covered above)")
+@pytest.mark.parametrize("mask", ["step", "tree"])
 @pytest.mark.parametrize("slots", [256, 200])
-def test_mask_building_and_flex_lower_under_inductor_on_cuda(slots):
+def test_mask_building_and_flex_lower_under_inductor_on_cuda(slots, mask):
     """On the H200 (torch 2.11) a mask_mod reading a tensor the BlockMask builder made failed to lower ("'function'
-    object has no attribute 'graph'"); the one reading the caller's mask lowers (benchmarks/flex_lowering_probe.py)."""
-    out, expected = _mask_build_and_flex("cuda", "inductor", torch.bfloat16, slots)
+    object has no attribute 'graph'"); the one reading the caller's mask lowers (benchmarks/flex_lowering_probe.py).
+    The tree verify's mask, built in place, then failed inside the template ("'int' object has no attribute
+    'free_symbols'"): TreeVerifyBuffers.mask builds it out of place."""
+    out, expected = _mask_build_and_flex("cuda", "inductor", torch.bfloat16, slots, mask)
     torch.testing.assert_close(out, expected, rtol=2e-2, atol=2e-2)
