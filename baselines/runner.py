@@ -9,6 +9,7 @@ the result files are written from the journal, so `--resume` can continue an int
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -24,7 +25,7 @@ from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyStat
                                          decode_one, decode_pending_batch, queue_for_batch)
 from egpt_speed.datasets import SampleSpec
 from egpt_speed.decoding import GenerationSettings
-from egpt_speed.errors import EgptError, RunInterrupted
+from egpt_speed.errors import EgptError, RunInterrupted, StrategyFailed
 from egpt_speed.fused_step import resolve_fused_step
 from egpt_speed.models import (EventGPT, cache_root, check_model_spec, load_model, model_family, resolve_device,
                                resolve_dtype)
@@ -181,11 +182,12 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
         order = interleaved_order(len(states), index)
         for rank, position in enumerate(order):
             state, common_here = states[position], {**common, "order": rank}
-            if state.strategy.batched:
-                queue_for_batch(state, pending.setdefault(position, []), PendingSample(encoded, common_here, counted_index),
-                                settings, base.device, sink)
-                continue
-            record = decode_one(state, encoded, settings, base.device)
+            with failures_named(state, counted_index + 1 if counted else index + 1, counted):
+                if state.strategy.batched:
+                    queue_for_batch(state, pending.setdefault(position, []),
+                                    PendingSample(encoded, common_here, counted_index), settings, base.device, sink)
+                    continue
+                record = decode_one(state, encoded, settings, base.device)
             if counted:
                 record.update(common_here)
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
@@ -200,8 +202,21 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
             progress(1)
     for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy
         if queue:
-            decode_pending_batch(states[position], queue, settings, base.device, sink)
+            last = queue[-1].index  # counted index, None for warm-up
+            with failures_named(states[position], (last if last is not None else 0) + 1, last is not None):
+                decode_pending_batch(states[position], queue, settings, base.device, sink)
     sink.flush()
+
+
+@contextmanager
+def failures_named(state: StrategyState, sample: int, counted: bool):
+    """A strategy's exception as StrategyFailed, naming it and the sample (1-based; warm-up ones counted apart)."""
+    try:
+        yield
+    except (EgptError, KeyboardInterrupt, StrategyFailed):
+        raise
+    except Exception as error:  # noqa: BLE001 - re-raised with the strategy's name, the cause chained
+        raise StrategyFailed(state.strategy.name, sample, counted, error) from error
 
 
 def add_divergences(states: list[StrategyState], encoded: EncodedSample, settings: GenerationSettings) -> None:
@@ -288,6 +303,9 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
             except KeyboardInterrupt:
                 kept = len(journal.read_journal(records.path).entries)
                 raise RunInterrupted(records.path, kept, shards.samples_of(config.shard, config.samples)) from None
+            except StrategyFailed as failed:
+                failed.kept = f"{len(journal.read_journal(records.path).entries)} finished samples are kept in {records.path}"
+                raise
     document = document_from_journal(config, ctx, base, states, bandwidth, records.path)
     if config.fp32_check:
         reference = document["runs"][states[0].strategy.name]["samples"]

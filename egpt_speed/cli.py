@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from egpt_speed.errors import EgptError, RunInterrupted
+from egpt_speed.errors import EgptError, RunInterrupted, StrategyFailed
 from egpt_speed.options import CommonOptions, ExportDraftOptions, MergeOptions, ReportOptions, RunOptions, TrainDraftOptions
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -98,6 +98,11 @@ def _guarded(body: Callable[[], None]) -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: no result file was written.", err=True)
         raise typer.Exit(130)
+    except StrategyFailed as failed:
+        if _state["debug"]:
+            raise
+        typer.echo(f"error: {failed}", err=True)
+        raise typer.Exit(1)
     except Exception as error:  # noqa: BLE001 - last line of defence: one line unless --debug
         if _state["debug"]:
             raise

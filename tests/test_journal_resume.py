@@ -166,6 +166,38 @@ def test_sigint_keeps_the_journal_and_says_how_to_resume(tmp_path, tiny_dataset,
     assert len(journal.read_journal(path).entries) >= 1 and not list(out.glob("*.json"))
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_a_failing_strategy_is_named_in_one_line_and_the_finished_samples_stay(tmp_path, tiny_loader, tiny_dataset,
+                                                                            monkeypatch, debug):
+    """An exception inside one strategy (on the H200: an 800-line inductor error that named no strategy) stops the
+    run with one line naming the strategy and the sample, and where the finished samples are; --debug re-raises
+    with the original error chained."""
+    from egpt_speed.errors import StrategyFailed
+    from egpt_speed.strategies import registry
+
+    pld = registry.available()["pld"]
+    calls = []
+
+    def decode(self, model, request, clock):
+        calls.append(request.id)
+        if len(calls) == 2:
+            raise RuntimeError("LoweringException: something inductor could not lower\n" + "  IR line\n" * 500)
+        return original(self, model, request, clock)
+    original = pld.decode
+    monkeypatch.setattr(pld, "decode", decode)
+    result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "3", "--warmup", "0",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path), *(["--debug"] if debug else []))
+    [path] = tmp_path.glob(f"*{journal.SUFFIX}")
+    assert len(journal.read_journal(path).entries) == 1 and not list(tmp_path.glob("*.json"))
+    if debug:
+        assert isinstance(result.exception, StrategyFailed) and isinstance(result.exception.__cause__, RuntimeError)
+        return
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: pld failed on counted sample 2: RuntimeError: LoweringException: something inductor could not lower; "
+        f"1 finished samples are kept in {path}; run the others without it, or add --debug for the traceback."]
+
+
 # ------------------------------------------------------------------------------------------ CLI ergonomics
 
 
