@@ -10,6 +10,11 @@ engine builds it, egpt_speed.flex), whose empty blocks
 (the unused slots) it skips and whose full blocks it runs unmasked; the SDPA flash kernel over the filled slots
 without a mask (q = 1 only: the lower bound a split-KV kernel could reach). Each: CUDA-graph replays, median of 5
 rounds of 50, and the largest difference from the math backend's output. Writes attention_probe_<stamp>.json/.md.
+For grouped heads (tiny) also each SDPA backend on KV heads repeated, without enable_gqa: the call transformers'
+sdpa attention makes when it is given a mask (use_gqa_in_sdpa), i.e. what the engine's forwards run. The
+2026-12-03 night record lacked it, so its tiny float32 '–' for the memory-efficient kernel (refused with
+enable_gqa) says nothing about the engine's fp32 forwards; whether they reach that kernel is the next question
+for the fp32 step (math SDPA is ~1 ms of its ~1.5 ms).
 """
 
 from __future__ import annotations
@@ -71,6 +76,13 @@ def variants(q, k, v, mask, queries: int) -> dict:
             with sdpa_kernel([backend]):
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         calls[name] = sdpa
+    if gqa:  # transformers' sdpa call with a mask under compile: the KV heads repeated, no enable_gqa (use_gqa_in_sdpa)
+        k_full, v_full = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+        for name, backend in SDPA.items():
+            def sdpa_repeated(backend=backend):
+                with sdpa_kernel([backend]):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k_full, v_full, attn_mask=mask)
+            calls[f"{name}, KV repeated"] = sdpa_repeated
     # as in a compiled step of the `flex` preparer's engine: the BlockMask is built from the dense mask every call
     compiled = torch.compile(lambda: flex_attention(q, k, v, block_mask=block_mask_from_dense(mask), enable_gqa=gqa),
                              dynamic=False, fullgraph=True)
