@@ -12,9 +12,9 @@ without a mask (q = 1 only: the lower bound a split-KV kernel could reach). Each
 rounds of 50, and the largest difference from the math backend's output. Writes attention_probe_<stamp>.json/.md.
 For grouped heads (tiny) also each SDPA backend on KV heads repeated, without enable_gqa: the call transformers'
 sdpa attention makes when it is given a mask (use_gqa_in_sdpa), i.e. what the engine's forwards run. The
-2026-12-03 night record lacked it, so its tiny float32 '–' for the memory-efficient kernel (refused with
-enable_gqa) says nothing about the engine's fp32 forwards; whether they reach that kernel is the next question
-for the fp32 step (math SDPA is ~1 ms of its ~1.5 ms).
+2026-12-03 night record lacked it (its tiny '–' for the memory-efficient kernel is enable_gqa's refusal); on
+repeated heads that kernel took 87 µs a layer in float32 in 2026-11-28's captured step, which is why
+static_decode.DECODE_SDPA_BACKENDS sends float32 to math (results/issue11_step_budget_20261128.md).
 """
 
 from __future__ import annotations
