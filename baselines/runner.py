@@ -159,40 +159,46 @@ def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy
 
 def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                 settings: GenerationSettings, progress: Callable[[int], None] | None = None,
-                sink: SampleSink | None = None, skip: int = 0) -> None:
+                sink: SampleSink | None = None, skip: int = 0) -> dict[str, str]:
     """The measured loop: records each counted sample into every state's `records` and into `sink`.
 
     The first `skip` counted samples are already journaled and are not run. A batched strategy
-    queues encoded samples and decodes `--batch-size` of them in one call.
+    queues encoded samples and decodes `--batch-size` of them in one call. A candidate that raises
+    during warm-up is left out (removed from `states`) and the run goes on; returned: name → reason.
+    A failure in a counted sample, or of the reference, stops the run (StrategyFailed).
     """
     sink = sink or SampleSink(None, [s.strategy.name for s in states], skip)
     # every strategy batched: Stage 3 runs once per batch of samples (each sample's stage3_ms is its share)
     group = config.batch_size if states and all(s.strategy.batched for s in states) else 1
     with collector_paused():
-        _measured_loop(config, base, states, plan, settings, progress, sink, skip, group)
+        return _measured_loop(config, base, states, plan, settings, progress, sink, skip, group)
 
 
 def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                    settings: GenerationSettings, progress: Callable[[int], None] | None, sink: SampleSink,
-                   skip: int, group: int) -> None:
+                   skip: int, group: int) -> dict[str, str]:
     """run_samples' loop, run with the collector paused (collected between samples, untimed)."""
-    pending: dict[int, list[PendingSample]] = {}  # state position → encoded samples waiting for their batch
+    pending: dict[str, list[PendingSample]] = {}  # strategy name → encoded samples waiting for their batch
+    left_out: dict[str, str] = {}
     for index, counted_index, encoded, common in encode_plan(plan, config, base, group, skip):
         counted = counted_index is not None
-        order = interleaved_order(len(states), index)
-        for rank, position in enumerate(order):
+        for rank, position in enumerate(interleaved_order(len(states), index)):
             state, common_here = states[position], {**common, "order": rank}
-            with failures_named(state, counted_index + 1 if counted else index + 1, counted):
-                if state.strategy.batched:
-                    queue_for_batch(state, pending.setdefault(position, []),
-                                    PendingSample(encoded, common_here, counted_index), settings, base.device, sink)
-                    continue
-                record = decode_one(state, encoded, settings, base.device)
-            if counted:
+            try:
+                with failures_named(state, counted_index + 1 if counted else index + 1, counted):
+                    record = _decode_or_queue(state, encoded, common_here, counted_index, settings, base.device,
+                                              sink, pending)
+            except StrategyFailed as failed:
+                if counted or position == 0:
+                    raise
+                left_out[state.strategy.name] = failed.reason
+                continue
+            if counted and record is not None:
                 record.update(common_here)
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
                 state.records.append(record)
                 sink.add(counted_index, state.strategy.name, record)
+        _leave_out(left_out, states, sink, pending)
         if counted:
             add_teacher_forced_top1(states, encoded, settings)
             add_divergences(states, encoded, settings)
@@ -200,12 +206,34 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
         collect_between_samples()
         if progress:
             progress(1)
-    for position, queue in pending.items():  # the last, possibly partial, batch of each batched strategy
+    for state in states:  # the last, possibly partial, batch of each batched strategy
+        queue = pending.get(state.strategy.name)
         if queue:
             last = queue[-1].index  # counted index, None for warm-up
-            with failures_named(states[position], (last if last is not None else 0) + 1, last is not None):
-                decode_pending_batch(states[position], queue, settings, base.device, sink)
+            with failures_named(state, (last if last is not None else 0) + 1, last is not None):
+                decode_pending_batch(state, queue, settings, base.device, sink)
     sink.flush()
+    return left_out
+
+
+def _decode_or_queue(state: StrategyState, encoded: EncodedSample, common: dict, counted_index: int | None,
+                     settings: GenerationSettings, device: torch.device, sink: SampleSink,
+                     pending: dict[str, list[PendingSample]]) -> dict | None:
+    """One strategy on one sample: its record, or None when a batched strategy queued it."""
+    if state.strategy.batched:
+        queue_for_batch(state, pending.setdefault(state.strategy.name, []), PendingSample(encoded, common, counted_index),
+                        settings, device, sink)
+        return None
+    return decode_one(state, encoded, settings, device)
+
+
+def _leave_out(left_out: dict[str, str], states: list[StrategyState], sink: SampleSink,
+               pending: dict[str, list[PendingSample]]) -> None:
+    """Remove the candidates that failed in warm-up from the loop, the journal's sample set and the batch queues."""
+    states[:] = [state for state in states if state.strategy.name not in left_out]
+    sink.names = [name for name in sink.names if name not in left_out]
+    for name in left_out:
+        pending.pop(name, None)
 
 
 @contextmanager
@@ -299,7 +327,7 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
                     state.batches = resumed_batches(records.path, state.strategy.name)
                 progress = progress_factory(len(plan) - done) if progress_factory else None
                 sink = SampleSink(records, [s.strategy.name for s in states], done)
-                run_samples(config, base, states, plan, settings, progress, sink, skip=done)
+                left_out = run_samples(config, base, states, plan, settings, progress, sink, skip=done)
             except KeyboardInterrupt:
                 kept = len(journal.read_journal(records.path).entries)
                 raise RunInterrupted(records.path, kept, shards.samples_of(config.shard, config.samples)) from None
@@ -307,6 +335,8 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
                 failed.kept = f"{len(journal.read_journal(records.path).entries)} finished samples are kept in {records.path}"
                 raise
     document = document_from_journal(config, ctx, base, states, bandwidth, records.path)
+    if left_out:
+        document["left_out"] = left_out
     if config.fp32_check:
         reference = document["runs"][states[0].strategy.name]["samples"]
         document["numerical_floor"] = fp32_floor(config, ctx, base, plan, settings, [r["token_ids"] for r in reference])

@@ -134,11 +134,15 @@ def merge_shards(parts: list[ShardResult]) -> dict:
     parts = sorted(parts, key=lambda part: part.shard.index)
     first = parts[0].document
     bandwidth = first["env"].get("copy_bandwidth_bytes_per_s")
+    # a candidate one rank left out after a warm-up failure is left out of the merged result
+    left_out = {name: reason for part in parts for name, reason in part.document.get("left_out", {}).items()}
     runs = {name: merged_run([p.document["runs"][name] for p in parts], merged_samples(parts, name), bandwidth)
-            for name in first["runs"]}
+            for name in first["runs"] if name not in left_out}
     config = {key: value for key, value in first["config"].items() if key != "reference"}
     config.update(shard=None, shards=parts[0].shard.count, merged_from=[str(p.path) for p in parts])
     document = results.build_document(config, merged_env(parts), runs)
+    if left_out:
+        document["left_out"] = left_out
     floor = merged_floor(parts)
     if floor is not None:
         document["numerical_floor"] = floor

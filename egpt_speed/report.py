@@ -92,6 +92,17 @@ def summary_table(runs: dict) -> list[str]:
     return lines
 
 
+def left_out_notes(document: dict) -> list[str]:
+    """One sentence per candidate that failed in warm-up and was left out of the run."""
+    return [f"{name} failed in warm-up and is left out of this result: {reason}"
+            for name, reason in document.get("left_out", {}).items()]
+
+
+def left_out_lines(document: dict) -> list[str]:
+    notes = left_out_notes(document)
+    return (["", "## Left out", ""] + [f"- {note}" for note in notes]) if notes else []
+
+
 def render_markdown(document: dict, memory_budget_gb: float | None = None) -> str:
     env, config, runs = document["env"], document["config"], document["runs"]
     lines = [f"# egpt-speed: {', '.join(runs)}", "",
@@ -108,6 +119,7 @@ def render_markdown(document: dict, memory_budget_gb: float | None = None) -> st
     for source in document.get("merged_from", []):
         lines.append(f"- merged: {source['label']} · `{source.get('command')}` · git {source.get('git_commit')} · {source.get('created')}")
     lines += divergence_lines(document)
+    lines += left_out_lines(document)
     lines += ["", "## Summary", ""] + summary_table(runs)
     if document.get("comparisons"):
         lines += ["", "## Ranking (median of per-sample ratios vs the same-run reference)", ""] + ranking_table(ranking(document))

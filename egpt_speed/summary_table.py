@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from egpt_speed.report import _f, over_fastest_autoregressive
+from egpt_speed.report import _f, left_out_notes, over_fastest_autoregressive
 
 WIDTH = 100  # headers are abbreviated so numbers are never cut at this width
 NOISY_BELOW_SAMPLES = 5
@@ -81,6 +81,7 @@ def print_summary(document: dict, console: Console | None = None) -> None:
     console.print(runs_table(document))
     if document["comparisons"]:
         console.print(comparisons_table(document))
-    for line in (real_divergence_warning(document), noise_note(document)):
+    for line in (*(f"WARNING: {note}" for note in left_out_notes(document)), real_divergence_warning(document),
+                 noise_note(document)):
         if line:
             console.print(line, soft_wrap=True, markup=False, highlight=False)

@@ -173,18 +173,8 @@ def test_a_failing_strategy_is_named_in_one_line_and_the_finished_samples_stay(t
     run with one line naming the strategy and the sample, and where the finished samples are; --debug re-raises
     with the original error chained."""
     from egpt_speed.errors import StrategyFailed
-    from egpt_speed.strategies import registry
 
-    pld = registry.available()["pld"]
-    calls = []
-
-    def decode(self, model, request, clock):
-        calls.append(request.id)
-        if len(calls) == 2:
-            raise RuntimeError("LoweringException: something inductor could not lower\n" + "  IR line\n" * 500)
-        return original(self, model, request, clock)
-    original = pld.decode
-    monkeypatch.setattr(pld, "decode", decode)
+    _failing_decode(monkeypatch, "pld", 2)
     result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "3", "--warmup", "0",
                     "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path), *(["--debug"] if debug else []))
     [path] = tmp_path.glob(f"*{journal.SUFFIX}")
@@ -196,6 +186,48 @@ def test_a_failing_strategy_is_named_in_one_line_and_the_finished_samples_stay(t
     assert result.stderr.strip().splitlines() == [
         f"error: pld failed on counted sample 2: RuntimeError: LoweringException: something inductor could not lower; "
         f"1 finished samples are kept in {path}; run the others without it, or add --debug for the traceback."]
+
+
+def _failing_decode(monkeypatch, name: str, failing_call: int) -> None:
+    """Make strategy `name` raise a long inductor-like error on its `failing_call`-th decode (1-based)."""
+    from egpt_speed.strategies import registry
+
+    cls = registry.available()[name]
+    original, calls = cls.decode, []
+
+    def decode(self, model, request, clock):
+        calls.append(request.id)
+        if len(calls) == failing_call:
+            raise RuntimeError("LoweringException: something inductor could not lower\n" + "  IR line\n" * 500)
+        return original(self, model, request, clock)
+    monkeypatch.setattr(cls, "decode", decode)
+
+
+def test_a_candidate_failing_in_warm_up_is_left_out_and_the_rest_is_measured(tmp_path, tiny_loader, tiny_dataset,
+                                                                            monkeypatch):
+    """On the H200 one candidate's compile failure in warm-up cost a four-strategy compare all its results."""
+    _failing_decode(monkeypatch, "pld", 1)
+    result = invoke("compare", "baseline", "pld", "eager", "--data", str(tiny_dataset), "-n", "2", "--warmup", "1",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    note = "pld failed in warm-up and is left out of this result: RuntimeError: LoweringException: something inductor could not lower"
+    assert f"WARNING: {note}" in result.stdout.replace("\n", " ")
+    [path] = tmp_path.glob("*.json")
+    document = json.loads(path.read_text())
+    assert list(document["runs"]) == ["baseline", "eager"] and [c["candidate"] for c in document["comparisons"]] == ["eager"]
+    assert document["left_out"] == {"pld": note.split(": ", 1)[1]}
+    assert all(len(run["samples"]) == 2 for run in document["runs"].values())
+    assert f"## Left out\n\n- {note}" in path.with_suffix(".md").read_text()
+
+
+def test_the_reference_failing_in_warm_up_stops_the_run(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
+    _failing_decode(monkeypatch, "baseline", 1)
+    result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "2", "--warmup", "1",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 1
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: baseline failed on warm-up sample 1: RuntimeError: LoweringException: "), line
+    assert not list(tmp_path.glob("*.json"))
 
 
 # ------------------------------------------------------------------------------------------ CLI ergonomics
