@@ -15,7 +15,8 @@ class RunInterrupted(Exception):
 
 
 class StrategyFailed(Exception):
-    """A strategy raised while decoding a sample: the run stops, naming it; the journal keeps every finished sample.
+    """A strategy raised while decoding a sample. A candidate failing in warm-up is left out (the runner records the
+    reason); otherwise the run stops with this, naming it, and the journal keeps every finished sample.
 
     Only the first line of the error is kept: inductor's lowering errors carry hundreds of lines of IR, which buried
     the strategy's name (a four-strategy compare on the H200 ended in an 800-line message naming none of them)."""
