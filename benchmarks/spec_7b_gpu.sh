@@ -10,10 +10,11 @@
 #   the coordinate-descent step's run-to-run spread against the tuner's wider search (benchmarks/step_bandwidth_7b.py)
 #   COMPILE_MODE=max-autotune-no-cudagraphs ... tree: the CLI's CUDA default (Triton GEMM templates autotuned against
 #   cuBLAS for the 33-row verify's shapes; ~10 s a shape), instead of `default`
-# .whl holds torchao-0.18.0 and gemlite-0.6.0.post2 (a pure-Python wheel built here from its sdist: `pip wheel --no-deps
+# .whl holds torchao-0.18.0 and gemlite-0.5.1.post1 (a pure-Python wheel built here from its sdist: `pip wheel --no-deps
 # --no-build-isolation gemlite==0.5.1.post1 -w .whl`: torchao 0.18 cannot read 0.6's packing); QUANT=int8wo,int4wo,int4wo-gemlite
 # chooses the quantized variants; int4wo-gemlite runs in float16 only: DTYPE=float16 QUANT=int4wo-gemlite ... quant
-# (HQQ quantizing + compiling the GemLite model took more than the 180 s a 2026-12-03 call had left: give it LIMIT=540). fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
+# (HQQ quantizing + compiling the GemLite model took more than the 180 s a 2026-12-03 call had left: give it LIMIT=540).
+# fused: compiled decode step MBU with and without `fused`, int8wo (under torchao's inductor settings, and -plain without)
 # kernel tables (benchmarks/step_bandwidth_7b.py). tree: compiled tree verify 16/32/64 nodes vs one compiled step
 # and the head costs (benchmarks/spec_cost_static.py, no quantization). Results: OUT/results.tgz, packed even when
 # LIMIT (540 s) cuts the measurement: both scripts save after each part.
