@@ -178,7 +178,8 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
                    settings: GenerationSettings, progress: Callable[[int], None] | None, sink: SampleSink,
                    skip: int, group: int) -> dict[str, str]:
     """run_samples' loop, run with the collector paused (collected between samples, untimed)."""
-    pending: dict[str, list[PendingSample]] = {}  # strategy name → encoded samples waiting for their batch
+    pending: dict[int, list[PendingSample]] = {}  # id(state) → encoded samples waiting for its batch (batch_sweep
+    # runs several `batch` states, so not by name)
     left_out: dict[str, str] = {}
     for index, counted_index, encoded, common in encode_plan(plan, config, base, group, skip):
         counted = counted_index is not None
@@ -207,7 +208,7 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
         if progress:
             progress(1)
     for state in states:  # the last, possibly partial, batch of each batched strategy
-        queue = pending.get(state.strategy.name)
+        queue = pending.get(id(state))
         if queue:
             last = queue[-1].index  # counted index, None for warm-up
             with failures_named(state, (last if last is not None else 0) + 1, last is not None):
@@ -218,22 +219,23 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
 
 def _decode_or_queue(state: StrategyState, encoded: EncodedSample, common: dict, counted_index: int | None,
                      settings: GenerationSettings, device: torch.device, sink: SampleSink,
-                     pending: dict[str, list[PendingSample]]) -> dict | None:
+                     pending: dict[int, list[PendingSample]]) -> dict | None:
     """One strategy on one sample: its record, or None when a batched strategy queued it."""
     if state.strategy.batched:
-        queue_for_batch(state, pending.setdefault(state.strategy.name, []), PendingSample(encoded, common, counted_index),
+        queue_for_batch(state, pending.setdefault(id(state), []), PendingSample(encoded, common, counted_index),
                         settings, device, sink)
         return None
     return decode_one(state, encoded, settings, device)
 
 
 def _leave_out(left_out: dict[str, str], states: list[StrategyState], sink: SampleSink,
-               pending: dict[str, list[PendingSample]]) -> None:
+               pending: dict[int, list[PendingSample]]) -> None:
     """Remove the candidates that failed in warm-up from the loop, the journal's sample set and the batch queues."""
+    for state in states:
+        if state.strategy.name in left_out:
+            pending.pop(id(state), None)
     states[:] = [state for state in states if state.strategy.name not in left_out]
     sink.names = [name for name in sink.names if name not in left_out]
-    for name in left_out:
-        pending.pop(name, None)
 
 
 @contextmanager
