@@ -190,7 +190,7 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
                     record = _decode_or_queue(state, encoded, common_here, counted_index, settings, base.device,
                                               sink, pending)
             except StrategyFailed as failed:
-                if counted or position == 0:
+                if failed.counted or position == 0:
                     raise
                 left_out[state.strategy.name] = failed.reason
                 continue
@@ -222,8 +222,11 @@ def _decode_or_queue(state: StrategyState, encoded: EncodedSample, common: dict,
                      pending: dict[int, list[PendingSample]]) -> dict | None:
     """One strategy on one sample: its record, or None when a batched strategy queued it."""
     if state.strategy.batched:
-        queue_for_batch(state, pending.setdefault(id(state), []), PendingSample(encoded, common, counted_index),
-                        settings, device, sink)
+        queue = pending.setdefault(id(state), [])
+        if queue and queue[-1].index is None and counted_index is not None:  # the warm-up batch goes off first:
+            with failures_named(state, len(queue), False):  # its failure is a warm-up one
+                decode_pending_batch(state, queue, settings, device, sink)
+        queue_for_batch(state, queue, PendingSample(encoded, common, counted_index), settings, device, sink)
         return None
     return decode_one(state, encoded, settings, device)
 

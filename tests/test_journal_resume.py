@@ -220,6 +220,22 @@ def test_a_candidate_failing_in_warm_up_is_left_out_and_the_rest_is_measured(tmp
     assert f"## Left out\n\n- {note}" in path.with_suffix(".md").read_text()
 
 
+def test_a_batched_candidate_failing_in_its_warm_up_batch_is_left_out(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
+    """The warm-up batch is decoded when the first counted sample arrives: its failure is still a warm-up one."""
+    from egpt_speed.strategies import registry
+
+    def decode_batch(self, model, requests, clock):
+        raise RuntimeError("out of memory at batch 2")
+    monkeypatch.setattr(registry.available()["batch"], "decode_batch", decode_batch)
+    result = invoke("compare", "baseline", "batch", "--batch-size", "2", "--data", str(tiny_dataset), "-n", "2",
+                    "--warmup", "1", "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    [path] = tmp_path.glob("*.json")
+    document = json.loads(path.read_text())
+    assert list(document["runs"]) == ["baseline"] and document["comparisons"] == []
+    assert document["left_out"] == {"batch": "RuntimeError: out of memory at batch 2"}
+
+
 def test_the_reference_failing_in_warm_up_stops_the_run(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
     _failing_decode(monkeypatch, "baseline", 1)
     result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "2", "--warmup", "1",
