@@ -18,22 +18,30 @@ from __future__ import annotations
 
 import torch
 
-from packaging.version import Version
+from packaging.version import InvalidVersion, Version
 
 from egpt_speed.quantize import cuda_reason, package_reason, package_version
 from egpt_speed.strategies.preparers import TorchaoWeightOnlyPreparer
 from egpt_speed.strategies.registry import Strategy, register
 
-NEWEST_TORCHAO_WITH_THREE_GEMLITE_TENSORS = Version("0.18.99")
-FIRST_GEMLITE_WITH_FOUR_TENSORS = Version("0.6")
+NEWEST_TORCHAO_WITH_THREE_GEMLITE_TENSORS = (0, 18)  # release (major, minor), pre-releases included
+FIRST_GEMLITE_WITH_FOUR_TENSORS = (0, 6)
+
+
+def _release(version: str | None) -> tuple[int, ...] | None:
+    try:
+        return Version(version).release[:2] if version else None
+    except InvalidVersion:
+        return None
 
 
 def version_mismatch_reason() -> str | None:
     """torchao ≤ 0.18 with gemlite ≥ 0.6: a clear refusal before the model loads instead of torchao's unpack error."""
     torchao, gemlite = package_version("torchao"), package_version("gemlite")
-    if torchao is None or gemlite is None:
+    torchao_release, gemlite_release = _release(torchao), _release(gemlite)
+    if torchao_release is None or gemlite_release is None:
         return None
-    if Version(torchao) <= NEWEST_TORCHAO_WITH_THREE_GEMLITE_TENSORS and Version(gemlite) >= FIRST_GEMLITE_WITH_FOUR_TENSORS:
+    if torchao_release <= NEWEST_TORCHAO_WITH_THREE_GEMLITE_TENSORS and gemlite_release >= FIRST_GEMLITE_WITH_FOUR_TENSORS:
         return (f"torchao {torchao} cannot pack weights with gemlite {gemlite} (gemlite 0.6 changed the packed tensors "
                 f"torchao 0.18 reads); pip install 'gemlite<0.6'.")
     return None
