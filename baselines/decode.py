@@ -37,8 +37,10 @@ class SampleSink:
     back the samples of its unfinished batch; everything before them is already durable.
     """
 
-    def __init__(self, journal: Journal | None, names: list[str], next_index: int = 0):
+    def __init__(self, journal: Journal | None, names: list[str], next_index: int = 0,
+                 left_out: dict[str, str] | None = None):
         self.journal, self.names, self.next_index = journal, names, next_index
+        self.left_out = left_out or {}  # candidates left out after a warm-up failure: journaled with every sample
         self.pending: dict[int, dict[str, Any]] = {}  # counted index → {"id", "records": {strategy: record}}
 
     def add(self, index: int, name: str, record: dict) -> None:
@@ -50,6 +52,8 @@ class SampleSink:
         written = 0
         while len(self.pending.get(self.next_index, {}).get("records", {})) == len(self.names):
             entry = self.pending.pop(self.next_index)
+            if self.left_out:
+                entry["left_out"] = dict(self.left_out)
             if self.journal is not None:
                 self.journal.append(entry)
             self.next_index += 1

@@ -61,3 +61,16 @@ def finished_outcome(previous: Path, samples: int) -> Outcome | None:
 def resumed_batches(path: Path, name: str) -> int:
     indices = [e["records"][name].get("batch_index") for e in journal.read_journal(path).entries]
     return max((i for i in indices if i is not None), default=-1) + 1
+
+
+def journaled_left_out(path: Path, names: list[str]) -> dict[str, str]:
+    """The candidates an interrupted run had left out after a warm-up failure (name → reason), as its journaled
+    samples record them; a resumed run leaves them out too, so every sample of the result has the same strategies."""
+    entries = journal.read_journal(path).entries
+    if not entries:
+        return {}
+    left_out = {name: reason for entry in entries for name, reason in entry.get("left_out", {}).items()}
+    for name in names:
+        if name not in entries[0]["records"] and name not in left_out:
+            left_out[name] = "absent from the journaled samples this run continues"
+    return left_out

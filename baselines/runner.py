@@ -9,6 +9,7 @@ the result files are written from the journal, so `--resume` can continue an int
 
 from __future__ import annotations
 
+import gc
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -20,7 +21,8 @@ from egpt_speed import datasets, divergence, journal, metrics, results, shards
 from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_flex, check_sampling,
                                          check_speculation_flags, check_strategy_names)
 from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, encode_plan, input_facts
-from egpt_speed.baselines.journaling import Outcome, finished_outcome, open_journal, resumed_batches, sigterm_as_interrupt
+from egpt_speed.baselines.journaling import (Outcome, finished_outcome, journaled_left_out, open_journal, resumed_batches,
+                                             sigterm_as_interrupt)
 from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
                                          decode_one, decode_pending_batch, queue_for_batch)
 from egpt_speed.datasets import SampleSpec
@@ -159,30 +161,31 @@ def prepare_states(config: RunConfig, ctx: RunContext, strategies: list[Strategy
 
 def run_samples(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                 settings: GenerationSettings, progress: Callable[[int], None] | None = None,
-                sink: SampleSink | None = None, skip: int = 0) -> dict[str, str]:
+                sink: SampleSink | None = None, skip: int = 0, leave_out: bool = True) -> dict[str, str]:
     """The measured loop: records each counted sample into every state's `records` and into `sink`.
 
     The first `skip` counted samples are already journaled and are not run. A batched strategy
-    queues encoded samples and decodes `--batch-size` of them in one call. A candidate that raises
-    during warm-up is left out (removed from `states`) and the run goes on; returned: name → reason.
-    A failure in a counted sample, or of the reference, stops the run (StrategyFailed).
+    queues encoded samples and decodes `--batch-size` of them in one call. With `leave_out`, a
+    candidate that raises during warm-up is left out (removed from `states` and the sink's names) and
+    the run goes on; returned: name → reason. A failure in a counted sample, of the reference, or
+    any failure without `leave_out` stops the run (StrategyFailed).
     """
     sink = sink or SampleSink(None, [s.strategy.name for s in states], skip)
     # every strategy batched: Stage 3 runs once per batch of samples (each sample's stage3_ms is its share)
     group = config.batch_size if states and all(s.strategy.batched for s in states) else 1
     with collector_paused():
-        return _measured_loop(config, base, states, plan, settings, progress, sink, skip, group)
+        return _measured_loop(config, base, states, plan, settings, progress, sink, skip, group, leave_out)
 
 
 def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState], plan: list[tuple[SampleSpec, bool]],
                    settings: GenerationSettings, progress: Callable[[int], None] | None, sink: SampleSink,
-                   skip: int, group: int) -> dict[str, str]:
+                   skip: int, group: int, leave_out: bool) -> dict[str, str]:
     """run_samples' loop, run with the collector paused (collected between samples, untimed)."""
     pending: dict[int, list[PendingSample]] = {}  # id(state) → encoded samples waiting for its batch (batch_sweep
     # runs several `batch` states, so not by name)
     left_out: dict[str, str] = {}
     for index, counted_index, encoded, common in encode_plan(plan, config, base, group, skip):
-        counted = counted_index is not None
+        counted, failed_states = counted_index is not None, []
         for rank, position in enumerate(interleaved_order(len(states), index)):
             state, common_here = states[position], {**common, "order": rank}
             try:
@@ -190,16 +193,18 @@ def _measured_loop(config: RunConfig, base: EventGPT, states: list[StrategyState
                     record = _decode_or_queue(state, encoded, common_here, counted_index, settings, base.device,
                                               sink, pending)
             except StrategyFailed as failed:
-                if failed.counted or position == 0:
+                if failed.counted or position == 0 or not leave_out:
                     raise
                 left_out[state.strategy.name] = failed.reason
+                failed_states.append(state)
                 continue
             if counted and record is not None:
                 record.update(common_here)
                 record["total_ms"] = record["stage1_ms"] + record["stage2_ms"] + record["stage3_ms"] + record["stage4_ms"]
                 state.records.append(record)
                 sink.add(counted_index, state.strategy.name, record)
-        _leave_out(left_out, states, sink, pending)
+        if failed_states:
+            _leave_out(failed_states, left_out, states, sink, pending)
         if counted:
             add_teacher_forced_top1(states, encoded, settings)
             add_divergences(states, encoded, settings)
@@ -231,14 +236,19 @@ def _decode_or_queue(state: StrategyState, encoded: EncodedSample, common: dict,
     return decode_one(state, encoded, settings, device)
 
 
-def _leave_out(left_out: dict[str, str], states: list[StrategyState], sink: SampleSink,
+def _leave_out(failed: list[StrategyState], left_out: dict[str, str], states: list[StrategyState], sink: SampleSink,
                pending: dict[int, list[PendingSample]]) -> None:
-    """Remove the candidates that failed in warm-up from the loop, the journal's sample set and the batch queues."""
-    for state in states:
-        if state.strategy.name in left_out:
-            pending.pop(id(state), None)
-    states[:] = [state for state in states if state.strategy.name not in left_out]
-    sink.names = [name for name in sink.names if name not in left_out]
+    """Remove the candidates that failed in warm-up from the loop, the journal's sample set and the batch queues,
+    and give back their memory (a quantised model copy, a compiled engine's cache and graphs)."""
+    for state in failed:
+        pending.pop(id(state), None)
+        sink.names.remove(state.strategy.name)
+    states[:] = [state for state in states if all(state is not gone for gone in failed)]
+    sink.left_out.update(left_out)
+    failed.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -325,14 +335,17 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
     torch.manual_seed(config.seed)
     with sigterm_as_interrupt():
         base, states, bandwidth = load_and_prepare(config, ctx, strategies)
+        del strategies  # the states hold them: a candidate left out is then freed
         records, done = open_journal(out, name, config.record(), digest, previous)
         with records:
             try:
+                left_out = journaled_left_out(records.path, [s.strategy.name for s in states])
+                states[:] = [state for state in states if state.strategy.name not in left_out]  # as the journal has them
                 for state in states:  # batch indices continue after the resumed ones
                     state.batches = resumed_batches(records.path, state.strategy.name)
                 progress = progress_factory(len(plan) - done) if progress_factory else None
-                sink = SampleSink(records, [s.strategy.name for s in states], done)
-                left_out = run_samples(config, base, states, plan, settings, progress, sink, skip=done)
+                sink = SampleSink(records, [s.strategy.name for s in states], done, dict(left_out))
+                left_out.update(run_samples(config, base, states, plan, settings, progress, sink, skip=done))
             except KeyboardInterrupt:
                 kept = len(journal.read_journal(records.path).entries)
                 raise RunInterrupted(records.path, kept, shards.samples_of(config.shard, config.samples)) from None

@@ -51,7 +51,7 @@ def sweep(model: str, data: str, sizes: list[int], samples: int, warmup: int, ma
     torch.manual_seed(seed)
     base, states = runner.prepare_states(config, ctx, strategies, runner.load_for(config, ctx))
     bandwidth = measure_copy_bandwidth(ctx.device, megabytes=1024 if ctx.device.type == "cuda" else 128)
-    runner.run_samples(config, base, states, plan, settings)
+    runner.run_samples(config, base, states, plan, settings, leave_out=False)  # every size, or the error
 
     names = [f"batch@{size}" for size in sizes]
     runs = {}

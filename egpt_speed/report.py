@@ -94,8 +94,8 @@ def summary_table(runs: dict) -> list[str]:
 
 def left_out_notes(document: dict) -> list[str]:
     """One sentence per candidate that failed in warm-up and was left out of the run."""
-    return [f"{name} failed in warm-up and is left out of this result: {reason}"
-            for name, reason in document.get("left_out", {}).items()]
+    return [f"{name} failed in warm-up and is left out of this result: {reason} (run it alone with --debug for the "
+            "traceback)" for name, reason in document.get("left_out", {}).items()]
 
 
 def left_out_lines(document: dict) -> list[str]:

@@ -116,13 +116,23 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
+def _journaled(path: Path) -> int:
+    """Samples in a journal another process is writing; 0 while it is created but its header not yet written."""
+    from egpt_speed.errors import EgptError
+
+    try:
+        return len(journal.read_journal(path).entries)
+    except EgptError:
+        return 0
+
+
 def _start_and_stop_after_one_sample(command: list[str], out: Path, sig: int) -> subprocess.Popen:
     """Start `command`, wait until its journal holds one sample, send `sig`; returns the ended process."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         found = list(out.glob(f"*{journal.SUFFIX}"))
-        if found and len(journal.read_journal(found[0]).entries) >= 1:
+        if found and _journaled(found[0]) >= 1:
             break
         time.sleep(0.05)
     assert process.poll() is None, "the run ended before it could be interrupted: " + process.stderr.read()[-2000:]
@@ -188,8 +198,8 @@ def test_a_failing_strategy_is_named_in_one_line_and_the_finished_samples_stay(t
         f"1 finished samples are kept in {path}; run the others without it, or add --debug for the traceback."]
 
 
-def _failing_decode(monkeypatch, name: str, failing_call: int) -> None:
-    """Make strategy `name` raise a long inductor-like error on its `failing_call`-th decode (1-based)."""
+def _failing_decode(monkeypatch, name: str, failing_call: int, kind: type[BaseException] = RuntimeError) -> None:
+    """Make strategy `name` raise a long inductor-like error (or `kind`) on its `failing_call`-th decode (1-based)."""
     from egpt_speed.strategies import registry
 
     cls = registry.available()[name]
@@ -198,7 +208,7 @@ def _failing_decode(monkeypatch, name: str, failing_call: int) -> None:
     def decode(self, model, request, clock):
         calls.append(request.id)
         if len(calls) == failing_call:
-            raise RuntimeError("LoweringException: something inductor could not lower\n" + "  IR line\n" * 500)
+            raise kind("LoweringException: something inductor could not lower\n" + "  IR line\n" * 500)
         return original(self, model, request, clock)
     monkeypatch.setattr(cls, "decode", decode)
 
@@ -234,6 +244,32 @@ def test_a_batched_candidate_failing_in_its_warm_up_batch_is_left_out(tmp_path, 
     document = json.loads(path.read_text())
     assert list(document["runs"]) == ["baseline"] and document["comparisons"] == []
     assert document["left_out"] == {"batch": "RuntimeError: out of memory at batch 2"}
+
+
+def test_a_run_that_left_a_candidate_out_resumes_without_it(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
+    """Interrupted after one counted sample with pld left out; --resume leaves it out too (its journaled samples have
+    no pld record) even when pld would now pass, and the result says why."""
+    from egpt_speed.strategies import registry
+    originals = {name: registry.available()[name].decode for name in ("pld", "baseline")}
+    _failing_decode(monkeypatch, "pld", 1)
+    # baseline and eager (a preparer on baseline's decode) share one decode: 2 calls in warm-up, 2 in counted sample
+    # 1, then Ctrl-C in counted sample 2
+    _failing_decode(monkeypatch, "baseline", 5, KeyboardInterrupt)
+    args = ("compare", "baseline", "pld", "eager", "--data", str(tiny_dataset), "-n", "3", "--warmup", "1",
+            "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path))
+    interrupted = invoke(*args)
+    assert interrupted.exit_code == 130 and "--resume" in interrupted.stderr
+    [path] = tmp_path.glob(f"*{journal.SUFFIX}")
+    assert [sorted(e["records"]) for e in journal.read_journal(path).entries] == [["baseline", "eager"]]
+    from egpt_speed.strategies import registry
+    for name, original in originals.items():  # pld would pass now; no Ctrl-C this time
+        monkeypatch.setattr(registry.available()[name], "decode", original)
+    resumed = invoke(*args, "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    document = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert list(document["runs"]) == ["baseline", "eager"] and all(len(r["samples"]) == 3 for r in document["runs"].values())
+    assert document["left_out"] == {"pld": "RuntimeError: LoweringException: something inductor could not lower"}
+    assert len(journal.read_journal(path).entries) == 3
 
 
 def test_the_reference_failing_in_warm_up_stops_the_run(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
