@@ -223,6 +223,38 @@ def _mask_build_and_flex(device: str, backend: str, dtype: torch.dtype, slots: i
     return traced(query, key, value, positions, kv_positions), expected.transpose(1, 2)
 
 
+def test_the_tree_verify_mask_is_the_prefix_plus_each_nodes_ancestors_even_over_stale_slots():
+    """Rows: the cache before base, and in the tree's slots exactly the node's ancestors (itself included), whatever
+    positions those slots held before (a rejected tree's stale entries may be below base)."""
+    buffers = _tree_verify_buffers(120, "cpu")
+    kv_positions = torch.arange(120).view(1, 1, 1, 120).clone()
+    kv_positions[..., 100:105] = torch.tensor([3, 99, 100, 150, 0])  # stale: some below base
+    ancestry = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                            dtype=torch.bool)
+    expected = torch.zeros(5, 120, dtype=torch.bool)
+    expected[:, :100] = True
+    expected[:, 100:105] = ancestry
+    assert torch.equal(buffers.mask(kv_positions), expected[None, None])
+
+
+def test_the_tree_verify_mask_traces_without_select_scatter():
+    """The CUDA failure's CPU-visible cause: an in-place mask traced to select_scatter at a constant index, which
+    inductor inlined into FlexAttention's mask function and could not render on the H200 (the CUDA test below runs
+    the lowering itself)."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    buffers = _tree_verify_buffers(256, "cpu")
+    ops = []
+
+    def record(graph, inputs):
+        ops.extend(str(node.target) for node in graph.graph.nodes if node.op == "call_function")
+        return graph
+    torch._dynamo.reset()
+    torch.compile(buffers.mask, backend=aot_autograd(fw_compiler=record), fullgraph=True)(
+        torch.arange(256).view(1, 1, 1, 256))
+    assert ops and not [op for op in ops if "select_scatter" in op], ops
+
+
 @pytest.mark.parametrize("mask", ["step", "tree"])
 @pytest.mark.parametrize("slots", [256, 200])
 def test_mask_building_and_flex_trace_as_one_graph(slots, mask):
