@@ -254,12 +254,17 @@ def _leave_out(failed: list[StrategyState], left_out: dict[str, str], states: li
 @contextmanager
 def failures_named(state: StrategyState, sample: int, counted: bool):
     """A strategy's exception as StrategyFailed, naming it and the sample (1-based; warm-up ones counted apart)."""
+    name = state.strategy.name
     try:
         yield
-    except (EgptError, KeyboardInterrupt, StrategyFailed):
+    except (KeyboardInterrupt, StrategyFailed):
         raise
+    except EgptError as error:  # the user's to fix (e.g. a tree that does not fit the cache): stops the run, named
+        if str(error).startswith(f"{name}: "):
+            raise
+        raise EgptError(f"{name}: {error}") from error
     except Exception as error:  # noqa: BLE001 - re-raised with the strategy's name, the cause chained
-        raise StrategyFailed(state.strategy.name, sample, counted, error) from error
+        raise StrategyFailed(name, sample, counted, error) from error
 
 
 def add_divergences(states: list[StrategyState], encoded: EncodedSample, settings: GenerationSettings) -> None:

@@ -272,6 +272,23 @@ def test_a_run_that_left_a_candidate_out_resumes_without_it(tmp_path, tiny_loade
     assert len(journal.read_journal(path).entries) == 3
 
 
+def test_a_users_error_inside_a_strategy_stops_the_run_in_one_line_naming_it(tmp_path, tiny_loader, tiny_dataset,
+                                                                             monkeypatch):
+    """An EgptError raised while decoding (e.g. a tree verify that does not fit the static cache) is the user's to fix:
+    not left out, the run stops with exit 2, and the line says which strategy."""
+    from egpt_speed.errors import EgptError
+    from egpt_speed.strategies import registry
+
+    def decode(self, model, request, clock):
+        raise EgptError("the tree verify (65 rows) does not fit the static cache; raise --max-new-tokens' margin.")
+    monkeypatch.setattr(registry.available()["pld"], "decode", decode)
+    result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "2", "--warmup", "1",
+                    "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: pld: the tree verify (65 rows) does not fit the static cache; raise --max-new-tokens' margin."]
+
+
 def test_the_reference_failing_in_warm_up_stops_the_run(tmp_path, tiny_loader, tiny_dataset, monkeypatch):
     _failing_decode(monkeypatch, "baseline", 1)
     result = invoke("compare", "baseline", "pld", "--data", str(tiny_dataset), "-n", "2", "--warmup", "1",
