@@ -49,6 +49,7 @@ from spec_cost import random_tree  # noqa: E402
 
 DECODE_POSITION_OFFSET = 23  # a realistic decode position: prefix + ~half the seed's 45.5 answer tokens
 DRAFT_VOCAB = 8192  # train-draft's --draft-vocab default (FR-Spec)
+CHAINED_CALLS = 8  # verifies queued back to back before one sync
 
 
 
@@ -86,8 +87,9 @@ def cuda_kernel_table(run, device: torch.device, calls: int = 8, rows: int = 14)
 
 def tree_verify_ms(engine: StaticEngine, embeds: torch.Tensor, nodes: int, topk: int, repeats: int,
                    profile: bool = False) -> dict:
-    """One captured tree verify (N+1 nodes) at the decode position, alone and followed by keep_path (and, with
-    `profile`, the verify's kernel table)."""
+    """One captured tree verify (N+1 nodes) at the decode position: a synced call alone and followed by keep_path, the
+    graph replay alone (no host-side load), and chained calls (the host ahead of the GPU); with `profile`, its kernel
+    table."""
     target = StaticTarget(engine, gamma=4)
     target.setup(embeds.shape[1] + 256, tree_nodes=nodes)
     target.prefill(embeds)
@@ -105,8 +107,13 @@ def tree_verify_ms(engine: StaticEngine, embeds: torch.Tensor, nodes: int, topk:
         target.verify_tree(tree)
         target.keep_path(path)
         target.crop(base)
+    def chained():  # back to back, one sync: the host's load and launch overlap the GPU, as in decode_ms_per_token
+        for _ in range(CHAINED_CALLS):
+            verify()
     result = {"verify_ms": median_ms(verify, engine.device, repeats),
-              "verify_keep_ms": median_ms(verify_keep, engine.device, repeats), "kept_path": path}
+              "verify_keep_ms": median_ms(verify_keep, engine.device, repeats), "kept_path": path,
+              "replay_ms": median_ms(engine._steps[target._step_name(f"tree{target.tree_width}")], engine.device, repeats),
+              "chained_ms": median_ms(chained, engine.device, repeats) / CHAINED_CALLS}
     if profile:
         result["kernels"] = cuda_kernel_table(verify, engine.device)
     return result
@@ -207,6 +214,23 @@ def predictions(document: dict, tau: float) -> list[dict]:
     return rows
 
 
+def host_overlap_rows(document: dict) -> list[str]:
+    """The compiled verifies like for like with the step: a synced graph replay against the step's synced replay, and
+    chained calls (host work overlapped) against the chained step; the synced call's excess is host-side work."""
+    decode, rows = document["decode"], document["tree_verify"].get("compiled", {})
+    step, step_replay = decode.get("compiled_ms_per_token"), decode.get("compiled_replay_ms")
+    measured = {n: cost for n, cost in rows.items() if "replay_ms" in cost}
+    if not measured or not step_replay:
+        return []
+    lines = ["", f"Like for like (compiled): the step's graph replayed alone and synced takes {step_replay:.3f} ms, chained "
+             f"{step:.3f} ms:", "", "| tree verify | nodes + root | synced call | graph replay alone | × step replay | "
+             "chained calls | × chained step |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for nodes, cost in measured.items():
+        lines.append(f"| compiled | {int(nodes) + 1} | {cost['verify_ms']:.3f} | {cost['replay_ms']:.3f} | "
+                     f"{cost['replay_ms'] / step_replay:.2f} | {cost['chained_ms']:.3f} | {cost['chained_ms'] / step:.2f} |")
+    return lines
+
+
 def render(document: dict) -> str:
     env, config, decode = document["env"], document["config"], document["decode"]
     step = decode.get("compiled_ms_per_token")
@@ -239,6 +263,7 @@ def render(document: dict) -> str:
                          f"{fmt(metrics.ratio(cost['verify_ms'], own_step[engine_name]), '.2f')} | "
                          f"{fmt(metrics.ratio(cost['verify_ms'], step), '.2f')} | {cost['verify_keep_ms']:.3f} | "
                          f"{fmt(metrics.ratio(cost['verify_keep_ms'], step), '.2f')} |")
+    lines += host_overlap_rows(document)
     lines += ["", "| EAGLE head (target width, captured) | draft vocab | catch-up | γ-chain (per token) | tree draft | propose() chain / tree incl. host |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, head in document["eagle_head"].items():
@@ -344,6 +369,8 @@ def main() -> None:
     document["decode"].update(compiled_ms_per_token=step, compile_ms=compiled.setup_ms, compiled_mbu=metrics.mbu(moved, step, bandwidth))
     print(f"compiled step {step:.3f} ms/token (compile {compiled.setup_ms / 1e3:.0f} s)", flush=True)
     document["decode"]["compiled_kernels"] = cuda_kernel_table(compiled._steps["decode"], device)
+    # one synced replay of the step graph: the like of a tree verify's synced call (the step above is chained)
+    document["decode"]["compiled_replay_ms"] = median_ms(compiled._steps["decode"], device, args.repeats)
     if args.only_quant:  # the compiled step as the same-run reference, then the quantized steps
         compiled.release()
         run_quant(document, model, embeds, compile_mode, args, context, bandwidth, out)
