@@ -166,10 +166,11 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
     if model_type == "EventChat_llama" or model_type in FAMILIES:
         return cross_modal_draft(spec, target, device, dtype)
     try:
-        llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(path)) if any(path.glob("tokenizer*")) else None
+        llm = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False) if any(path.glob("tokenizer*")) else None
     except (OSError, ValueError) as error:
-        raise EgptError(f"could not load draft {path} ({type(error).__name__}: {error}).") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise EgptError(f"could not load draft {path} ({type(error).__name__}: {first_line}).") from None
     check_shared_tokenizer(target, llm, tokenizer, spec)
     return Draft(llm, multimodal=False, name=spec)
 

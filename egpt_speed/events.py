@@ -62,7 +62,11 @@ def load_event_npy(path: Path, max_coordinate: int = MAX_SENSOR_SIDE - 1) -> Eve
             f"Event file {path} lacks the key(s) {', '.join(missing)}; "
             "an EventGPT clip must be a dict with x, y, t and p arrays."
         )
-    arrays = {k: np.asarray(raw[k]) for k in EVENT_KEYS}
+    not_arrays = [k for k in EVENT_KEYS if not isinstance(raw[k], np.ndarray)]
+    if not_arrays:  # before np.asarray: a few hundred bytes of memo-shared nested lists expand to gigabytes
+        raise EgptError(f"Event file {path} holds {', '.join(not_arrays)} as {type(raw[not_arrays[0]]).__name__}, "
+                        "not numpy arrays; an EventGPT clip is a dict of x, y, t and p arrays.")
+    arrays = {k: raw[k] for k in EVENT_KEYS}
     _check_event_arrays(path, arrays)
     _check_coordinates(path, arrays, max_coordinate)
     t = arrays["t"].astype(np.int64, copy=False)

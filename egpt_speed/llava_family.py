@@ -278,14 +278,14 @@ def load_processor_parts(checkpoint: Path, family: str) -> ProcessorParts:
 
     checkpoint = Path(checkpoint)
     try:
-        processor = AutoProcessor.from_pretrained(str(checkpoint))
+        processor = AutoProcessor.from_pretrained(str(checkpoint), trust_remote_code=False)
     except (ImportError, AttributeError, OSError, ValueError, TypeError):
         processor = None  # the video processor's torchvision requirement surfaces as any of these
     if isinstance(processor, _processor_class(family)):
         return ProcessorParts(processor, processor.tokenizer, processor.image_processor,
                               _chat_template(checkpoint, processor.tokenizer) or getattr(processor, "chat_template", None))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint))
+        tokenizer = AutoTokenizer.from_pretrained(str(checkpoint), trust_remote_code=False)
         image_processor = _image_processor(checkpoint, family)
     except (OSError, ValueError, TypeError) as error:
         raise EgptError(f"could not load the processor files of {checkpoint} ({type(error).__name__}: {error}).") from None

@@ -92,7 +92,7 @@ def build_tiny(dtype: torch.dtype, device: torch.device) -> EventGPT:
 
     llm_dir = tiny_llm_dir()
     llm = LlamaForCausalLM.from_pretrained(str(llm_dir), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), trust_remote_code=False)
     hidden = llm.config.hidden_size
     torch.manual_seed(0)
     tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import codecs
 import collections
 import pickle
+import pickletools
 import struct
 from pathlib import Path
 from typing import BinaryIO
@@ -22,6 +23,7 @@ from egpt_speed.errors import EgptError
 # numpy's own cap for untrusted headers (np.load ignores it once allow_pickle=True).
 MAX_NPY_HEADER_BYTES = 10_000
 NPY_MAGIC = b"\x93NUMPY"
+MAX_PICKLE_OPCODES = 10_000
 # Plain dtypes only: no structured/void records whose state could declare huge item sizes.
 _ARRAY_KINDS = frozenset("biufcSUO")
 
@@ -80,12 +82,66 @@ _ALLOWED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+def _plain_dtype(dtype: object) -> bool:
+    return isinstance(dtype, np.dtype) and dtype.kind in _ARRAY_KINDS and dtype.names is None and dtype.subdtype is None
+
+
+def _dtype_from_state(dtype: np.dtype, state: object) -> np.dtype:
+    """A pickled dtype's BUILD state, read for its byte order only: dtype.__setstate__ trusts its flags and fields
+    (a crafted state declared an object field at an attacker's pointer, and freeing the array decref'd it)."""
+    if not isinstance(state, tuple) or len(state) < 5 or any(part is not None for part in state[2:5]):
+        raise pickle.UnpicklingError("a dtype state with fields or a subarray")
+    if state[1] not in ("<", ">", "|", "=") or not _plain_dtype(dtype):
+        raise pickle.UnpicklingError("a dtype state of a non-plain dtype")
+    return dtype if state[1] in ("|", "=") or dtype.byteorder == "|" else dtype.newbyteorder(state[1])
+
+
+def _check_array_state(state: object) -> None:
+    """ndarray.__setstate__((version,) shape, dtype, fortran, data): plain dtype, and the data's kind fits it."""
+    if not isinstance(state, tuple) or len(state) not in (4, 5):
+        raise pickle.UnpicklingError("an array state of the wrong shape")
+    dtype, data = state[-3], state[-1]
+    if not _plain_dtype(dtype):
+        raise pickle.UnpicklingError("an array state of a non-plain dtype")
+    if not isinstance(data, list if dtype.hasobject else (bytes, bytearray)):
+        raise pickle.UnpicklingError("an array state whose data does not fit its dtype")
+
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler: its BUILD can be checked (the C one calls __setstate__ on anything)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def find_class(self, module: str, name: str) -> object:
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
             raise _Forbidden(f"{module}.{name}") from None
+
+    def load_build(self) -> None:
+        state = self.stack.pop()
+        target = self.stack[-1]
+        if isinstance(target, np.dtype):
+            built = _dtype_from_state(target, state)
+            self.stack[-1] = built
+            self.memo.update({key: built for key, value in self.memo.items() if value is target})
+        elif isinstance(target, np.ndarray):
+            _check_array_state(state)
+            target.__setstate__(state)
+        else:
+            raise pickle.UnpicklingError(f"BUILD of a {type(target).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+def _check_opcode_budget(fp: BinaryIO) -> None:
+    """Refuse pickles of more than MAX_PICKLE_OPCODES opcodes before unpickling: a clip's dict of 4 arrays takes
+    ~200, and a 200,000-deep nested tuple (a few hundred KB) crashed the interpreter when hashed."""
+    start = fp.tell()
+    for count, _ in enumerate(pickletools.genops(fp)):
+        if count >= MAX_PICKLE_OPCODES:
+            raise pickle.UnpicklingError(f"more than {MAX_PICKLE_OPCODES} pickle opcodes")
+    fp.seek(start)
 
 
 class _Forbidden(pickle.UnpicklingError):
@@ -121,6 +177,9 @@ def _load_npy_body(path: Path, fp: BinaryIO, max_header_bytes: int) -> object:
         raise EgptError(f"Event file {path} has a malformed .npy header ({exc}); re-export it.") from exc
     if dtype.hasobject:
         return _unpickle(path, fp)
+    declared, available = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize, Path(path).stat().st_size - fp.tell()
+    if declared > available:  # before numpy allocates what the header declares (a 64-byte file asked for 745 GiB)
+        raise EgptError(f"Event file {path} declares {declared} bytes of data but holds {available}; it is truncated or crafted.")
     fp.seek(0)
     try:
         return np.lib.format.read_array(fp, allow_pickle=False, max_header_size=max_header_bytes)
@@ -146,6 +205,7 @@ def _check_header_size(path: Path, fp: BinaryIO, max_header_bytes: int) -> None:
 
 def _unpickle(path: Path, fp: BinaryIO) -> object:
     try:
+        _check_opcode_budget(fp)
         obj = _RestrictedUnpickler(fp).load()
     except _Forbidden as exc:
         raise EgptError(

@@ -80,7 +80,7 @@ def load_checkpoint_tokenizer(checkpoint: Path, llm_config):
     try:
         if needs_sentencepiece_reader(checkpoint):
             return sentencepiece_llama_tokenizer(checkpoint)
-        return AutoTokenizer.from_pretrained(str(checkpoint), config=llm_config)
+        return AutoTokenizer.from_pretrained(str(checkpoint), config=llm_config, trust_remote_code=False)
     except Exception as error:  # missing/broken tokenizer files raise assorted errors
         raise EgptError(f"could not load the tokenizer from {checkpoint} ({type(error).__name__}); "
                         "the dir needs tokenizer.model or tokenizer.json.") from None

@@ -4,6 +4,8 @@ import io
 import json
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +111,79 @@ def test_oversized_npy_header_is_refused_before_reading_it(tmp_path):
     path.write_bytes(b"\x93NUMPY\x02\x00" + struct.pack("<I", declared) + b"{" + b" " * 100)
     with pytest.raises(EgptError, match=f"{declared}-byte .npy header \\(limit {MAX_NPY_HEADER_BYTES}\\)"):
         load_event_npy(path)
+
+
+def _object_npy(path: Path, body: bytes) -> Path:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|O", "fortran_order": False, "shape": ()})
+    path.write_bytes(buf.getvalue() + body)
+    return path
+
+
+def _crafted_object_field_clip() -> bytes:
+    """A dict whose 'x' is built from a V8 dtype given, through BUILD, an object field at offset 0, then filled with
+    the bytes 'AAAAAAAA': with dtype.__setstate__ honoured, freeing it decref'd the pointer 0x4141414141414141."""
+    P = pickle
+
+    def text(value: str) -> bytes:
+        return P.BINUNICODE + struct.pack("<I", len(value)) + value.encode()
+
+    def dtype(spec: str) -> bytes:
+        return P.GLOBAL + b"numpy\ndtype\n" + text(spec) + P.NEWFALSE + P.NEWTRUE + P.TUPLE3 + P.REDUCE
+
+    body = P.PROTO + b"\x02" + P.EMPTY_DICT + text("x")
+    body += P.GLOBAL + b"numpy._core.multiarray\n_reconstruct\n" + P.GLOBAL + b"numpy\nndarray\n"
+    body += P.BININT1 + b"\x00" + P.TUPLE1 + P.SHORT_BINBYTES + b"\x01b" + P.TUPLE3 + P.REDUCE
+    body += P.MARK + P.BININT1 + b"\x01" + P.BININT1 + b"\x01" + P.TUPLE1 + dtype("V8")
+    body += P.MARK + P.BININT1 + b"\x03" + text("|") + P.NONE + text("a") + P.TUPLE1
+    body += P.EMPTY_DICT + text("a") + dtype("O") + P.BININT1 + b"\x00" + P.TUPLE2 + P.SETITEM
+    body += P.BININT1 + b"\x08" + P.BININT1 + b"\x01" + P.BININT1 + b"\x09" + P.TUPLE + P.BUILD
+    body += P.NEWFALSE + P.SHORT_BINBYTES + b"\x08" + b"A" * 8 + P.TUPLE + P.BUILD + P.SETITEM + P.STOP
+    return body
+
+
+def test_a_dtype_state_declaring_object_fields_is_refused_without_a_crash(tmp_path):
+    path = _object_npy(tmp_path / "fields.npy", _crafted_object_field_clip())
+    script = ("from egpt_speed.events import load_event_npy\nfrom egpt_speed.errors import EgptError\n"
+              f"try:\n    load_event_npy({str(path)!r})\nexcept EgptError as error:\n    print(error)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]  # a segfault is -11
+    assert "dtype state with fields" in done.stdout and "fields.npy" in done.stdout
+
+
+def test_byte_order_of_pickled_arrays_survives_the_checked_build(tmp_path):
+    record = clip_record() | {"x": clip_record()["x"].astype(">u2"), "t": np.arange(50, dtype=">i8")}
+    loaded = load_event_npy(save_object(tmp_path / "big_endian.npy", record))
+    np.testing.assert_array_equal(loaded.x, clip_record()["x"])
+    np.testing.assert_array_equal(loaded.t, np.arange(50))
+
+
+def test_a_deeply_nested_pickle_is_refused_before_unpickling(tmp_path):
+    P = pickle  # a dict key nested 200,000 tuples deep: hashing it overflowed the C stack
+    body = P.PROTO + b"\x02" + P.EMPTY_DICT + P.EMPTY_TUPLE + P.TUPLE1 * 200_000 + P.NONE + P.SETITEM + P.STOP
+    with pytest.raises(EgptError, match="more than .* pickle opcodes"):
+        load_event_npy(_object_npy(tmp_path / "deep.npy", body))
+
+
+def test_memo_shared_nested_lists_are_refused_before_they_expand(tmp_path):
+    P = pickle  # 9 levels of 10 references to the level below: ~400 bytes, 10**9 elements as an array
+    body = P.PROTO + b"\x02" + P.EMPTY_DICT + P.BININT1 + b"\x01" + P.BINPUT + b"\x00" + P.POP
+    for level in range(9):
+        body += P.EMPTY_LIST + P.MARK + (P.BINGET + bytes([level])) * 10 + P.APPENDS + P.BINPUT + bytes([level + 1]) + P.POP
+    for key in "xytp":
+        body += P.BINUNICODE + struct.pack("<I", 1) + key.encode() + P.BINGET + b"\x09" + P.SETITEM
+    body += P.STOP
+    with pytest.raises(EgptError, match="not numpy arrays"):
+        load_event_npy(_object_npy(tmp_path / "laughs.npy", body))
+
+
+def test_a_plain_npy_declaring_more_data_than_it_holds_is_refused_before_allocating(tmp_path):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i8", "fortran_order": False, "shape": (10**11,)})
+    path = tmp_path / "huge.npy"
+    path.write_bytes(buf.getvalue() + b"\x00" * 64)
+    with pytest.raises(EgptError, match="declares 800000000000 bytes of data but holds 64"):
+        load_npy(path)
 
 
 # ---------------------------------------------------------------- sizes and timestamps
