@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from egpt_speed.datasets import discover_samples, resolve_samples
 from egpt_speed.errors import EgptError
@@ -254,3 +255,43 @@ def test_paths_inside_the_dataset_and_allowed_escapes_resolve(tmp_path):
     assert load_event_npy(spec.event_path).num_events == 50
     with pytest.raises(EgptError, match="points outside"):
         resolve_samples(str(root2), 1, 0, 0, 10, tmp_path / "cache")
+
+
+# ---------------------------------------------------------------- remote code in a user's dirs
+
+
+def _remote_code_dir(root: Path, marker: Path) -> Path:
+    """A dir whose tokenizer and model are custom classes in .py files that create `marker` when imported."""
+    root.mkdir()
+    payload = f"open({str(marker)!r}, 'w').close()\n"
+    (root / "tokenization_evil.py").write_text(payload)
+    (root / "modeling_evil.py").write_text(payload)
+    (root / "tokenizer_config.json").write_text(json.dumps(
+        {"auto_map": {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}, "tokenizer_class": "EvilTokenizer"}))
+    (root / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoConfig": "modeling_evil.C", "AutoModelForCausalLM": "modeling_evil.M"}}))
+    return root
+
+
+def test_a_checkpoint_tokenizer_with_custom_code_is_refused_even_if_the_user_says_yes(tmp_path, monkeypatch):
+    from egpt_speed.tokenizers import load_checkpoint_tokenizer
+
+    marker = tmp_path / "ran"
+    folder = _remote_code_dir(tmp_path / "ckpt", marker)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))  # transformers asks on stdin when trust_remote_code is None
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(EgptError, match="could not load the tokenizer"):
+        load_checkpoint_tokenizer(folder, None)
+    assert not marker.exists()
+
+
+def test_a_draft_dir_with_custom_code_is_refused_even_if_the_user_says_yes(tmp_path, monkeypatch):
+    from egpt_speed.drafts import load_draft
+
+    marker = tmp_path / "ran"
+    folder = _remote_code_dir(tmp_path / "draft", marker)
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n" * 10))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(EgptError, match="custom code") as err:
+        load_draft(str(folder), None, "tiny", torch.device("cpu"), torch.float32)
+    assert "\n" not in str(err.value) and not marker.exists()
