@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 from egpt_speed import journal, results
+from egpt_speed.errors import EgptError
 
 
 @dataclass
@@ -48,6 +49,18 @@ def open_journal(out: Path, name: str, config: dict, digest: str, previous: Path
         return journal.Journal.create(out / f"{stem}{journal.SUFFIX}", header), 0
     contents = journal.read_journal(previous)
     return journal.Journal.reopen(previous, contents), len(contents.entries)
+
+
+def check_resumable(previous: Path, samples: int) -> None:
+    """Before any model loads: every entry of the journal to continue is a sample's records, and there are no more of
+    them than the run has samples (a journal with lines appended twice resumed as 'ran -4' with 8 samples of 4)."""
+    entries = journal.read_journal(previous).entries
+    for number, entry in enumerate(entries, start=2):
+        if not isinstance(entry.get("records"), dict) or not all(isinstance(r, dict) for r in entry["records"].values()):
+            raise EgptError(f"{previous} line {number} is not a sample of a run; move the journal out of --out to start afresh.")
+    if len(entries) > samples:
+        raise EgptError(f"{previous} holds {len(entries)} samples but this run has {samples}; it was edited or "
+                        "duplicated: move it out of --out to start afresh.")
 
 
 def finished_outcome(previous: Path, samples: int) -> Outcome | None:

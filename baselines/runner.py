@@ -21,7 +21,7 @@ from egpt_speed import datasets, divergence, journal, metrics, results, shards
 from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_flex, check_sampling,
                                          check_speculation_flags, check_strategy_names)
 from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, encode_plan, input_facts
-from egpt_speed.baselines.journaling import (Outcome, finished_outcome, journaled_left_out, open_journal, resumed_batches,
+from egpt_speed.baselines.journaling import (Outcome, check_resumable, finished_outcome, journaled_left_out, open_journal, resumed_batches,
                                              sigterm_as_interrupt)
 from egpt_speed.baselines.decode import (PendingSample, SampleSink, StrategyState, add_teacher_forced_top1,
                                          decode_one, decode_pending_batch, queue_for_batch)
@@ -328,6 +328,8 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
     name = results.result_name(name or "_".join(config.strategies), config.strategies, results.name_max(out))
     digest = journal.config_hash(config.record())
     previous = journal.find_journal(out, digest) if resume else None
+    if previous:
+        check_resumable(previous, shards.samples_of(config.shard, config.samples))
     finished = finished_outcome(previous, shards.samples_of(config.shard, config.samples)) if previous else None
     if finished:
         return finished

@@ -34,27 +34,37 @@ class JournalContents:
 
 
 def read_journal(path: Path) -> JournalContents:
-    """Header and entries of a journal; stops at the first line that is not whole JSON."""
-    raw = path.read_bytes()
+    """Header and entries of a journal. A torn last line (the process died inside that write) is dropped; a damaged
+    line with lines after it is refused, so no finished sample after it is silently truncated away."""
+    lines = path.read_bytes().splitlines(keepends=True)
     contents: JournalContents | None = None
     offset = 0
-    for line in raw.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break  # torn: the process died inside this write
+    for number, line in enumerate(lines, start=1):
         try:
-            value = json.loads(line)
-        except json.JSONDecodeError:
+            value = json.loads(line) if line.endswith(b"\n") else None
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
+            value = None
+        if value is None:
+            if number < len(lines):
+                raise EgptError(f"{path} has a damaged line {number} with {len(lines) - number} line(s) after it; it was "
+                                "left as it is: move it out of --out to start afresh, or repair that line.")
             break
-        if contents is None:
-            if not isinstance(value, dict) or "config_hash" not in value:
-                raise EgptError(f"{path} is not an egpt-speed journal (no header); move it out of --out.")
-            contents = JournalContents(value)
-        else:
-            contents.entries.append(value)
+        contents = _add_line(path, contents, value, number)
         offset += len(line)
     if contents is None:
         raise EgptError(f"{path} is an empty or torn journal; delete it and run again.")
     contents.valid_bytes = offset
+    return contents
+
+
+def _add_line(path: Path, contents: JournalContents | None, value: Any, number: int) -> JournalContents:
+    if contents is None:
+        if not isinstance(value, dict) or "config_hash" not in value:
+            raise EgptError(f"{path} is not an egpt-speed journal (no header); move it out of --out.")
+        return JournalContents(value)
+    if not isinstance(value, dict):
+        raise EgptError(f"{path} line {number} is not a journal entry; move the journal out of --out to start afresh.")
+    contents.entries.append(value)
     return contents
 
 
@@ -67,7 +77,7 @@ def find_journal(directory: Path, wanted_hash: str) -> Path | None:
         try:
             with path.open("rb") as handle:
                 header = json.loads(handle.readline())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # unreadable, not JSON, not UTF-8: not ours
             continue
         if isinstance(header, dict) and header.get("config_hash") == wanted_hash:
             matches.append((path.stat().st_mtime, path))

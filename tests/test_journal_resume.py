@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from egpt_speed import journal, results
 from egpt_speed.cli import app
+from egpt_speed.errors import EgptError
 from helpers import write_eventgpt_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -319,3 +320,43 @@ def test_debug_after_the_command_flags_without_bool_and_a_summary_that_fits_100_
     for suffix in (".json", ".md", journal.SUFFIX) + ((".png",) if list(tmp_path.glob("*.png")) else ()):
         [path] = tmp_path.glob(f"*{suffix}")
         assert str(path) in written
+
+
+def test_a_damaged_line_before_finished_samples_is_refused_and_the_journal_left_alone(tmp_path):
+    path = tmp_path / f"x{journal.SUFFIX}"
+    with journal.Journal.create(path, {"config_hash": "h"}) as records:
+        for index in range(3):
+            records.append({"index": index, "records": {}})
+    lines = path.read_bytes().splitlines(keepends=True)
+    for damage in (b"garbage\n", b'{"index": 0, "records": {"\xff": 1}}\n'):  # not JSON; not UTF-8
+        path.write_bytes(b"".join([lines[0], lines[1], damage, lines[3]]))
+        before = path.read_bytes()
+        with pytest.raises(EgptError, match="damaged line 3 with 1 line"):
+            journal.read_journal(path)
+        assert path.read_bytes() == before  # the finished sample after it is still there
+
+
+def test_a_stray_file_that_is_not_utf8_does_not_break_finding_the_journal(tmp_path):
+    path = tmp_path / f"x{journal.SUFFIX}"
+    journal.Journal.create(path, {"config_hash": "h"}).close()
+    (tmp_path / f"zzz{journal.SUFFIX}").write_bytes(b"\xff\xfe\x00garbage\n")
+    assert journal.find_journal(tmp_path, "h") == path
+
+
+def test_a_journal_to_resume_is_checked_before_any_model_loads(tmp_path):
+    from egpt_speed.baselines.journaling import check_resumable
+
+    path = tmp_path / f"x{journal.SUFFIX}"
+    with journal.Journal.create(path, {"config_hash": "h"}) as records:
+        records.append({"index": 0, "records": {"baseline": {"id": "a"}}})
+        records.append({"index": 1, "records": {"baseline": {"id": "b"}}})
+    check_resumable(path, samples=4)
+    with pytest.raises(EgptError, match="holds 2 samples but this run has 1"):
+        check_resumable(path, samples=1)
+    with path.open("ab") as handle:
+        handle.write(b'{"foo": 1}\n')
+    with pytest.raises(EgptError, match="line 4 is not a sample of a run"):
+        check_resumable(path, samples=4)
+    path.write_bytes(path.read_bytes().replace(b'{"foo": 1}\n', b"[]\n"))
+    with pytest.raises(EgptError, match="line 4 is not a journal entry"):
+        check_resumable(path, samples=4)
