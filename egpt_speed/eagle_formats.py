@@ -32,6 +32,7 @@ from egpt_speed.errors import EgptError
 
 EAGLE1, EAGLE3 = "eagle", "eagle3"
 FORMATS = (EAGLE1, EAGLE3)
+AUTO_FORMAT = "auto"  # the head's own layout: eagle3 for an EAGLE-3 head, else eagle
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 EAGLE1_ARCHITECTURE = "LlamaForCausalLM"  # as EAGLE-1 heads on the hub; vLLM maps it to EagleLlamaForCausalLM
 EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"  # vLLM's registry and SGLang's EntryClass
@@ -139,6 +140,9 @@ def load_eagle1(directory: Path, device: torch.device, dtype: torch.dtype) -> Ea
 
 def export_eagle1(head: EagleHead, out: Path) -> list[str]:
     """Write `head` as an EAGLE-1 dir → notes on what the format cannot carry."""
+    if isinstance(head, Eagle3Head):
+        raise EgptError("this is an EAGLE-3 head (three fused target layers), which has no EAGLE-1 form; "
+                        "export it with --format eagle3 (or --format auto).")
     if head.input_norm:
         raise EgptError("this head has an input norm, which EAGLE-1 loaders (vLLM llama_eagle.py, SGLang llama_eagle.py) "
                         "replace by the identity; train one with `train-draft --eagle1-layout`, or export an EAGLE-1 head.")
@@ -324,10 +328,15 @@ def load_any_head(directory: Path, device: torch.device, dtype: torch.dtype) -> 
 
 
 def export_head(head_dir: Path, fmt: str, out: Path) -> list[str]:
-    """`egpt-speed export-draft`: write `head_dir` in `fmt`'s layout under `out` → notes for the user."""
-    if fmt not in FORMATS:
-        raise EgptError(f"--format {fmt!r} is not supported; use {' or '.join(FORMATS)}.")
+    """`egpt-speed export-draft`: write `head_dir` in `fmt`'s layout (auto: the head's own) under `out` → notes."""
+    from egpt_speed.results import check_writable_dir
+
+    if fmt not in (AUTO_FORMAT, *FORMATS):
+        raise EgptError(f"--format {fmt!r} is not supported; use {AUTO_FORMAT}, {' or '.join(FORMATS)}.")
     if out.resolve() == head_dir.resolve():
         raise EgptError("--out must differ from the head dir: export writes config.json and model.safetensors there.")
+    check_writable_dir(out)
     head = load_any_head(head_dir, torch.device("cpu"), torch.float32)
+    if fmt == AUTO_FORMAT:
+        fmt = EAGLE3 if isinstance(head, Eagle3Head) else EAGLE1
     return (export_eagle3 if fmt == EAGLE3 else export_eagle1)(head, out)

@@ -140,5 +140,5 @@ class TrainDraftOptions(CommonOptions):
 class ExportDraftOptions:
     """`export-draft`: write a draft head in a serving engine's EAGLE layout."""
 
-    format: str = option("eagle", "--format", help="eagle (EAGLE-1: vLLM llama_eagle.py, SGLang llama_eagle.py) | eagle3 (llama_eagle3.py).")
+    format: str = option("auto", "--format", help="auto (the head's own layout) | eagle (EAGLE-1: vLLM llama_eagle.py, SGLang llama_eagle.py) | eagle3 (llama_eagle3.py).")
     out: Optional[Path] = option(None, "--out", help="Directory for config.json + model.safetensors; required.", required=True)

@@ -150,7 +150,7 @@ def test_a_head_with_an_input_norm_is_refused_for_eagle1_and_ours_for_eagle3(tar
     with pytest.raises(EgptError, match="no exact EAGLE-3"):
         ef.export_head(tmp_path / "ours", "eagle3", tmp_path / "out")
     result = CliRunner().invoke(app, ["export-draft", str(tmp_path / "ours"), "--format", "medusa", "--out", str(tmp_path / "o")])
-    assert result.exit_code == 2 and result.stderr.strip() == "error: --format 'medusa' is not supported; use eagle or eagle3."
+    assert result.exit_code == 2 and result.stderr.strip() == "error: --format 'medusa' is not supported; use auto, eagle or eagle3."
 
 
 def eagle3_public(target, directory, draft_size: int = 40, aux: tuple[int, ...] = (1, 1, 2)):
@@ -272,3 +272,17 @@ def test_a_shipped_eagle3_head_is_the_default_draft_of_tiny(target, tmp_path, mo
     assert drafts.default_draft_for("tiny") == "tiny-eagle"
     draft = load_draft(None, target, "tiny", CPU, torch.float32)
     assert isinstance(draft.head, ef.Eagle3Head) and draft.name == "tiny-eagle"
+
+
+def test_the_shipped_eagle3_head_exports_in_its_own_layout_by_default(tmp_path):
+    from egpt_speed.drafts import shipped_head_dir
+
+    head = shipped_head_dir("tiny-eagle")
+    result = CliRunner().invoke(app, ["export-draft", str(head), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert ef.detect_format(tmp_path / "o") == ef.EAGLE3
+    result = CliRunner().invoke(app, ["export-draft", str(head), "--format", "eagle", "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2 and "EAGLE-3 head" in result.stderr and "Traceback" not in result.output
+    (tmp_path / "file").write_text("")
+    result = CliRunner().invoke(app, ["export-draft", str(head), "--out", str(tmp_path / "file")])
+    assert result.exit_code == 2 and result.stderr.strip() == f"error: --out {tmp_path / 'file'} is a file, not a directory; pass a directory."
