@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from egpt_speed.drafts import check_draft_spec
 from egpt_speed.errors import EgptError
 from egpt_speed.static_decode import COMPILE_MODES, DRAFT_COMPILE_MODES, resolve_compile_mode
 
@@ -87,3 +88,13 @@ def check_sampling(do_sample: bool, temperature: float, top_p: float) -> None:
         raise EgptError(f"--temperature {temperature} is not allowed with --sample; pass a value > 0.")
     if not (0 < top_p <= 1):
         raise EgptError(f"--top-p {top_p} is not allowed with --sample; pass a value in (0, 1].")
+
+
+def check_draft_and_counts(options: dict, draft: str | None, model_spec: str) -> None:
+    """--draft, --tree-topk, --tree-nodes and --pld-ngram, refused before any model loads (they were only checked
+    when a strategy read them, after the target had loaded, and --pld-ngram 0 silently ran with 3)."""
+    check_draft_spec(draft, model_spec)
+    for flag, key in (("--tree-topk", "tree_topk"), ("--tree-nodes", "tree_nodes"), ("--pld-ngram", "pld_ngram")):
+        value = options.get(key)
+        if value is not None and int(value) < 1:
+            raise EgptError(f"{flag} must be at least 1.")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from egpt_speed import datasets, divergence, journal, metrics, results, shards
-from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_flex, check_sampling,
+from egpt_speed.baselines.checks import (check_compile_modes, check_coordinate_descent, check_draft_and_counts, check_flex, check_sampling,
                                          check_speculation_flags, check_strategy_names)
 from egpt_speed.baselines.encode import check_input_options, check_loaded, encode, encode_plan, input_facts
 from egpt_speed.baselines.journaling import (Outcome, check_resumable, finished_outcome, journaled_left_out, open_journal, resumed_batches,
@@ -81,6 +81,7 @@ def validate(config: RunConfig) -> None:
     check_speculation_flags(config.options, config.strategies, config.do_sample)
     check_coordinate_descent(config.options, config.strategies, shards.local_device(resolve_device(config.device)))
     check_flex(config.strategies, config.batch_size)
+    check_draft_and_counts(config.options, config.draft, config.model)
     if config.memory_budget_gb is not None and config.memory_budget_gb <= 0:
         raise EgptError("--memory-budget must be a positive number of GB.")
 

@@ -105,6 +105,19 @@ def shipped_head_present(name: str) -> bool:
     return (directory / "eagle_config.json").exists() or (directory.is_dir() and detect_format(directory) is not None)
 
 
+DRAFT_PRESETS = ("target", "tiny-eagle", "tiny-truncated", "synthetic-68m")
+
+
+def check_draft_spec(spec: str | None, model_spec: str) -> None:
+    """Before any model loads: --draft names a draft preset, a model preset, the target, or an existing dir."""
+    if spec is None or spec in DRAFT_PRESETS or spec in PRESETS or spec == model_spec:
+        return
+    path = Path(spec)
+    if not path.is_dir():
+        raise EgptError(f"--draft {spec!r} is neither a preset ({', '.join(DRAFT_PRESETS + PRESETS)}) nor an existing "
+                        "dir; pass a head, causal-LM or checkpoint dir.")
+
+
 def default_draft_for(model_spec: str) -> str:
     if model_spec == "tiny":
         return "tiny-eagle" if shipped_head_present("tiny-eagle") else "tiny-truncated"
@@ -155,7 +168,7 @@ def load_draft(spec: str | None, target, model_spec: str, device: torch.device, 
         return Draft(random_draft_68m(device, dtype, vocab), multimodal=False, name=spec)
     path = Path(spec)
     if not (path / "config.json").exists():
-        raise EgptError(f"draft {spec!r} is neither a preset (target, tiny-truncated, synthetic-68m) nor a model dir with config.json.")
+        raise EgptError(f"draft {spec!r} is neither a preset ({', '.join(DRAFT_PRESETS + PRESETS)}) nor a model dir with config.json.")
     import json
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")

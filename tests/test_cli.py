@@ -115,6 +115,11 @@ BAD_OPTIONS = {
     "no-coordinate-descent-cpu-default": (["run", "compile", "--no-coordinate-descent"], "add --compile-mode default"),
     "flex-eager-tree": (["run", "flex+eagle-tree"], "use flex+compile+eagle-tree"),
     "flex-batched": (["run", "flex+compile", "--batch-size", "2"], "runs batch 1"),
+    "draft-missing": (["run", "speculative", "--draft", "/nonexistent/draft"], "--draft '/nonexistent/draft' is neither a preset"),
+    "draft-unknown-preset": (["run", "speculative", "--draft", "foo"], "tiny-eagle"),
+    "tree-topk-zero": (["run", "eagle-tree", "--tree-topk", "0"], "--tree-topk must be at least 1"),
+    "tree-nodes-zero": (["run", "eagle-tree", "--tree-nodes", "0"], "--tree-nodes must be at least 1"),
+    "pld-ngram-zero": (["compare", "baseline", "pld", "--pld-ngram", "0"], "--pld-ngram must be at least 1"),
 }
 
 
