@@ -32,13 +32,22 @@ def weight_files(checkpoint: Path) -> list[Path]:
     index = checkpoint / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as error:
-            raise EgptError(f"{index} is not a valid safetensors index ({error}); re-download the checkpoint.") from None
-        return [checkpoint / n for n in names]
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as error:  # not JSON/UTF-8, wrong shape
+            raise EgptError(f"{index} is not a valid safetensors index ({type(error).__name__}); re-download the checkpoint.") from None
+        if not all(isinstance(name, str) and Path(name).name == name for name in names):
+            raise EgptError(f"{index} names weight files outside {checkpoint}; re-download the checkpoint.")
+        return _regular_files([checkpoint / n for n in names])
     files = sorted(checkpoint.glob("*.safetensors")) or sorted(checkpoint.glob("pytorch_model*.bin"))
     if not files:
         raise EgptError(f"no weights (*.safetensors or pytorch_model*.bin) in {checkpoint}; point --model at an EventGPT checkpoint directory.")
+    return _regular_files(files)
+
+
+def _regular_files(files: list[Path]) -> list[Path]:
+    for path in files:
+        if path.exists() and not path.is_file():  # a FIFO named model.safetensors blocked the load forever
+            raise EgptError(f"weights file {path} is not a regular file; re-download the checkpoint.")
     return files
 
 
@@ -50,6 +59,7 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     for path in weight_files(checkpoint):
         if not path.exists():
             raise EgptError(f"weights file {path} is listed in the index but missing; re-download the checkpoint.")
+
         try:
             if path.suffix == ".safetensors":
                 tensors.update(load_file(str(path)))
@@ -71,9 +81,13 @@ def read_config(checkpoint: Path, presets: tuple[str, ...] = ()) -> dict:
     if not config_path.exists():
         raise EgptError(f"{checkpoint} has no config.json; point --model at an EventGPT checkpoint directory.")
     try:
-        config = json.loads(config_path.read_text())
+        config = json.loads(config_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise EgptError(f"{config_path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    except (UnicodeDecodeError, RecursionError) as error:
+        raise EgptError(f"{config_path} is not readable JSON ({type(error).__name__}); re-download the checkpoint.") from None
+    if not isinstance(config, dict):
+        raise EgptError(f"{config_path} holds a JSON {type(config).__name__}, not an object; re-download the checkpoint.")
     if config.get("model_type") != "EventChat_llama":
         raise EgptError(f"{config_path} has model_type {config.get('model_type')!r}, expected 'EventChat_llama' (EventGPT), "
                         "'llava' (LLaVA-1.5) or 'video_llava' (Video-LLaVA); point --model at one of those checkpoints.")

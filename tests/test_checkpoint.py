@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -196,6 +197,14 @@ BROKEN = {
     "truncated-weights": (lambda ck: (_truncate_weights(ck), ck)[-1], "truncated or corrupt"),
     "missing-layer": (lambda ck: (_drop_layer(ck), ck)[-1], "model.layers.1."),
     "missing-tower-dir": (lambda ck: (shutil.rmtree(ck.parent / TOWER_NAME), ck)[-1], "--vision-tower"),
+    "config-a-list": (lambda ck: ((ck / "config.json").write_text("[]"), ck)[-1], "holds a JSON list, not an object"),
+    "config-not-utf8": (lambda ck: ((ck / "config.json").write_bytes(b'{"\xff": 1}'), ck)[-1], "is not readable JSON"),
+    "weights-a-fifo": (lambda ck: ((ck / "model.safetensors").unlink(), os.mkfifo(ck / "model.safetensors"), ck)[-1],
+                       "is not a regular file"),
+    "index-escapes": (lambda ck: ((ck / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"w": "../model.safetensors"}})), ck)[-1], "names weight files outside"),
+    "index-a-list": (lambda ck: ((ck / "model.safetensors.index.json").write_text(json.dumps({"weight_map": []})), ck)[-1],
+                     "is not a valid safetensors index"),
 }
 
 
