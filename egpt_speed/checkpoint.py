@@ -137,7 +137,8 @@ def load_tower(config: dict, tensors: dict[str, torch.Tensor], checkpoint: Path,
     try:
         return CLIPVisionModel.from_pretrained(str(tower_dir), dtype=torch.float32), tower_dir
     except Exception as error:  # transformers raises OSError/ValueError/KeyError for broken dirs
-        raise EgptError(f"could not load the CLIP vision tower from {tower_dir} ({type(error).__name__}: {error}).") from None
+        first_line = (str(error).strip().splitlines() or [""])[0]  # torch's pickle refusal runs on for lines
+        raise EgptError(f"could not load the CLIP vision tower from {tower_dir} ({type(error).__name__}: {first_line}).") from None
 
 
 def load_projector_and_adaptor(config: dict, tensors: dict[str, torch.Tensor],

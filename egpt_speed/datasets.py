@@ -43,7 +43,7 @@ def load_questions(path: Path | None = None) -> list[str]:
         entries = json.loads(source.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise EgptError(f"Question file {where} does not exist; check the path.") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise EgptError(f"Question file {where} is not valid JSON ({exc}); fix or replace it.") from exc
     if not isinstance(entries, list) or not entries or not all(_is_question(e) for e in entries):
         raise EgptError(f"Question file {where} must be a non-empty list of {{\"question\", \"count\"}} entries.")
@@ -96,7 +96,7 @@ def _from_instruction_json(data: Path, limit: int | None, allow_outside: bool) -
     json_path = data / INSTRUCTION_JSON
     try:
         entries = json.loads(json_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise EgptError(f"Instruction file {json_path} does not parse as JSON ({exc}); fix or regenerate it.") from exc
     if not isinstance(entries, list) or not all(_is_entry(e) for e in entries):
         raise EgptError(

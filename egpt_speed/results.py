@@ -299,11 +299,15 @@ def load_result(path: Path) -> dict:
     if not path.exists():
         raise EgptError(f"result file {path} does not exist.")
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise EgptError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}).") from None
+    except (UnicodeDecodeError, RecursionError) as error:
+        raise EgptError(f"{path} is not readable JSON ({type(error).__name__}).") from None
     if not isinstance(document, dict) or document.get("schema") != SCHEMA:
         raise EgptError(f"{path} is not an egpt-speed result (schema {SCHEMA!r} expected).")
+    if not isinstance(document.get("env"), dict) or not isinstance(document.get("runs"), dict):
+        raise EgptError(f"{path} carries the result schema but lacks its env or runs; it was edited or truncated.")
     return document
 
 
@@ -315,7 +319,11 @@ def check_writable_dir(path: Path, flag: str = "--out") -> None:
     """
     from egpt_speed.errors import EgptError
 
-    if path.exists() and not path.is_dir():
+    try:
+        is_file = path.exists() and not path.is_dir()
+    except OSError as error:  # a name too long, say
+        raise EgptError(f"{flag} {path} cannot be used ({error.strerror}); pass another directory.") from None
+    if is_file:
         raise EgptError(f"{flag} {path} is a file, not a directory; pass a directory.")
     try:
         path.mkdir(parents=True, exist_ok=True)

@@ -255,3 +255,20 @@ def test_report_refuses_what_is_not_a_result(content, needle, tmp_path):
     result = invoke("report", str(path))
     assert_one_error_line(result, tmp_path / "nothing-written", needle)
     assert not path.with_suffix(".md").exists()
+
+
+@pytest.mark.parametrize("content", [b"[" * 100_000 + b"]" * 100_000, b'{"\xff": 1}', b'{"schema": "egpt-speed/1"}'])
+def test_report_on_a_damaged_result_is_one_error_line(content, tmp_path):
+    path = tmp_path / "result.json"
+    path.write_bytes(content)
+    result = invoke("report", str(path))
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {path}"), result.stderr
+
+
+def test_an_out_name_too_long_is_one_error_line_before_loading(tmp_path, tiny_loader):
+    out = tmp_path / ("x" * 300)
+    result = invoke("run", "baseline", "--device", "cpu", "--out", str(out))
+    assert result.exit_code == 2 and "cannot be used" in result.stderr and "Traceback" not in result.output
+    assert not tiny_loader
