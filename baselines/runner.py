@@ -331,9 +331,9 @@ def run(config: RunConfig, out: Path, progress_factory: Callable[[int], Callable
     previous = journal.find_journal(out, digest) if resume else None
     if previous:
         check_resumable(previous, shards.samples_of(config.shard, config.samples))
-    finished = finished_outcome(previous, shards.samples_of(config.shard, config.samples)) if previous else None
-    if finished:
-        return finished
+        finished = finished_outcome(previous, shards.samples_of(config.shard, config.samples))
+        if finished:
+            return finished
     ctx = context_for(config)
     strategies = build_strategies(config, ctx)
     plan = warmup_then_counted(resolve_samples(config), config.samples, config.warmup)

@@ -59,7 +59,6 @@ def read_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
     for path in weight_files(checkpoint):
         if not path.exists():
             raise EgptError(f"weights file {path} is listed in the index but missing; re-download the checkpoint.")
-
         try:
             if path.suffix == ".safetensors":
                 tensors.update(load_file(str(path)))

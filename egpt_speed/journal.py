@@ -33,6 +33,9 @@ class JournalContents:
     valid_bytes: int = 0  # length of the intact prefix (a torn last line is not part of it)
 
 
+_DAMAGED = object()  # a line that is not whole JSON (a JSON null is a line of the wrong shape, said as such)
+
+
 def read_journal(path: Path) -> JournalContents:
     """Header and entries of a journal. A torn last line (the process died inside that write) is dropped; a damaged
     line with lines after it is refused, so no finished sample after it is silently truncated away."""
@@ -41,10 +44,10 @@ def read_journal(path: Path) -> JournalContents:
     offset = 0
     for number, line in enumerate(lines, start=1):
         try:
-            value = json.loads(line) if line.endswith(b"\n") else None
+            value = json.loads(line) if line.endswith(b"\n") else _DAMAGED
         except ValueError:  # JSONDecodeError, or UnicodeDecodeError for bytes that are not UTF-8
-            value = None
-        if value is None:
+            value = _DAMAGED
+        if value is _DAMAGED:
             if number < len(lines):
                 raise EgptError(f"{path} has a damaged line {number} with {len(lines) - number} line(s) after it; it was "
                                 "left as it is: move it out of --out to start afresh, or repair that line.")
